@@ -1,0 +1,230 @@
+"""Reading images and writing masks with SimpleITK, keeping spacing, origin and direction.
+
+Arrays follow SimpleITK's order: ``(y, x)`` for 2D and ``(z, y, x)`` for 3D images, with a trailing channel axis of 3
+for RGB images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator, Optional, Tuple, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import LgsegError
+from .fileio import atomic_path, full_suffix
+
+PathLike = Union[str, os.PathLike]
+
+_READABLE = "a PNG, JPEG, BMP, TIFF, NIfTI, NRRD or MHA file, or a folder with a DICOM series"
+_VOLUME_SUFFIXES = ".nii.gz, .nrrd, .mha or .seg.nrrd"
+# .mhd is left out on purpose: it writes two files, which cannot be replaced atomically as one.
+_MASK_SUFFIXES = (".png", ".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd")
+
+
+def read_image(path: PathLike) -> sitk.Image:
+    """Read a 2D image, a 3D volume, or the first DICOM series of a folder, keeping its geometry.
+
+    RGB(A) images come back as 3-component vector images (alpha is dropped); grayscale images stay scalar.
+    Raises LgsegError with a one-line message for anything that cannot be used.
+    """
+    source = Path(path)
+    if not source.exists():
+        raise LgsegError(f"input '{source}' does not exist; check the path")
+    image = _read_dicom_series(source) if source.is_dir() else _read_file(source)
+    return _checked(image, source)
+
+
+def image_array(image: sitk.Image) -> np.ndarray:
+    """Voxel array in SimpleITK order: ``(y, x)`` or ``(z, y, x)``, plus a channel axis of 3 for RGB."""
+    return sitk.GetArrayFromImage(image)
+
+
+def is_rgb(image: sitk.Image) -> bool:
+    """True for a 3-component (RGB) image."""
+    return image.GetNumberOfComponentsPerPixel() == 3
+
+
+def spatial_shape(image: sitk.Image) -> Tuple[int, ...]:
+    """Shape of ``image_array(image)`` without the channel axis."""
+    return tuple(int(size) for size in reversed(image.GetSize()))
+
+
+def write_mask(
+    mask: np.ndarray,
+    reference: sitk.Image,
+    path: PathLike,
+    *,
+    segment_name: str = "Segment",
+    color: Tuple[float, float, float] = (1.0, 0.0, 0.0),
+) -> Path:
+    """Write a binary mask (nonzero = foreground) on the grid of ``reference``; the format follows the suffix.
+
+    ``.png`` (2D, values 0/255), ``.nii``, ``.nii.gz``, ``.nrrd``, ``.mha`` (values 0/1), or ``.seg.nrrd`` (a 3D Slicer
+    segmentation with one segment). The file is written atomically: on any error nothing is left behind.
+    """
+    target = Path(path)
+    suffix = full_suffix(target)
+    if suffix not in _MASK_SUFFIXES:
+        raise LgsegError(
+            f"cannot write a mask to '{target}': unknown file type '{suffix or target.name}'; "
+            f"use {_VOLUME_SUFFIXES}, or .png for 2D images"
+        )
+    shape = spatial_shape(reference)
+    foreground = np.asarray(mask)
+    if foreground.shape != shape:
+        raise LgsegError(
+            f"cannot write '{target}': the mask has shape {foreground.shape} but the image has shape {shape}; "
+            "the mask must be on the image's own grid"
+        )
+    foreground = foreground != 0
+    if "\n" in segment_name or "\r" in segment_name:
+        raise LgsegError("the segment name must be a single line; remove line breaks from it")
+    if suffix == ".png":
+        # A 2D image that SimpleITK read as a one-slice volume still fits in a PNG; real volumes do not.
+        if len(shape) == 3 and shape[0] != 1:
+            raise LgsegError(f"cannot write the 3D mask '{target}' as PNG (2D only); use {_VOLUME_SUFFIXES} instead")
+        # 0/255 so the PNG is visible in any viewer; PNG keeps no origin or direction, only the pixel spacing.
+        image = sitk.GetImageFromArray(foreground.reshape(shape[-2:]).astype(np.uint8) * np.uint8(255))
+        image.SetSpacing(reference.GetSpacing()[:2])
+    elif suffix != ".seg.nrrd":
+        image = sitk.GetImageFromArray(foreground.astype(np.uint8))
+        image.SetSpacing(reference.GetSpacing())
+        image.SetOrigin(reference.GetOrigin())
+        image.SetDirection(reference.GetDirection())
+
+    try:
+        with atomic_path(target) as tmp:
+            if suffix == ".seg.nrrd":
+                _write_segmentation(foreground, reference, tmp, segment_name, color)
+            else:
+                sitk.WriteImage(image, str(tmp), useCompression=True)
+    except LgsegError:
+        raise
+    except Exception as exc:  # SimpleITK raises RuntimeError, pynrrd its own errors, the OS OSError
+        raise LgsegError(
+            f"cannot write '{target}' ({_reason(exc)}); check the output path, its permissions and free disk space"
+        ) from exc
+    return target
+
+
+def read_mask(path: PathLike, segment_name: Optional[str] = None) -> np.ndarray:
+    """Read a mask file as a bool array in SimpleITK order (nonzero = foreground).
+
+    For ``.seg.nrrd`` the voxels of the segment called ``segment_name`` (default: the first segment) are returned as
+    ``(z, y, x)``; a segmentation of a 2D image therefore has one slice.
+    """
+    source = Path(path)
+    if full_suffix(source) != ".seg.nrrd":
+        image = read_image(source)
+        voxels = image_array(image)
+        return np.any(voxels != 0, axis=-1) if is_rgb(image) else voxels != 0
+    if not source.is_file():
+        raise LgsegError(f"segmentation '{source}' does not exist; check the path")
+    import slicerio  # only needed for .seg.nrrd
+
+    try:
+        segmentation = slicerio.read_segmentation(str(source))
+        segments = segmentation.get("segments") or []
+        if not segments:
+            raise LgsegError(f"segmentation '{source}' has no segments; choose a file that contains one")
+        segment = segments[0] if segment_name is None else slicerio.segment_from_name(segmentation, segment_name)
+        return np.ascontiguousarray(np.transpose(slicerio.segment_mask(segmentation, segment)))
+    except LgsegError:
+        raise
+    except KeyError as exc:
+        raise LgsegError(f"segmentation '{source}' has no segment named '{segment_name}'; check the name") from exc
+    except Exception as exc:  # pynrrd raises its own error types besides OSError/ValueError
+        raise LgsegError(f"cannot read segmentation '{source}' ({_reason(exc)}); choose a valid .seg.nrrd") from exc
+
+
+def _read_file(source: Path) -> sitk.Image:
+    try:
+        return sitk.ReadImage(str(source))
+    except RuntimeError as exc:
+        raise LgsegError(f"cannot read '{source}' as an image ({_reason(exc)}); use {_READABLE}") from exc
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    try:
+        with _quiet_itk():
+            series_ids = reader.GetGDCMSeriesIDs(str(folder))
+            if not series_ids:
+                raise LgsegError(f"folder '{folder}' contains no DICOM series; choose {_READABLE}")
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+            return reader.Execute()
+    except RuntimeError as exc:
+        raise LgsegError(f"cannot read the DICOM series in '{folder}' ({_reason(exc)}); check the DICOM files") from exc
+
+
+def _checked(image: sitk.Image, source: Path) -> sitk.Image:
+    """Reject images the engine cannot use; drop the alpha channel of RGBA images."""
+    if image.GetDimension() > 3:
+        raise LgsegError(f"'{source}' is a {image.GetDimension()}D image; 4D images are not supported, "
+                         "extract a 3D volume first")
+    if 0 in image.GetSize():
+        raise LgsegError(f"'{source}' is empty (size {'x'.join(map(str, image.GetSize()))}); choose a non-empty image")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components == 4:
+        channels = [sitk.VectorIndexSelectionCast(image, index) for index in range(3)]
+        return sitk.Compose(channels)  # Compose keeps the geometry of its inputs
+    if components not in (1, 3):
+        raise LgsegError(f"'{source}' has {components} components per pixel; only grayscale, RGB and RGBA images "
+                         "are supported, convert it to one of them first")
+    return image
+
+
+def _ijk_to_lps(reference: sitk.Image) -> np.ndarray:
+    """4x4 voxel-to-LPS matrix; a 2D image becomes the one-slice volume at z = 0 with unit slice spacing."""
+    dimension = reference.GetDimension()
+    direction = np.eye(3)
+    direction[:dimension, :dimension] = np.reshape(reference.GetDirection(), (dimension, dimension))
+    spacing = np.ones(3)
+    spacing[:dimension] = reference.GetSpacing()
+    matrix = np.eye(4)
+    matrix[:3, :3] = direction * spacing[np.newaxis, :]
+    matrix[:dimension, 3] = reference.GetOrigin()
+    return matrix
+
+
+def _write_segmentation(
+    foreground: np.ndarray, reference: sitk.Image, path: Path, name: str, color: Tuple[float, float, float]
+) -> None:
+    import slicerio  # only needed for .seg.nrrd
+
+    volume = foreground if foreground.ndim == 3 else foreground[np.newaxis]
+    voxels_ijk = np.transpose(volume)  # (z, y, x) -> (i, j, k), the order slicerio writes
+    segmentation = slicerio.create_segmentation(voxels_ijk.shape, _ijk_to_lps(reference))
+    slicerio.add_segment(segmentation, voxels_ijk, {
+        "id": "Segment_1",
+        "name": name,
+        "color": [float(value) for value in color],
+        # Explicit name and colour, so Slicer does not replace them with terminology defaults.
+        "nameAutoGenerated": False,
+        "colorAutoGenerated": False,
+    })
+    slicerio.write_segmentation(str(path), segmentation)
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Silence ITK's stderr warnings (e.g. GDCM's 'No Series were found'); our own error says it in one line."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _reason(exc: BaseException) -> str:
+    """Last meaningful line of a (multi-line) SimpleITK/ITK message, to keep user errors on one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    for marker in ("sitk::ERROR:", "itk::ERROR:"):
+        text = text.split(marker)[-1].strip()
+    return text[:200]
