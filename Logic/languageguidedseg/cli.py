@@ -1,0 +1,207 @@
+"""The ``lgseg`` command line tool.
+
+Errors the user can fix print one ``error:`` line on stderr and exit with code 2, never a traceback
+(set ``LGSEG_DEBUG=1`` to see one). Reports are printed only where the user asks for them (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+from .errors import LgsegError
+
+
+def _read_report(args: argparse.Namespace) -> Optional[str]:
+    if args.report is not None and args.report_file is not None:
+        raise LgsegError("give either --report or --report-file, not both")
+    if args.report_file is not None:
+        try:
+            return Path(args.report_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LgsegError(f"cannot read report file '{args.report_file}' ({exc.__class__.__name__}); "
+                             "give a UTF-8 text file") from exc
+    return args.report
+
+
+class _Progress:
+    """A tqdm progress bar on stderr for long volumes; silent for a single slice."""
+
+    def __init__(self, description: str, enabled: bool = True):
+        self.description, self.enabled, self.bar = description, enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 1:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.description, unit="slice", file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .fileio import full_suffix
+    from .imageio import is_rgb, image_array, read_image, write_mask
+    from .inference import Segmenter
+
+    report = _read_report(args)
+    if args.axis is not None and args.slice is None:
+        raise LgsegError("--axis needs --slice K as well")
+    if full_suffix(args.output) not in (".png", ".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd"):
+        raise LgsegError(f"unsupported output type '{args.output}'; use .png, .nii.gz, .nrrd, .mha or .seg.nrrd")
+    image = read_image(args.image)
+    segmenter = Segmenter(args.model, device=args.device)
+    progress = _Progress("segmenting", enabled=not args.quiet)
+    try:
+        result = segmenter.segment_array(image_array(image), rgb=is_rgb(image), report=report,
+                                         axis=2 if args.axis is None else args.axis, slice_index=args.slice,
+                                         threshold=args.threshold, progress=progress)
+    finally:
+        progress.close()
+    config = segmenter.package.config
+    output = write_mask(result.mask, image, args.output, segment_name=config.segment_name,
+                        color=config.segment_color)
+    summary = {
+        "report": result.report,
+        "report_source": result.report_source,
+        "similarity": result.similarity,
+        "seconds": round(result.seconds, 4),
+        "foreground_fraction": round(result.foreground_fraction, 6),
+        "output": str(output),
+        "model": segmenter.package.name,
+        "device": str(segmenter.device),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        # The report is not echoed here: it may identify a patient (use --json to see the report that was used).
+        source = "the report" if result.report_source == "given" else "the prototype approximation (no report)"
+        print(f"wrote {output}: {summary['foreground_fraction']:.2%} foreground, guided by {source}, "
+              f"{result.seconds:.2f} s")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .package import installed_models_folder, list_models, user_models_folder
+
+    models = list_models()
+    if args.json:
+        print(json.dumps([m.to_dict() for m in models]))
+        return 0
+    if not models:
+        print(f"no models installed (looked in {user_models_folder()} and {installed_models_folder()})")
+        return 0
+    print(f"{'name':<16} {'task':<44} {'licence':<28} {'size':>8}")
+    for m in models:
+        print(f"{m.name:<16} {m.task[:44]:<44} {m.licence[:28]:<28} {m.size_mb:>6.1f}MB")
+    return 0
+
+
+def _approximate(args: argparse.Namespace) -> int:
+    from .imageio import is_rgb, image_array, read_image
+    from .inference import Segmenter
+
+    image = read_image(args.image)
+    segmenter = Segmenter(args.model, device=args.device)
+    approx = segmenter.approximate(image_array(image), rgb=is_rgb(image), axis=args.axis, slice_index=args.slice,
+                                   top_k=args.top_k)
+    if args.json:
+        print(json.dumps({"report": approx.report, "similarity": round(approx.similarity, 4),
+                          "top": [{"report": r, "similarity": round(s, 4)} for r, s in approx.top],
+                          "model": segmenter.package.name}))
+    else:
+        print(f"{approx.report}  (similarity {approx.similarity:.3f})")
+        for r, s in approx.top[1:]:
+            print(f"  also: {r}  ({s:.3f})")
+    return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import run_benchmark
+
+    figures = run_benchmark(device=args.device, volume_slices=args.volume_slices, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key:<22} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lgseg", description="Language-guided medical image segmentation.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment an image, guided by a report or by the prototype bank")
+    seg.add_argument("image", help="2D image (PNG, JPEG, BMP, TIFF) or volume (NIfTI, NRRD, MHA, DICOM folder)")
+    seg.add_argument("--report", help="the report text; leave out to use the prototype approximation")
+    seg.add_argument("--report-file", help="read the report from a UTF-8 text file")
+    seg.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
+    seg.add_argument("--slice", type=int, help="segment only slice K of a volume")
+    seg.add_argument("--axis", type=int, choices=(0, 1, 2), help="slicing axis in IJK order (default 2)")
+    seg.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
+    seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    seg.add_argument("--output", "-o", required=True, help="mask file: .png, .nii.gz, .nrrd, .mha or .seg.nrrd")
+    seg.add_argument("--json", action="store_true", help="print one JSON object with the report used and figures")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar")
+    seg.set_defaults(func=_segment)
+
+    models = sub.add_parser("models", help="list installed model packages")
+    models.add_argument("--json", action="store_true")
+    models.set_defaults(func=_models)
+
+    approx = sub.add_parser("approximate", help="the prototype approximation of an image's report")
+    approx.add_argument("image")
+    approx.add_argument("--model")
+    approx.add_argument("--slice", type=int, help="slice of a volume (default: the middle one)")
+    approx.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
+    approx.add_argument("--top-k", type=int, default=3)
+    approx.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    approx.add_argument("--json", action="store_true")
+    approx.set_defaults(func=_approximate)
+
+    bench = sub.add_parser("benchmark", help="per-slice latency against a GuideDecoder-sized reference")
+    bench.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--volume-slices", type=int, default=100)
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=_benchmark)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = _one_line_warning
+    try:
+        return args.func(args)
+    except LgsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - users get one line; developers set LGSEG_DEBUG=1
+        if os.environ.get("LGSEG_DEBUG"):
+            raise
+        print(f"error: unexpected {exc.__class__.__name__}: {exc} (set LGSEG_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

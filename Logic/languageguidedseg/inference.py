@@ -1,0 +1,198 @@
+"""Inference: load a model once, then segment 2D images, one slice of a volume, or whole volumes slice by slice."""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import numpy as np
+import torch
+
+from .errors import LgsegError
+from .package import ModelPackage, load_package
+from .preprocess import PreprocessConfig, prepare_slices, restore_size
+from .text import TextEncoder, normalize_report
+
+ProgressCallback = Callable[[int, int], None]
+CancelCallback = Callable[[], bool]
+
+
+class SegmentationCancelled(Exception):
+    """Raised between batches when the cancel callback returns True."""
+
+
+@dataclass
+class Approximation:
+    """The prototype approximation of a report: the nearest prototype report and its similarity, plus the top k."""
+
+    report: str
+    similarity: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class SegmentationResult:
+    """A binary mask in the input's spatial shape and how it was obtained."""
+
+    mask: np.ndarray
+    report: str
+    report_source: str  # "given" or "prototype"
+    seconds: float
+    similarity: Optional[float] = None
+
+    @property
+    def foreground_fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; asking for CUDA without it is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LgsegError("CUDA was requested but no CUDA GPU is available to PyTorch; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise LgsegError(f"unknown device '{device}'; choose auto, cpu or cuda")
+    return torch.device(device)
+
+
+def slices_of(array: np.ndarray, rgb: bool, axis: int) -> np.ndarray:
+    """View a 2D image ``(y, x[, 3])`` or volume ``(z, y, x[, 3])`` as a stack of 2D slices along an IJK axis.
+
+    ``axis`` follows ITK / Slicer IJK order (0 = i, 1 = j, 2 = k); numpy's axis is ``2 - axis`` for volumes.
+    """
+    spatial = array.ndim - (1 if rgb else 0)
+    if spatial == 2:
+        return array[None]
+    if spatial != 3:
+        raise LgsegError(f"cannot segment an image with {spatial} spatial dimensions; give a 2D image or a 3D volume")
+    if axis not in (0, 1, 2):
+        raise LgsegError(f"--axis must be 0, 1 or 2 (IJK order), not {axis}")
+    return np.moveaxis(array, 2 - axis, 0)
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (respects affinity masks and container limits where visible)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class Segmenter:
+    """A loaded model that segments images; load once, call many times."""
+
+    def __init__(self, model: Union[str, os.PathLike, ModelPackage, None] = None, device: str = "auto",
+                 threads: Optional[int] = None, batch_size: Optional[int] = None):
+        self.package = model if isinstance(model, ModelPackage) else load_package(model)
+        self.device = resolve_device(device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or available_cores())
+        self.network = self.package.build_network(self.device).to(memory_format=torch.channels_last)
+        self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing)
+        self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
+        self._text_encoder: Optional[TextEncoder] = None
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The package's text encoder, loaded on first use (a run without a report never loads it)."""
+        if self._text_encoder is None:
+            config = self.package.config
+            self._text_encoder = TextEncoder(config.text_encoder, max_tokens=config.max_tokens)
+        return self._text_encoder
+
+    def _guidance(self, report: Optional[str]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        text = normalize_report(report)
+        if text is None:
+            return None
+        encoding = self.text_encoder.encode([text])
+        return encoding.tokens.to(self.device), encoding.mask.to(self.device)
+
+    @torch.inference_mode()
+    def predict_slices(self, slices: np.ndarray, report: Optional[str] = None,
+                       progress: Optional[ProgressCallback] = None,
+                       cancel: Optional[CancelCallback] = None) -> tuple[np.ndarray, list[int], list[float]]:
+        """Foreground probabilities ``[N, H, W]`` for a stack of slices ``[N, H, W(, 3)]``.
+
+        Returns the probabilities and, in prototype mode, each slice's nearest prototype and its similarity.
+        """
+        guidance = self._guidance(report)
+        total = slices.shape[0]
+        probabilities = np.empty(slices.shape[:3], dtype=np.float32)
+        nearest, similarity = [], []
+        for start in range(0, total, self.batch_size):
+            if cancel is not None and cancel():
+                raise SegmentationCancelled()
+            batch = slices[start:start + self.batch_size]
+            images = prepare_slices(batch, self.preprocess).to(self.device, memory_format=torch.channels_last)
+            if guidance is None:
+                out = self.network(images, return_features=True)
+                logits, query = out["logits"], out["bank_query"]
+                nearest += query.indices[:, 0].tolist()
+                similarity += query.similarities[:, 0].tolist()
+            else:
+                tokens, mask = guidance
+                logits = self.network(images, tokens.expand(len(batch), -1, -1), mask.expand(len(batch), -1))
+            probs = restore_size(torch.sigmoid(logits.float()), batch.shape[1:3])
+            probabilities[start:start + len(batch)] = probs.cpu().numpy()
+            if progress is not None:
+                progress(min(start + len(batch), total), total)
+        return probabilities, nearest, similarity
+
+    def segment_array(self, array: np.ndarray, *, rgb: bool = False, report: Optional[str] = None, axis: int = 2,
+                      slice_index: Optional[int] = None, threshold: Optional[float] = None,
+                      progress: Optional[ProgressCallback] = None,
+                      cancel: Optional[CancelCallback] = None) -> SegmentationResult:
+        """Segment a numpy image in SimpleITK order: ``(y, x)`` or ``(z, y, x)``, plus a channel axis if ``rgb``.
+
+        With ``slice_index`` only that slice along ``axis`` (IJK order) is segmented; the rest of the mask is 0.
+        An empty report means no report: the prototype bank supplies the guidance and the approximated report.
+        """
+        started = time.perf_counter()
+        threshold = self.package.config.threshold if threshold is None else threshold
+        if not 0.0 < threshold < 1.0:
+            raise LgsegError(f"threshold must lie between 0 and 1, not {threshold}")
+        if array.size == 0:
+            raise LgsegError("the image is empty (a dimension of size 0); give a non-empty image")
+        stack = slices_of(array, rgb, axis)
+        spatial_shape = array.shape[:-1] if rgb else array.shape
+        mask = np.zeros(spatial_shape, dtype=np.uint8)
+        mask_stack = slices_of(mask, False, axis)  # a view: writing into it fills ``mask``
+        if slice_index is not None:
+            if not 0 <= slice_index < stack.shape[0]:
+                raise LgsegError(f"slice {slice_index} is outside the image (0..{stack.shape[0] - 1} along axis {axis})")
+            stack, target = stack[slice_index:slice_index + 1], slice(slice_index, slice_index + 1)
+        else:
+            target = slice(None)
+        probabilities, nearest, similarity = self.predict_slices(stack, report, progress, cancel)
+        mask_stack[target] = probabilities > threshold
+        text = normalize_report(report)
+        if text is not None:
+            return SegmentationResult(mask, text, "given", time.perf_counter() - started)
+        # The approximated report shown to the user: the prototype nearest to most slices.
+        index = collections.Counter(nearest).most_common(1)[0][0]
+        sims = [s for n, s in zip(nearest, similarity) if n == index]
+        return SegmentationResult(mask, self.prototype_report(index), "prototype", time.perf_counter() - started,
+                                  similarity=float(np.mean(sims)))
+
+    def prototype_report(self, index: int) -> str:
+        reports = self.package.config.prototype_reports
+        return reports[index] if index < len(reports) else f"prototype {index}"
+
+    @torch.inference_mode()
+    def approximate(self, array: np.ndarray, *, rgb: bool = False, axis: int = 2,
+                    slice_index: Optional[int] = None, top_k: Optional[int] = None) -> Approximation:
+        """The prototype approximation of a 2D image (or one slice; default the middle one) as a report."""
+        stack = slices_of(array, rgb, axis)
+        index = stack.shape[0] // 2 if slice_index is None else slice_index
+        if not 0 <= index < stack.shape[0]:
+            raise LgsegError(f"slice {index} is outside the image (0..{stack.shape[0] - 1} along axis {axis})")
+        images = prepare_slices(stack[index:index + 1], self.preprocess).to(self.device,
+                                                                             memory_format=torch.channels_last)
+        embedding = self.network.image_embedding(self.network.encoder(images)[-1])
+        query = self.network.bank.query(embedding, top_k=top_k or self.network.bank.top_k)
+        top = [(self.prototype_report(i), float(s)) for i, s in zip(query.indices[0].tolist(),
+                                                                   query.similarities[0].tolist())]
+        return Approximation(report=top[0][0], similarity=top[0][1], top=top)

@@ -1,0 +1,225 @@
+"""The text-guided segmentation network.
+
+A GuideDecoder-style decoder on a multi-scale image encoder. Per attention stage: self-attention among visual
+tokens (TeViA: queries and keys re-weighted by the momentum visual prototype, ``q = q * g + q``), cross-attention
+from visual tokens to per-stage projected guidance tokens (TeViA's text projections), and TMCA's language-guided
+target enhancement (text-conditioned channel modulation); then an up-sampling block with the skip connection
+(MONAI ``UnetResBlock``). The remaining skips are merged by plain up-sampling blocks, and a head gives one logit
+channel at the input resolution.
+
+The guidance tokens come either from a report (text encoder tokens) or from the prototype bank (ProLearn); both
+are ``[B, L, text_dim]`` with a mask, so one forward serves both. ``forward(..., return_features=True)`` also
+returns what the training losses need: the decoder features per level (for TMCA's multi-level contrastive
+alignment), the pooled projected text per stage and the final features (for TeViA's alignment).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+import torch
+from monai.networks.blocks import UnetOutBlock, UnetResBlock
+from torch import nn
+from torch.nn import functional as F
+
+from .encoders import build_encoder
+from .prototypes import PrototypeBank
+
+
+@dataclass
+class NetworkConfig:
+    """Architecture of the network; stored in every model package."""
+
+    encoder: str = "efficientnet-lite0"
+    text_dim: int = 384
+    # Decoder widths from the deepest level up; the first ``attention_stages`` levels carry attention.
+    decoder_channels: tuple[int, ...] = (128, 96, 64, 48, 32)
+    attention_stages: int = 3
+    heads: int = 4
+    contrast_dim: int = 128
+    bank_size: int = 0
+    bank_top_k: int = 3
+    prototype_momentum: float = 0.99
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "NetworkConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        if "decoder_channels" in kwargs:
+            kwargs["decoder_channels"] = tuple(kwargs["decoder_channels"])
+        return cls(**kwargs)
+
+
+def _sincos_2d(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Fixed 2D sine-cosine position encoding ``[H * W, dim]`` (GuideDecoder adds one to the visual tokens)."""
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / max(quarter, 1)))
+    ys, xs = torch.meshgrid(torch.arange(height, device=device, dtype=torch.float32),
+                            torch.arange(width, device=device, dtype=torch.float32), indexing="ij")
+    ys, xs = ys.reshape(-1, 1) * omega, xs.reshape(-1, 1) * omega
+    enc = torch.cat([ys.sin(), ys.cos(), xs.sin(), xs.cos()], dim=1)
+    return F.pad(enc, (0, dim - enc.shape[1]))
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens: ``[B, L, D]``, ``[B, L]`` -> ``[B, D]``."""
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+class GuideStage(nn.Module):
+    """Self-attention (prototype re-weighted), cross-attention to guidance tokens, text channel modulation."""
+
+    def __init__(self, dim: int, text_dim: int, visual_dim: int, heads: int, grid: int):
+        super().__init__()
+        self.heads = heads
+        self.norm_self = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj_self = nn.Linear(dim, dim)
+        # TeViA: the momentum visual prototype gates the channels of queries and keys; zero init = identity.
+        self.prototype_gate = nn.Linear(visual_dim, dim)
+        nn.init.zeros_(self.prototype_gate.weight)
+        nn.init.zeros_(self.prototype_gate.bias)
+        # TeViA: per-stage text projection (supervised by the alignment loss during training).
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, dim), nn.LayerNorm(dim))
+        self.norm_cross = nn.LayerNorm(dim)
+        self.q_cross = nn.Linear(dim, dim)
+        self.kv_cross = nn.Linear(dim, 2 * dim)
+        self.proj_cross = nn.Linear(dim, dim)
+        # TMCA: language-guided target enhancement, text-conditioned channel scale and shift; zero init = identity.
+        self.modulation = nn.Linear(dim, 2 * dim)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+        self.register_buffer("position", _sincos_2d(grid, grid, dim, torch.device("cpu")), persistent=False)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+                prototype: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = x.shape
+        pos = self.position if self.position.shape[0] == h * w else _sincos_2d(h, w, c, x.device)
+        tokens = x.flatten(2).transpose(1, 2) + pos.to(x.dtype)
+
+        q, k, v = self.qkv(self.norm_self(tokens)).chunk(3, dim=-1)
+        gate = torch.tanh(self.prototype_gate(prototype)).to(q.dtype)
+        q, k = q * gate + q, k * gate + k
+        attn = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+        tokens = tokens + self.proj_self(attn.transpose(1, 2).reshape(b, h * w, c))
+
+        guide = self.text_proj(text)
+        q = self._split(self.q_cross(self.norm_cross(tokens)))
+        k, v = (self._split(t) for t in self.kv_cross(guide).chunk(2, dim=-1))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=text_mask[:, None, None, :])
+        tokens = tokens + self.proj_cross(attn.transpose(1, 2).reshape(b, h * w, c))
+
+        pooled_text = masked_mean(guide, text_mask)
+        scale, shift = self.modulation(pooled_text).chunk(2, dim=-1)
+        tokens = tokens * (1 + torch.tanh(scale)).unsqueeze(1) + shift.unsqueeze(1)
+        return tokens.transpose(1, 2).reshape(b, c, h, w), pooled_text
+
+
+class UpStage(nn.Module):
+    """Bilinear x2 up-sampling, concatenation with the skip, and a MONAI residual conv block."""
+
+    def __init__(self, cin: int, skip: int, cout: int):
+        super().__init__()
+        self.block = UnetResBlock(2, cin + skip, cout, kernel_size=3, stride=1, norm_name="batch")
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
+        size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return self.block(torch.cat([x, skip], 1) if skip is not None else x)
+
+
+class LanguageGuidedSegNet(nn.Module):
+    """Image + guidance tokens -> one foreground logit per pixel."""
+
+    def __init__(self, config: NetworkConfig, pretrained_encoder: bool = False, image_size: int = 224):
+        super().__init__()
+        self.config = config
+        self.encoder = build_encoder(config.encoder, pretrained=pretrained_encoder)
+        enc_ch, enc_strides = self.encoder.channels, self.encoder.strides
+        dec = config.decoder_channels
+        if len(dec) != len(enc_ch):
+            raise ValueError(f"decoder_channels needs {len(enc_ch)} entries for encoder {config.encoder}")
+        self.bottleneck = nn.Conv2d(enc_ch[-1], dec[0], 1)
+        final_dim = dec[-1]
+        self.guide_stages = nn.ModuleList(
+            GuideStage(dec[i], config.text_dim, final_dim, config.heads, image_size // enc_strides[-1 - i])
+            for i in range(config.attention_stages)
+        )
+        # Up path: from each decoder level to the next finer encoder level (skip), ending at the finest stride.
+        self.up_stages = nn.ModuleList(
+            UpStage(dec[i], enc_ch[-2 - i], dec[i + 1]) for i in range(len(dec) - 1)
+        )
+        self.head = UnetOutBlock(2, final_dim, 1)
+        self.final_stride = enc_strides[0]
+
+        # ProLearn: image embedding for the prototype bank, from the encoder's deepest features.
+        self.embed_head = nn.Sequential(nn.Linear(enc_ch[-1], 512), nn.GELU(), nn.Linear(512, config.text_dim))
+        self.bank = PrototypeBank(config.bank_size, config.text_dim, config.bank_top_k)
+        # TeViA: alignment heads (projected text per stage -> final feature space) and the momentum prototype.
+        self.align_heads = nn.ModuleList(nn.Linear(dec[i], final_dim) for i in range(config.attention_stages))
+        self.register_buffer("visual_prototype", torch.zeros(final_dim))
+        # TMCA: per-level projections of mask-pooled visual features and of the pooled guidance text.
+        self.contrast_visual = nn.ModuleList(nn.Linear(c, config.contrast_dim) for c in dec)
+        self.contrast_text = nn.ModuleList(nn.Linear(config.text_dim, config.contrast_dim) for _ in dec)
+
+    def image_embedding(self, deepest: torch.Tensor) -> torch.Tensor:
+        """The bank query vector ``[B, text_dim]`` from the encoder's deepest feature map."""
+        return self.embed_head(deepest.mean(dim=(2, 3)).float())
+
+    def forward(self, images: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None, return_features: bool = False) -> Any:
+        """Segment ``images [B, 3, H, W]`` guided by ``tokens [B, L, D]`` or, when None, by the prototype bank.
+
+        Returns logits ``[B, 1, H, W]``, or a dict with logits and training features when ``return_features``.
+        """
+        feats = self.encoder(images)
+        query = None
+        if tokens is None:
+            query = self.bank.query(self.image_embedding(feats[-1]))
+            tokens, token_mask = query.tokens, query.mask
+        elif token_mask is None:
+            token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        tokens = tokens.to(feats[-1].dtype)
+
+        x = self.bottleneck(feats[-1])
+        levels, stage_text = [], []
+        for i, up in enumerate(self.up_stages):
+            if i < len(self.guide_stages):
+                x, pooled = self.guide_stages[i](x, tokens, token_mask, self.visual_prototype)
+                stage_text.append(pooled)
+            levels.append(x)
+            x = up(x, feats[-2 - i])
+        levels.append(x)
+        logits = self.head(x)
+        if self.final_stride > 1:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        if not return_features:
+            return logits
+        return {"logits": logits, "levels": levels, "stage_text": stage_text, "tokens": tokens,
+                "token_mask": token_mask, "bank_query": query, "image_features": feats[-1]}
+
+    @torch.no_grad()
+    def update_visual_prototype(self, foreground: torch.Tensor) -> None:
+        """TeViA's momentum update of the visual prototype with a batch of foreground features ``[B, C]``."""
+        if foreground.numel() == 0:
+            return
+        batch_mean = foreground.float().mean(0)
+        if torch.count_nonzero(self.visual_prototype) == 0:
+            self.visual_prototype.copy_(batch_mean)
+        else:
+            m = self.config.prototype_momentum
+            self.visual_prototype.mul_(m).add_(batch_mean, alpha=1 - m)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (for model cards and the benchmark)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,279 @@
+"""Model packages: a folder with ``model.safetensors`` and ``model.json``, verified by SHA-256 on load.
+
+``model.json`` holds the architecture, text encoder, preprocessing, threshold, segment name and colour, the
+prototype reports, training provenance, metrics and licence, plus the SHA-256 of the weights. The weights file's
+metadata holds the SHA-256 of the JSON's content, so a changed byte in either file is refused. Weights are read
+with safetensors only: nothing is ever unpickled.
+
+Models are found by name among those installed with the package (``languageguidedseg/models``), in the user's
+models folder (``LGSEG_MODELS`` or the platform's user data folder), or by path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .errors import LgsegError
+from .fileio import atomic_path
+from .network import LanguageGuidedSegNet, NetworkConfig
+from .text import DEFAULT_TEXT_ENCODER, MAX_TOKENS
+
+FORMAT = "languageguidedseg-model"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+DEFAULT_MODEL = "qata-cxr"
+
+
+@dataclass
+class ModelConfig:
+    """Everything about a model except its weights; written to ``model.json``."""
+
+    name: str
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    version: str = "0.1.0"
+    task: str = ""
+    description: str = ""
+    licence: str = ""
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    text_encoder_version: str = ""
+    max_tokens: int = MAX_TOKENS
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    threshold: float = 0.5
+    segment_name: str = "Segment"
+    segment_color: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    prototype_reports: list[str] = field(default_factory=list)
+    report_parser: Optional[str] = None
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["network"] = self.network.to_dict()
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        kwargs["network"] = NetworkConfig.from_dict(values.get("network", {}))
+        if "segment_color" in kwargs:
+            kwargs["segment_color"] = tuple(float(c) for c in kwargs["segment_color"])
+        return cls(**kwargs)
+
+
+@dataclass
+class ModelInfo:
+    """A model as listed by ``lgseg models`` (read from its JSON, weights not verified)."""
+
+    name: str
+    task: str
+    licence: str
+    version: str
+    size_mb: float
+    path: Path
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["path"] = str(self.path)
+        return values
+
+
+@dataclass
+class ModelPackage:
+    """A verified model package: its config and its weights as a state dict (float32)."""
+
+    path: Path
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]
+    weights_sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def licence(self) -> str:
+        return self.config.licence
+
+    def build_network(self, device: Union[str, torch.device] = "cpu") -> LanguageGuidedSegNet:
+        """The network with this package's weights, in eval mode on ``device``."""
+        network = LanguageGuidedSegNet(self.config.network, pretrained_encoder=False)
+        missing, unexpected = network.load_state_dict(self.state_dict, strict=False)
+        if missing or unexpected:
+            raise LgsegError(f"model '{self.name}' does not match this version of languageguidedseg "
+                             f"(missing {missing[:2]}, unexpected {unexpected[:2]}); update the package or the model")
+        return network.to(device).eval()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(values: dict[str, Any]) -> bytes:
+    return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def installed_models_folder() -> Path:
+    """Models shipped inside the installed package."""
+    return Path(__file__).resolve().parent / "models"
+
+
+def user_models_folder() -> Path:
+    """The user's models folder: ``LGSEG_MODELS``, else the platform's user data folder."""
+    if os.environ.get("LGSEG_MODELS"):
+        return Path(os.environ["LGSEG_MODELS"]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "languageguidedseg" / "models"
+
+
+def _candidate_folders() -> list[tuple[str, Path]]:
+    return [("user", user_models_folder()), ("installed", installed_models_folder())]
+
+
+def list_models() -> list[ModelInfo]:
+    """All model packages in the user and installed folders (a user model shadows an installed one)."""
+    found: dict[str, ModelInfo] = {}
+    for source, folder in _candidate_folders():
+        if not folder.is_dir():
+            continue
+        for entry in sorted(folder.iterdir()):
+            config_path = entry / CONFIG_FILE
+            if entry.name in found or not config_path.is_file():
+                continue
+            try:
+                values = json.loads(config_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file()) / 2**20
+            found[entry.name] = ModelInfo(name=values.get("name", entry.name), task=values.get("task", ""),
+                                          licence=values.get("licence", ""), version=values.get("version", ""),
+                                          size_mb=round(size, 2), path=entry, source=source)
+    return list(found.values())
+
+
+def find_model(model: Union[str, os.PathLike, None] = None) -> Path:
+    """Resolve a model name or folder to its folder; None means the default model."""
+    if model is not None and (Path(model).is_dir() or os.sep in str(model) or str(model).startswith(".")):
+        path = Path(model)
+        if not path.is_dir():
+            raise LgsegError(f"model folder '{path}' does not exist; give a model name from 'lgseg models' or a folder")
+        return path
+    name = str(model) if model is not None else DEFAULT_MODEL
+    for _, folder in _candidate_folders():
+        if (folder / name / CONFIG_FILE).is_file():
+            return folder / name
+    if model is None:
+        raise LgsegError(
+            "no model is installed; train one with 'python Training/train.py --config Training/configs/qata-cxr.yaml' "
+            f"and copy it to {user_models_folder()}, or pass --model DIR"
+        )
+    names = ", ".join(sorted(m.name for m in list_models())) or "none installed"
+    raise LgsegError(f"unknown model '{name}' (available: {names}); pass a model folder or install the model")
+
+
+def load_package(model: Union[str, os.PathLike, None] = None) -> ModelPackage:
+    """Load and verify a model package by name or folder; a changed or missing file is refused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    path = find_model(model)
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise LgsegError(f"model folder '{path}' is missing {required.name}; reinstall or re-export the model")
+    try:
+        values = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LgsegError(f"{config_path} is not valid JSON (the file was changed or damaged); reinstall the model") \
+            from exc
+    if not isinstance(values, dict) or values.get("format") != FORMAT:
+        raise LgsegError(f"{config_path} is not a LanguageGuidedSeg model description; reinstall the model")
+    if values.get("format_version", 0) > FORMAT_VERSION:
+        raise LgsegError(f"model '{path.name}' needs a newer languageguidedseg; upgrade with 'pip install -U .'")
+    data = weights_path.read_bytes()
+    expected = values.get("weights", {}).get("sha256")
+    if _sha256(data) != expected:
+        raise LgsegError(f"{weights_path} does not match the SHA-256 in {CONFIG_FILE}: the file was changed or "
+                         "damaged; reinstall the model")
+    try:
+        state = load_safetensors(data)
+        metadata = _safetensors_metadata(data)
+    except (SafetensorError, ValueError) as exc:
+        raise LgsegError(f"{weights_path} is not a valid safetensors file; reinstall the model") from exc
+    content = {k: v for k, v in values.items() if k != "weights"}
+    if metadata.get("config_sha256") != _sha256(_canonical(content)):
+        raise LgsegError(f"{config_path} was changed after the model was saved; reinstall the model")
+    config = ModelConfig.from_dict(content["config"])
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return ModelPackage(path=path, config=config, state_dict=state, weights_sha256=expected)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    return header.get("__metadata__", {}) or {}
+
+
+def save_package(folder: Union[str, os.PathLike], network: LanguageGuidedSegNet, config: ModelConfig,
+                 half: bool = True) -> Path:
+    """Write a model package; both files are written atomically, the JSON last.
+
+    ``half`` stores floating-point weights in float16 (halves the size; the network computes in float32).
+    """
+    from safetensors.torch import save as save_safetensors
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.network = network.config
+    config.network.bank_size = network.bank.size
+    content = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict()}
+    state = {}
+    for key, value in network.state_dict().items():
+        value = value.detach().cpu()
+        if half and value.is_floating_point():
+            value = value.half()
+        state[key] = value.contiguous()
+    data = save_safetensors(state, metadata={"config_sha256": _sha256(_canonical(content)), "format": FORMAT})
+    values = dict(content, weights={"file": WEIGHTS_FILE, "sha256": _sha256(data),
+                                    "dtype": "float16" if half else "float32"})
+    with atomic_path(folder / WEIGHTS_FILE) as tmp:
+        tmp.write_bytes(data)
+    with atomic_path(folder / CONFIG_FILE) as tmp:
+        tmp.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return folder
+
+
+def import_model(folder: Union[str, os.PathLike]) -> ModelInfo:
+    """Verify a model folder and copy it into the user's models folder (replacing one of the same name)."""
+    package = load_package(Path(folder))
+    target_root = user_models_folder()
+    target_root.mkdir(parents=True, exist_ok=True)
+    target = target_root / package.name
+    staging = Path(tempfile.mkdtemp(prefix=f".{package.name}.", dir=target_root))
+    try:
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            shutil.copy2(package.path / name, staging / name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return next(m for m in list_models() if m.path == target)

