@@ -1,0 +1,49 @@
+"""Shared fixtures: the data folder beside the checkout and a small model package built by the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the engine must never need the network
+
+DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+QATA_REPORT = "bilateral pulmonary infection, two infected areas, lower left lung and middle lower right lung."
+
+
+def dataset(name: str) -> Path:
+    """A dataset folder under ../shared/data, or skip the test with the reason."""
+    path = DATA_ROOT / name
+    if not (path / "split.json").is_file():
+        pytest.skip(f"dataset {name} not found at {path} (the tests read ../shared/data beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qata() -> Path:
+    return dataset("qata-cov19")
+
+
+@pytest.fixture(scope="session")
+def kvasir() -> Path:
+    return dataset("kvasir-seg")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small random-weight model package with a 6-prototype bank (what a real package holds, untrained)."""
+    import torch
+
+    from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig
+    from languageguidedseg.package import ModelConfig, save_package
+    from languageguidedseg.preprocess import PreprocessConfig
+
+    torch.manual_seed(0)
+    network = LanguageGuidedSegNet(NetworkConfig(bank_size=6, decoder_channels=(64, 48, 32, 24, 16)))
+    network.bank.fill(torch.randn(6, 384), torch.randn(6, 384), torch.arange(6))
+    config = ModelConfig(name="tiny", task="test model", licence="Apache-2.0",
+                         preprocessing=PreprocessConfig().to_dict(), segment_name="Infection",
+                         segment_color=(0.9, 0.2, 0.1), prototype_reports=[f"prototype report {i}" for i in range(6)])
+    return save_package(tmp_path_factory.mktemp("models") / "tiny", network, config)
