@@ -34,7 +34,7 @@ class NetworkConfig:
     encoder: str = "efficientnet-lite0"
     text_dim: int = 384
     # Decoder widths from the deepest level up; the first ``attention_stages`` levels carry attention.
-    decoder_channels: tuple[int, ...] = (128, 96, 64, 48, 32)
+    decoder_channels: tuple[int, ...] = (128, 96, 64, 48, 16)
     attention_stages: int = 3
     heads: int = 4
     contrast_dim: int = 128
@@ -137,6 +137,17 @@ class UpStage(nn.Module):
         return self.block(torch.cat([x, skip], 1) if skip is not None else x)
 
 
+def _merge_guidance(tokens: torch.Tensor, mask: torch.Tensor, bank_tokens: torch.Tensor, bank_mask: torch.Tensor,
+                    use_bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, report tokens or bank tokens, padded to a common length."""
+    length = max(tokens.shape[1], bank_tokens.shape[1])
+    tokens, mask = F.pad(tokens, (0, 0, 0, length - tokens.shape[1])), F.pad(mask, (0, length - mask.shape[1]))
+    bank_tokens = F.pad(bank_tokens, (0, 0, 0, length - bank_tokens.shape[1]))
+    bank_mask = F.pad(bank_mask, (0, length - bank_mask.shape[1]))
+    pick = use_bank.view(-1, 1)
+    return torch.where(pick.unsqueeze(-1), bank_tokens.to(tokens.dtype), tokens), torch.where(pick, bank_mask, mask)
+
+
 class LanguageGuidedSegNet(nn.Module):
     """Image + guidance tokens -> one foreground logit per pixel."""
 
@@ -176,25 +187,33 @@ class LanguageGuidedSegNet(nn.Module):
         return self.embed_head(deepest.mean(dim=(2, 3)).float())
 
     def forward(self, images: torch.Tensor, tokens: Optional[torch.Tensor] = None,
-                token_mask: Optional[torch.Tensor] = None, return_features: bool = False) -> Any:
+                token_mask: Optional[torch.Tensor] = None, use_bank: Optional[torch.Tensor] = None,
+                return_features: bool = False) -> Any:
         """Segment ``images [B, 3, H, W]`` guided by ``tokens [B, L, D]`` or, when None, by the prototype bank.
 
-        Returns logits ``[B, 1, H, W]``, or a dict with logits and training features when ``return_features``.
+        ``use_bank [B]`` (bool) takes the bank's guidance for some samples of a batch that has report tokens
+        (training mixes both). Returns logits ``[B, 1, H, W]``, or a dict with the training features too.
         """
         feats = self.encoder(images)
         query = None
         if tokens is None:
             query = self.bank.query(self.image_embedding(feats[-1]))
             tokens, token_mask = query.tokens, query.mask
-        elif token_mask is None:
-            token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        else:
+            if token_mask is None:
+                token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+            if use_bank is not None and bool(use_bank.any()):
+                query = self.bank.query(self.image_embedding(feats[-1]))
+                tokens, token_mask = _merge_guidance(tokens, token_mask, query.tokens, query.mask, use_bank)
         tokens = tokens.to(feats[-1].dtype)
 
         x = self.bottleneck(feats[-1])
+        # A copy, so the momentum update during training cannot change a tensor that autograd saved.
+        prototype = self.visual_prototype.clone()
         levels, stage_text = [], []
         for i, up in enumerate(self.up_stages):
             if i < len(self.guide_stages):
-                x, pooled = self.guide_stages[i](x, tokens, token_mask, self.visual_prototype)
+                x, pooled = self.guide_stages[i](x, tokens, token_mask, prototype)
                 stage_text.append(pooled)
             levels.append(x)
             x = up(x, feats[-2 - i])

@@ -10,7 +10,9 @@ shown to the user as text.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,3 +62,59 @@ class PrototypeBank(nn.Module):
         tokens = self.text_values[idx]
         mask = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
         return BankQuery(tokens=tokens, mask=mask, indices=idx, similarities=best)
+
+
+@dataclass
+class BankContent:
+    """k-means result: image keys, text values, the class of each prototype, its members and representative."""
+
+    image_keys: torch.Tensor
+    text_values: torch.Tensor
+    classes: torch.Tensor
+    members: list[list[int]]
+    representatives: list[int]
+
+
+def build_bank(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+               class_members: Optional[Sequence[Sequence[int]]], clusters_per_class: int = 16,
+               seed: int = 0) -> BankContent:
+    """Cluster joint image+text vectors into prototypes (ProLearn's PSA).
+
+    ``class_members[c]`` lists the samples of pseudo-label class ``c`` (a sample may belong to several); None
+    clusters all samples together into ``clusters_per_class`` prototypes. Each prototype keeps the member nearest
+    to its centre, whose report represents it as text.
+    """
+    from sklearn.cluster import KMeans
+
+    image = nn.functional.normalize(image_embeddings.float(), dim=-1)
+    text = nn.functional.normalize(text_embeddings.float(), dim=-1)
+    joint = torch.cat([image, text], dim=1).numpy()
+    groups = [list(range(len(joint)))] if class_members is None else [list(m) for m in class_members]
+    keys, values, classes, members, representatives = [], [], [], [], []
+    for c, group in enumerate(groups):
+        if not group:
+            continue
+        k = min(clusters_per_class, len(group))
+        kmeans = KMeans(n_clusters=k, random_state=seed, n_init=4).fit(joint[group])
+        for j in range(k):
+            idx = [group[i] for i in np.flatnonzero(kmeans.labels_ == j)]
+            if not idx:
+                continue
+            centre = torch.from_numpy(kmeans.cluster_centers_[j]).float()
+            distances = ((torch.from_numpy(joint[idx]) - centre) ** 2).sum(1)
+            keys.append(centre[: image.shape[1]])
+            values.append(text_embeddings[idx].float().mean(0))  # the text half, in the encoder's own scale
+            classes.append(c if class_members is not None else -1)
+            members.append(idx)
+            representatives.append(idx[int(distances.argmin())])
+    if not keys:
+        raise LgsegError("no sample with a report to build the prototype bank from; raise --text-ratio")
+    return BankContent(torch.stack(keys), torch.stack(values), torch.tensor(classes), members, representatives)
+
+
+def refresh_keys(bank: PrototypeBank, image_embeddings: torch.Tensor, members: Sequence[Sequence[int]]) -> None:
+    """Recompute each prototype's image key as the mean embedding of its members under the current encoder."""
+    image = nn.functional.normalize(image_embeddings.float(), dim=-1)
+    keys = torch.stack([image[list(m)].mean(0) for m in members])
+    with torch.no_grad():
+        bank.image_keys.copy_(nn.functional.normalize(keys, dim=-1).to(bank.image_keys.device))
