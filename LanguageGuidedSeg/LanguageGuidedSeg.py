@@ -7,9 +7,9 @@ import os
 import sys
 import tempfile
 import threading
-from typing import Annotated, Optional, Union
+import time
+from typing import Annotated, Union
 
-import ctk
 import qt
 import vtk
 
@@ -34,6 +34,9 @@ TORCH_REQUIREMENT = ">=2.1"
 # Packages Slicer or the PyTorch extension provide; a dependency install must never replace them.
 PROTECTED_PACKAGES = ["torch", "numpy", "SimpleITK"]
 POLL_INTERVAL_MS = 100
+# Where the GUI thread holds Python's GIL while idle, the worker only runs Python code when the GUI thread lets go:
+# each poll sleeps this long so the worker always gets its share (invisible to the user).
+GIL_YIELD_SECONDS = 0.02
 
 
 #
@@ -55,7 +58,7 @@ class LanguageGuidedSeg(ScriptedLoadableModule):
             "areas, lower left lung and middle lower right lung.</i> Leave the report empty and the model "
             "approximates one from the image (shown in the report box, with its similarity): accept it, or edit "
             "it and Apply again to refine. The report stays in this scene only; it is never logged or sent "
-            "anywhere. See <a href='https://github.com/languageguidedseg/SlicerLanguageGuidedSeg/blob/main/docs/"
+            "anywhere. See <a href='https://github.com/LanguageGuidedSeg/SlicerLanguageGuidedSeg/blob/main/docs/"
             "slicer.md'>the tutorial</a>."
         )
         self.parent.acknowledgementText = _(
@@ -178,10 +181,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def cleanup(self):
         """Called when the application closes and the module widget is destroyed."""
-        if self._run is not None:
-            self._run.cancel()
-        if self._pollTimer is not None:
-            self._pollTimer.stop()
+        self._abandonRun()
         self.removeObservers()
 
     def enter(self):
@@ -194,8 +194,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event):
-        if self._run is not None:
-            self._run.cancel()
+        self._abandonRun()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -291,36 +290,37 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # Models ----------------------------------------------------------------------------------------------------
 
     def refreshModels(self, select=None):
-        """Fill the model selector from the installed packages; works before the dependencies are installed."""
+        """Fill the model selector from the installed packages (reads their model.json: no PyTorch needed)."""
         self._updatingModels = True
         try:
             self.ui.modelComboBox.clear()
-            models, problem = self.logic.availableModels()
+            models = self.logic.availableModels()
             self._models = {info["name"]: info for info in models}
             for info in models:
                 self.ui.modelComboBox.addItem(info["name"])
             if not models:
-                self.ui.modelInfoLabel.text = problem or _(
-                    "No model installed. Import a model folder, or put one in the models folder."
+                self.ui.modelInfoLabel.text = _(
+                    "No model installed. Import a model folder, or copy one into the models folder."
                 )
         finally:
             self._updatingModels = False
         name = select if select is not None else (self._parameterNode.model if self._parameterNode else "")
         self._selectModelInComboBox(name)
-        self._checkCanApply()
 
     def _selectModelInComboBox(self, name):
-        if not self.ui.modelComboBox.count:
-            return
-        index = self.ui.modelComboBox.findText(name) if name else -1
-        if index < 0:
-            index = self.ui.modelComboBox.findText(self.logic.defaultModelName())
-        self._updatingModels = True
-        try:
-            self.ui.modelComboBox.currentIndex = max(index, 0)
-        finally:
-            self._updatingModels = False
-        self._showModelInfo()
+        if self.ui.modelComboBox.count:
+            index = self.ui.modelComboBox.findText(name) if name else -1
+            if index < 0:
+                index = max(self.ui.modelComboBox.findText(self.logic.defaultModelName()), 0)
+            self._updatingModels = True
+            try:
+                self.ui.modelComboBox.currentIndex = index
+            finally:
+                self._updatingModels = False
+            self._showModelInfo()
+            if self._parameterNode and self._parameterNode.model != self._currentModelName():
+                self._useSelectedModel()
+        self._checkCanApply()
 
     def _currentModelName(self):
         if self.ui.modelComboBox.currentIndex < 0:
@@ -331,7 +331,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         info = self._models.get(self._currentModelName())
         if not info:
             return
-        self.ui.modelInfoLabel.text = _("{task}\nLicence: {licence} | {size:.0f} MB | {source}").format(
+        self.ui.modelInfoLabel.text = _("{task}\nLicence: {licence} | {size:.0f} MB | {source} model").format(
             task=info.get("task") or info["name"],
             licence=info.get("licence") or _("not stated"),
             size=float(info.get("size_mb") or 0.0),
@@ -342,12 +342,15 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._updatingModels or index < 0:
             return
         self._showModelInfo()
+        self._useSelectedModel()
+
+    def _useSelectedModel(self):
+        """Store the selected model; its own tuned threshold becomes the starting threshold."""
         if not self._parameterNode:
             return
         info = self._models.get(self._currentModelName()) or {}
         with slicer.util.NodeModify(self._parameterNode):
             self._parameterNode.model = self._currentModelName() or ""
-            # Each model has its own tuned threshold; start from it when the user picks a model.
             if info.get("threshold") is not None:
                 self._parameterNode.threshold = min(max(float(info["threshold"]), 0.01), 0.99)
 
@@ -362,7 +365,6 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 return
             info = self.logic.importModel(folder)
             self.refreshModels(select=info["name"])
-            self.onModelSelected(self.ui.modelComboBox.currentIndex)
             self.ui.statusLabel.text = _("Imported model '{name}'.").format(name=info["name"])
 
     def onOpenModelsFolder(self):
@@ -398,10 +400,9 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if not self.logic.ensureDependencies():
                 self.ui.statusLabel.text = _("Dependencies are not installed; nothing was changed.")
                 return
-            self.refreshModels()  # the list may only be readable now that the dependencies are installed
             options = dict(
                 report=self._reportToUse(),
-                model=node.model or None,
+                model=self._currentModelName(),
                 threshold=node.threshold,
                 device=node.device,
             )
@@ -415,6 +416,15 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             else:
                 job = self.logic.createJob(node.inputVolume, scope="volume", **options)
                 self._startRun(job)
+
+    def _abandonRun(self):
+        """Cancel a running job and drop its result: its volume belongs to a scene that is going away."""
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self._run is not None:
+            self._run.cancel()
+            self._run = None
+            self._setRunning(False)
 
     def _startRun(self, job):
         self._run = LanguageGuidedSegRun(self.logic, job)
@@ -448,6 +458,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                     done=run.done, total=run.total
                 )
         if not run.finished:
+            time.sleep(GIL_YIELD_SECONDS)
             return
         self._pollTimer.stop()
         self._run = None
@@ -480,14 +491,22 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             else:
                 node.reportSource = "given"
                 node.approximationDigest = ""
-        where = (
-            _("slice {index}").format(index=result.slice_index) if result.slice_index is not None else _("the volume")
-        )
-        message = _("Done in {seconds:.1f} s: {fraction:.1%} of {where} segmented.").format(
-            seconds=result.seconds, fraction=result.foreground_fraction, where=where
+        fraction = result.foreground_fraction
+        if result.slice_index is not None:
+            where = _("slice {index}").format(index=result.slice_index)
+            region = [slice(None)] * 3
+            region[2 - result.axis] = result.slice_index
+            fraction = float(result.mask[tuple(region)].mean())
+        else:
+            where = _("the volume")
+        guidance = _("your report") if result.report_source == "given" else _("the approximated report")
+        message = _("Done in {seconds:.1f} s on {device}, guided by {guidance}: {fraction:.1%} of {where} is "
+                    "in segment '{segment}'.").format(
+            seconds=result.seconds, device=self.logic.deviceName(), guidance=guidance, fraction=fraction,
+            where=where, segment=result.segmentation_node.GetSegmentation().GetSegment(result.segment_id).GetName(),
         )
         if self.logic.fellBackToCpu:
-            message += " " + _("The GPU ran out of memory, so this ran on the CPU.")
+            message += " " + _("The GPU ran out of memory, so it ran on the CPU.")
         self.ui.statusLabel.text = message
         self.updateReportStatus()
 
@@ -658,50 +677,67 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
     # Models ----------------------------------------------------------------------------------------------------
 
     def defaultModelName(self):
-        try:
-            return importEngine("package").DEFAULT_MODEL
-        except Exception:
-            return "qata-cxr"
+        engine = sys.modules.get("languageguidedseg.package")
+        return getattr(engine, "DEFAULT_MODEL", "qata-cxr")
 
     def userModelsFolder(self):
-        try:
-            return str(importEngine("package").user_models_folder())
-        except ImportError:
-            # Same rule as the engine, readable before PyTorch is installed.
-            if os.environ.get("LGSEG_MODELS"):
-                return os.path.expanduser(os.environ["LGSEG_MODELS"])
-            if sys.platform == "win32":
-                base = os.environ.get("LOCALAPPDATA", os.path.join(os.path.expanduser("~"), "AppData", "Local"))
-            elif sys.platform == "darwin":
-                base = os.path.join(os.path.expanduser("~"), "Library", "Application Support")
-            else:
-                base = os.environ.get("XDG_DATA_HOME", os.path.join(os.path.expanduser("~"), ".local", "share"))
-            return os.path.join(base, "languageguidedseg", "models")
+        """The user's models folder, by the engine's rule (``LGSEG_MODELS``, else the platform's data folder)."""
+        engine = sys.modules.get("languageguidedseg.package")
+        if engine is not None:
+            return str(engine.user_models_folder())
+        # The same rule, without importing the engine (which imports PyTorch).
+        if os.environ.get("LGSEG_MODELS"):
+            return os.path.expanduser(os.environ["LGSEG_MODELS"])
+        if sys.platform == "win32":
+            base = os.environ.get("LOCALAPPDATA", os.path.join(os.path.expanduser("~"), "AppData", "Local"))
+        elif sys.platform == "darwin":
+            base = os.path.join(os.path.expanduser("~"), "Library", "Application Support")
+        else:
+            base = os.environ.get("XDG_DATA_HOME", os.path.join(os.path.expanduser("~"), ".local", "share"))
+        return os.path.join(base, "languageguidedseg", "models")
+
+    def installedModelsFolder(self):
+        """Models shipped with the engine (``languageguidedseg/models``), or None."""
+        for folder in enginePaths():
+            if os.path.isfile(os.path.join(folder, "languageguidedseg", "__init__.py")):
+                return os.path.join(folder, "languageguidedseg", "models")
+        return None
 
     def availableModels(self):
-        """(models, problem): installed model packages as dicts (name, task, licence, size_mb, source, threshold)."""
-        try:
-            package = importEngine("package")
-        except ImportError:
-            return [], _("Models are listed after the first Apply installs PyTorch and the other dependencies.")
-        models = []
-        for info in package.list_models():
-            entry = {
-                "name": info.name,
-                "task": info.task,
-                "licence": info.licence,
-                "size_mb": info.size_mb,
-                "source": info.source,
-                "path": str(info.path),
-                "threshold": None,
-            }
-            try:
-                with open(os.path.join(str(info.path), "model.json"), encoding="utf-8") as configFile:
-                    entry["threshold"] = json.load(configFile).get("config", {}).get("threshold")
-            except (OSError, ValueError):
-                pass
-            models.append(entry)
-        return models, ""
+        """Installed model packages as dicts (name, task, licence, size_mb, source, path, threshold).
+
+        Read from each package's model.json, like the engine's ``list_models`` (a user model shadows an installed
+        one of the same folder name), so the list is shown before PyTorch is installed; the weights are verified
+        when a model is loaded.
+        """
+        found = {}
+        for source, folder in (("user", self.userModelsFolder()), ("installed", self.installedModelsFolder())):
+            if not folder or not os.path.isdir(folder):
+                continue
+            for name in sorted(os.listdir(folder)):
+                path = os.path.join(folder, name)
+                configPath = os.path.join(path, "model.json")
+                if name.startswith(".") or name in found or not os.path.isfile(configPath):
+                    continue
+                try:
+                    with open(configPath, encoding="utf-8") as configFile:
+                        config = json.load(configFile).get("config", {})
+                    files = [os.path.join(path, f) for f in os.listdir(path)]
+                    size = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) / 2**20
+                except (OSError, ValueError, AttributeError):
+                    continue
+                if not isinstance(config, dict):
+                    continue
+                found[name] = {
+                    "name": name,
+                    "task": str(config.get("task", "")),
+                    "licence": str(config.get("licence", "")),
+                    "size_mb": round(size, 2),
+                    "source": source,
+                    "path": path,
+                    "threshold": config.get("threshold"),
+                }
+        return list(found.values())
 
     def importModel(self, folder):
         info = importEngine("package").import_model(folder)
@@ -718,6 +754,15 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
                 self._segmenter = importEngine("mrml").load_segmenter(model, device)
                 self._segmenterKey = key
             return self._segmenter
+
+    def deviceName(self):
+        """Where the loaded model runs: "CPU" or "GPU (name)"."""
+        device = getattr(self._segmenter, "device", None)
+        if device is None or getattr(device, "type", "cpu") != "cuda":
+            return "CPU"
+        import torch
+
+        return "GPU ({name})".format(name=torch.cuda.get_device_name(device))
 
     def createJob(self, inputVolume, report=None, model=None, scope="volume", sliceNode=None, sliceIndex=None,
                   axis=None, threshold=None, device="auto"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -392,7 +393,7 @@ def _load_module_file(monkeypatch):
     return module
 
 
-def test_module_file_loads_without_torch_or_the_engine():
+def test_module_file_loads_without_torch_or_the_engine(tmp_path):
     """Importing the module file (with torch made unimportable) pulls in no heavy package."""
     pytest.importorskip("slicer")
     script = f"""
@@ -407,11 +408,15 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 logic = module.LanguageGuidedSegLogic()
 assert logic.getParameterNode().report == ""
-models, problem = logic.availableModels()  # no engine importable: an explanation, not a crash
-assert models == [] and problem
+# The model list is read from model.json files, so it is there before PyTorch is installed.
+assert [m["name"] for m in logic.availableModels()] == ["listed"], logic.availableModels()
 print("loaded", sorted(m for m in {list(HEAVY_MODULES)!r} if sys.modules.get(m) is not None))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    models = tmp_path / "models"
+    (models / "listed").mkdir(parents=True)
+    (models / "listed" / "model.json").write_text(json.dumps({"config": {"task": "t", "licence": "MIT"}}))
+    env = dict(os.environ, LGSEG_MODELS=str(models))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loaded []" in done.stdout
 
@@ -514,6 +519,35 @@ def test_module_self_test_runs_on_the_mrml_library(module, scene, monkeypatch):
     test.test_ModuleLoadsWithoutEngine()
     test.setUp()
     test.test_LogicOnSyntheticVolume()
+
+
+def test_model_list_matches_the_engine(module, tiny_model, tmp_path, monkeypatch):
+    """The module's torch-free model list and models folder agree with the engine's."""
+    from languageguidedseg import package
+
+    user = tmp_path / "user-models"
+    shutil.copytree(tiny_model, user / "tiny")
+    (user / ".staging").mkdir()
+    monkeypatch.setenv("LGSEG_MODELS", str(user))
+    logic = module.LanguageGuidedSegLogic()
+
+    def torch_free_folder():
+        # Without the engine imported, the module applies the same rule itself.
+        with monkeypatch.context() as patch:
+            patch.delitem(sys.modules, "languageguidedseg.package", raising=False)
+            return Path(logic.userModelsFolder())
+
+    assert torch_free_folder() == package.user_models_folder() == user
+    listed = {m["name"]: m for m in logic.availableModels()}
+    engine = {m.name: m for m in package.list_models()}
+    assert set(listed) == set(engine) and "tiny" in listed
+    for name, info in engine.items():
+        assert (listed[name]["licence"], listed[name]["task"], listed[name]["source"]) == (
+            info.licence, info.task, info.source)
+    assert listed["tiny"]["threshold"] == pytest.approx(0.5)
+    monkeypatch.delenv("LGSEG_MODELS")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert torch_free_folder() == package.user_models_folder()
 
 
 def test_dependency_check_reads_the_requirements(module):
