@@ -152,6 +152,18 @@ def augmenter(config: TrainConfig):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class TrainStep(torch.nn.Module):
+    """Network forward and loss in one module, so that DDP sees every parameter the loss heads use."""
+
+    def __init__(self, network: LanguageGuidedSegNet, criterion: SegmentationLoss):
+        super().__init__()
+        self.network, self.criterion = network, criterion
+
+    def forward(self, images, tokens, token_mask, use_bank, masks, text_embedding, positives):
+        out = self.network(images, tokens, token_mask, use_bank=use_bank, return_features=True)
+        return self.criterion(self.network, out, masks, text_embedding, positives)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, output: Path, command: str, show_progress: bool = True):
         self.config = config
@@ -254,13 +266,13 @@ class Trainer:
         self._wrap()
 
     def _wrap(self) -> None:
+        self.model = TrainStep(self.network, self.criterion)
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.model = DistributedDataParallel(self.network, find_unused_parameters=True,
+            # Some heads are idle in some steps (no bank during the warm-up, terms switched off).
+            self.model = DistributedDataParallel(self.model, find_unused_parameters=True,
                                                  device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        else:
-            self.model = self.network
 
     @torch.no_grad()
     def embeddings(self, indices: list[int]) -> torch.Tensor:
@@ -367,9 +379,8 @@ class Trainer:
                                                report_index[:, None] == report_index[None, :]).to(self.device)
             text_embedding = self.report_pooled[report_index.clamp_min(0)].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                out = self.model(images, tokens, token_mask, use_bank=use_bank.to(self.device),
-                                 return_features=True)
-                loss, terms = self.criterion(self.network, out, masks, text_embedding, positives)
+                loss, terms = self.model(images, tokens, token_mask, use_bank.to(self.device), masks,
+                                         text_embedding, positives)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 1.0)

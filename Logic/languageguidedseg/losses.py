@@ -71,8 +71,7 @@ class SegmentationLoss(nn.Module):
                       for head, text in zip(network.align_heads, out["stage_text"])]
             terms["tevia_alignment"] = torch.stack(losses).mean()
         if network.training and has_target.any():
-            module = network.module if hasattr(network, "module") else network
-            module.update_visual_prototype(foreground[has_target].detach())
+            network.update_visual_prototype(foreground[has_target].detach())
         guide = masked_mean(out["tokens"].float(), out["token_mask"])
         if w.tmca_contrastive and int(has_target.sum()) > 1:
             # TMCA: target-informed (mask-pooled) image-text contrast at every decoder level.

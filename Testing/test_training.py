@@ -1,0 +1,115 @@
+"""Training/ end to end on a few dozen real images: single process, torchrun, exact resume, the bank."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "Training" / "configs" / "qata-cxr.yaml"
+TINY = ["--limit", "16", "--batch-size", "4", "--epochs", "2", "--no-progress"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    if importlib.util.find_spec("languageguidedseg") is None:  # a source checkout that is not installed
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "Logic"), env.get("PYTHONPATH")]))
+    return env
+
+
+def _train(output: Path, *extra: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    command = [sys.executable, *launcher, str(REPO / "Training" / "train.py"), "--config", str(CONFIG),
+               "--output", str(output), *TINY, *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(qata, tmp_path_factory) -> Path:
+    """An uninterrupted two-epoch run (the first epoch is the bank warm-up)."""
+    output = tmp_path_factory.mktemp("full") / "model"
+    _train(output)
+    return output
+
+
+def test_single_process_run_writes_a_verified_package_with_bank_and_logs(trained):
+    from languageguidedseg.package import load_package
+
+    package = load_package(trained)
+    config = package.config
+    assert config.network.bank_size > 0
+    assert len(config.prototype_reports) == config.network.bank_size
+    assert all("lung" in report for report in config.prototype_reports)
+    for mode in ("report", "prototype"):
+        assert 0.0 <= config.metrics[f"val_{mode}_dice"] <= 1.0
+    assert config.training["command"].startswith("python ") and "--limit 16" in config.training["command"]
+    assert "QaTa-COV19" in config.training["data_citation"]
+    run = trained.parent / "model-training"
+    for name in ("checkpoint.pt", "log.csv", "curves.png", "val_cases.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert len((run / "log.csv").read_text().splitlines()) == 3  # header + 2 epochs
+
+
+def test_resume_after_a_stop_gives_the_same_weights(trained, tmp_path):
+    output = tmp_path / "model"
+    _train(output, "--stop-after", "1")
+    assert not (output / "model.safetensors").exists()  # no bank yet after the warm-up epoch: no package
+    resumed = _train(output, "--resume")
+    assert "resuming" in resumed.stderr
+    a, b = load_file(str(trained / "model.safetensors")), load_file(str(output / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_changed_settings(trained, tmp_path):
+    output = tmp_path / "model"
+    _train(output, "--stop-after", "1")
+    command = [sys.executable, str(REPO / "Training" / "train.py"), "--config", str(CONFIG), "--output", str(output),
+               *TINY, "--resume", "--text-ratio", "0.5"]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --resume needs the same settings")
+    assert "Traceback" not in result.stderr
+
+
+def test_torchrun_two_processes(qata, tmp_path):
+    output = tmp_path / "model"
+    result = _train(output, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    config = json.loads((output / "model.json").read_text())["config"]
+    assert config["training"]["world_size"] == 2
+    assert config["training"]["command"].startswith("torchrun --nproc_per_node=2")
+    assert config["network"]["bank_size"] > 0
+    assert result.stderr.count("model package:") == 1  # only rank 0 writes
+
+
+def test_limited_text_ratio_keeps_the_requested_share_of_reports(qata, tmp_path):
+    output = tmp_path / "model"
+    _train(output, "--text-ratio", "0.25")
+    config = json.loads((output / "model.json").read_text())["config"]
+    assert config["training"]["train_reports"] == 4  # 25% of 16
+    assert config["network"]["bank_size"] >= 1
+
+
+def test_bank_is_deterministic_for_a_seed():
+    from languageguidedseg.prototypes import build_bank
+
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(60, 16, generator=generator), torch.randn(60, 16, generator=generator)
+    classes = [list(range(0, 30)), list(range(20, 60))]
+    a = build_bank(image, text, classes, clusters_per_class=4, seed=3)
+    b = build_bank(image, text, classes, clusters_per_class=4, seed=3)
+    assert torch.equal(a.image_keys, b.image_keys) and torch.equal(a.text_values, b.text_values)
+    assert a.members == b.members and a.representatives == b.representatives
+    assert a.image_keys.shape == (8, 16) and a.classes.tolist() == [0] * 4 + [1] * 4
+    # Each representative is one of its prototype's members.
+    assert all(r in m for r, m in zip(a.representatives, a.members))
