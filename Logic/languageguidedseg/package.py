@@ -19,14 +19,25 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Union
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .errors import LgsegError
 from .fileio import atomic_path
-from .network import LanguageGuidedSegNet, NetworkConfig
 from .text import DEFAULT_TEXT_ENCODER, MAX_TOKENS
+
+if TYPE_CHECKING:
+    import torch
+
+    from .network import LanguageGuidedSegNet, NetworkConfig
+
+# The network module (and MONAI, several seconds to import) is imported only when a network is built, so listing
+# models and refusing a damaged one stay fast.
+
+
+def _default_network_config() -> "NetworkConfig":
+    from .network import NetworkConfig
+
+    return NetworkConfig()
 
 FORMAT = "languageguidedseg-model"
 FORMAT_VERSION = 1
@@ -40,7 +51,7 @@ class ModelConfig:
     """Everything about a model except its weights; written to ``model.json``."""
 
     name: str
-    network: NetworkConfig = field(default_factory=NetworkConfig)
+    network: NetworkConfig = field(default_factory=_default_network_config)
     version: str = "0.1.0"
     task: str = ""
     description: str = ""
@@ -64,6 +75,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        from .network import NetworkConfig
+
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in values.items() if k in known}
         kwargs["network"] = NetworkConfig.from_dict(values.get("network", {}))
@@ -109,6 +122,8 @@ class ModelPackage:
 
     def build_network(self, device: Union[str, torch.device] = "cpu") -> LanguageGuidedSegNet:
         """The network with this package's weights, in eval mode on ``device``."""
+        from .network import LanguageGuidedSegNet
+
         network = LanguageGuidedSegNet(self.config.network, pretrained_encoder=False)
         missing, unexpected = network.load_state_dict(self.state_dict, strict=False)
         if missing or unexpected:
@@ -123,6 +138,17 @@ def _sha256(data: bytes) -> str:
 
 def _canonical(values: dict[str, Any]) -> bytes:
     return json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _json_file_text(values: dict[str, Any]) -> str:
+    """The exact text ``save_package`` writes to ``model.json``; loading compares the file byte by byte with it."""
+    return json.dumps(values, indent=2, ensure_ascii=False) + "\n"
+
+
+def _valid_name(name: object) -> bool:
+    """A model name usable as a folder name: no path separators, not hidden, not '.' or '..'."""
+    return (isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name
+            and "\\" not in name and name == name.strip() and name.isprintable())
 
 
 def installed_models_folder() -> Path:
@@ -155,15 +181,22 @@ def list_models() -> list[ModelInfo]:
             continue
         for entry in sorted(folder.iterdir()):
             config_path = entry / CONFIG_FILE
-            if entry.name in found or not config_path.is_file():
+            # Hidden folders are import_model's staging folders (or not models at all).
+            if entry.name.startswith(".") or entry.name in found or not config_path.is_file():
                 continue
             try:
                 values = json.loads(config_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                config = values.get("config", {}) if isinstance(values, dict) else {}
+                size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file()) / 2**20
+            except (OSError, ValueError, AttributeError):
                 continue
-            size = sum(f.stat().st_size for f in entry.iterdir() if f.is_file()) / 2**20
-            found[entry.name] = ModelInfo(name=values.get("name", entry.name), task=values.get("task", ""),
-                                          licence=values.get("licence", ""), version=values.get("version", ""),
+            if not isinstance(config, dict):
+                continue
+            # Models are found by folder name, so that is the name listed (it matches config["name"] for
+            # folders written by save_package or import_model).
+            found[entry.name] = ModelInfo(name=entry.name, task=str(config.get("task", "")),
+                                          licence=str(config.get("licence", "")),
+                                          version=str(config.get("version", "")),
                                           size_mb=round(size, 2), path=entry, source=source)
     return list(found.values())
 
@@ -199,16 +232,28 @@ def load_package(model: Union[str, os.PathLike, None] = None) -> ModelPackage:
         if not required.is_file():
             raise LgsegError(f"model folder '{path}' is missing {required.name}; reinstall or re-export the model")
     try:
-        values = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        text = config_path.read_bytes().decode("utf-8")
+        values = json.loads(text)
+    except OSError as exc:
+        raise LgsegError(f"cannot read {config_path} ({exc.strerror or exc.__class__.__name__}); check its "
+                         "permissions or reinstall the model") from exc
+    except ValueError as exc:
         raise LgsegError(f"{config_path} is not valid JSON (the file was changed or damaged); reinstall the model") \
             from exc
     if not isinstance(values, dict) or values.get("format") != FORMAT:
         raise LgsegError(f"{config_path} is not a LanguageGuidedSeg model description; reinstall the model")
-    if values.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(values.get("format_version"), int) or values["format_version"] > FORMAT_VERSION:
         raise LgsegError(f"model '{path.name}' needs a newer languageguidedseg; upgrade with 'pip install -U .'")
-    data = weights_path.read_bytes()
-    expected = values.get("weights", {}).get("sha256")
+    weights = values.get("weights")
+    if not isinstance(weights, dict) or not isinstance(values.get("config"), dict) or text != _json_file_text(values):
+        # Any changed byte is refused, including changes that keep the JSON valid (spacing, key order).
+        raise LgsegError(f"{config_path} was changed after the model was saved; reinstall the model")
+    try:
+        data = weights_path.read_bytes()
+    except OSError as exc:
+        raise LgsegError(f"cannot read {weights_path} ({exc.strerror or exc.__class__.__name__}); check its "
+                         "permissions or reinstall the model") from exc
+    expected = weights.get("sha256")
     if _sha256(data) != expected:
         raise LgsegError(f"{weights_path} does not match the SHA-256 in {CONFIG_FILE}: the file was changed or "
                          "damaged; reinstall the model")
@@ -220,7 +265,12 @@ def load_package(model: Union[str, os.PathLike, None] = None) -> ModelPackage:
     content = {k: v for k, v in values.items() if k != "weights"}
     if metadata.get("config_sha256") != _sha256(_canonical(content)):
         raise LgsegError(f"{config_path} was changed after the model was saved; reinstall the model")
+    dtypes = {str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()}
+    if weights.get("file") != WEIGHTS_FILE or dtypes - {weights.get("dtype")}:
+        raise LgsegError(f"{config_path} was changed after the model was saved; reinstall the model")
     config = ModelConfig.from_dict(content["config"])
+    if not _valid_name(config.name):
+        raise LgsegError(f"model '{path.name}' has an invalid name {config.name!r}; re-export it with a plain name")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return ModelPackage(path=path, config=config, state_dict=state, weights_sha256=expected)
 
@@ -239,6 +289,8 @@ def save_package(folder: Union[str, os.PathLike], network: LanguageGuidedSegNet,
     """
     from safetensors.torch import save as save_safetensors
 
+    if not _valid_name(config.name):
+        raise LgsegError(f"invalid model name {config.name!r}; use a plain folder name (no '/', '\\' or leading '.')")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.network = network.config
@@ -256,7 +308,7 @@ def save_package(folder: Union[str, os.PathLike], network: LanguageGuidedSegNet,
     with atomic_path(folder / WEIGHTS_FILE) as tmp:
         tmp.write_bytes(data)
     with atomic_path(folder / CONFIG_FILE) as tmp:
-        tmp.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_bytes(_json_file_text(values).encode("utf-8"))  # bytes: no newline translation on Windows
     return folder
 
 
