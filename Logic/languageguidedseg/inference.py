@@ -6,7 +6,7 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -88,7 +88,8 @@ class Segmenter:
                  threads: Optional[int] = None, batch_size: Optional[int] = None):
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
         self.device = resolve_device(device)
-        if self.device.type == "cpu":
+        # A thread count the user set with OMP_NUM_THREADS is kept (torch reads it at import).
+        if self.device.type == "cpu" and (threads or not os.environ.get("OMP_NUM_THREADS")):
             torch.set_num_threads(threads or available_cores())
         self.network = self.package.build_network(self.device).to(memory_format=torch.channels_last)
         self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing)
@@ -100,7 +101,12 @@ class Segmenter:
         """The package's text encoder, loaded on first use (a run without a report never loads it)."""
         if self._text_encoder is None:
             config = self.package.config
-            self._text_encoder = TextEncoder(config.text_encoder, max_tokens=config.max_tokens)
+            encoder = TextEncoder(config.text_encoder, max_tokens=config.max_tokens)
+            if encoder.dim != config.network.text_dim:
+                raise LgsegError(f"text encoder '{config.text_encoder}' gives {encoder.dim}-d tokens but model "
+                                 f"'{self.package.name}' expects {config.network.text_dim}; "
+                                 "use the model's own encoder")
+            self._text_encoder = encoder
         return self._text_encoder
 
     def _guidance(self, report: Optional[str]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -111,15 +117,25 @@ class Segmenter:
         return encoding.tokens.to(self.device), encoding.mask.to(self.device)
 
     @torch.inference_mode()
-    def predict_slices(self, slices: np.ndarray, report: Optional[str] = None,
+    def predict_slices(self, slices: np.ndarray, report: Union[str, None, Sequence[Optional[str]]] = None,
                        progress: Optional[ProgressCallback] = None,
                        cancel: Optional[CancelCallback] = None) -> tuple[np.ndarray, list[int], list[float]]:
         """Foreground probabilities ``[N, H, W]`` for a stack of slices ``[N, H, W(, 3)]``.
 
-        Returns the probabilities and, in prototype mode, each slice's nearest prototype and its similarity.
+        ``report`` is one report for every slice, or a sequence of one report per slice (e.g. a batch of different
+        images); None or an empty report means the prototype bank guides that slice. Returns the probabilities and,
+        in prototype mode (``report`` None or empty), each slice's nearest prototype and its similarity; with a
+        sequence of reports, slices that had a report get -1 and NaN there.
         """
-        guidance = self._guidance(report)
         total = slices.shape[0]
+        per_slice = report is not None and not isinstance(report, str)
+        if per_slice:
+            texts = [normalize_report(r) for r in report]
+            if len(texts) != total:
+                raise ValueError(f"got {len(texts)} reports for {total} slices; give one report per slice")
+            guidance = None
+        else:
+            guidance = self._guidance(report)
         probabilities = np.empty(slices.shape[:3], dtype=np.float32)
         nearest, similarity = [], []
         for start in range(0, total, self.batch_size):
@@ -127,7 +143,9 @@ class Segmenter:
                 raise SegmentationCancelled()
             batch = slices[start:start + self.batch_size]
             images = prepare_slices(batch, self.preprocess).to(self.device, memory_format=torch.channels_last)
-            if guidance is None:
+            if per_slice:
+                logits = self._mixed_logits(images, texts[start:start + len(batch)], nearest, similarity)
+            elif guidance is None:
                 out = self.network(images, return_features=True)
                 logits, query = out["logits"], out["bank_query"]
                 nearest += query.indices[:, 0].tolist()
@@ -140,6 +158,33 @@ class Segmenter:
             if progress is not None:
                 progress(min(start + len(batch), total), total)
         return probabilities, nearest, similarity
+
+    def _mixed_logits(self, images: torch.Tensor, texts: list[Optional[str]], nearest: list[int],
+                      similarity: list[float]) -> torch.Tensor:
+        """Logits for a batch where each image has its own report (None: the prototype bank guides it)."""
+        count = len(texts)
+        given = [i for i, t in enumerate(texts) if t is not None]
+        bank = [i for i, t in enumerate(texts) if t is None]
+        parts: list[tuple[list[int], torch.Tensor]] = []
+        batch_nearest, batch_similarity = [-1] * count, [float("nan")] * count
+        if given:
+            encoding = self.text_encoder.encode([texts[i] for i in given]).to(self.device)
+            parts.append((given, self.network(images if len(given) == count else images[given],
+                                              encoding.tokens, encoding.mask)))
+        if bank:
+            out = self.network(images if len(bank) == count else images[bank], return_features=True)
+            parts.append((bank, out["logits"]))
+            for i, index, sim in zip(bank, out["bank_query"].indices[:, 0].tolist(),
+                                     out["bank_query"].similarities[:, 0].tolist()):
+                batch_nearest[i], batch_similarity[i] = index, sim
+        nearest += batch_nearest
+        similarity += batch_similarity
+        if len(parts) == 1:
+            return parts[0][1]
+        logits = parts[0][1].new_empty((count,) + tuple(parts[0][1].shape[1:]))
+        for indices, part in parts:
+            logits[indices] = part
+        return logits
 
     def segment_array(self, array: np.ndarray, *, rgb: bool = False, report: Optional[str] = None, axis: int = 2,
                       slice_index: Optional[int] = None, threshold: Optional[float] = None,
