@@ -105,7 +105,10 @@ class TextEncoder:
 
     @torch.inference_mode()
     def _encode_uncached(self, reports: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        batch = self.tokenizer(list(reports), padding=True, truncation=False, return_tensors="pt")
+        # One token more than allowed shows whether a report is too long, without tokenising all of a very long
+        # text (which would also make transformers print its own "sequence length" warning).
+        batch = self.tokenizer(list(reports), padding=True, truncation=True, max_length=self.max_tokens + 1,
+                               return_tensors="pt")
         lengths = batch["attention_mask"].sum(1)
         if int(lengths.max()) > self.max_tokens:
             # Truncation keeps the first tokens; the report text itself is never echoed (it may identify a patient).
