@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,6 +23,8 @@ def _read_report(args: argparse.Namespace) -> Optional[str]:
     if args.report is not None and args.report_file is not None:
         raise LgsegError("give either --report or --report-file, not both")
     if args.report_file is not None:
+        if not Path(args.report_file).is_file():
+            raise LgsegError(f"report file '{args.report_file}' does not exist; check the path")
         try:
             return Path(args.report_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -51,16 +54,27 @@ class _Progress:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .fileio import full_suffix
-    from .imageio import is_rgb, image_array, read_image, write_mask
-    from .inference import Segmenter
+    from .fileio import check_writable, full_suffix
+    from .imageio import is_rgb, image_array, read_image, spatial_shape, write_mask
 
+    # Everything that can be checked cheaply is checked before the model is loaded and the image segmented.
     report = _read_report(args)
     if args.axis is not None and args.slice is None:
         raise LgsegError("--axis needs --slice K as well")
-    if full_suffix(args.output) not in (".png", ".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd"):
+    suffix = full_suffix(args.output)
+    if suffix not in (".png", ".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd"):
         raise LgsegError(f"unsupported output type '{args.output}'; use .png, .nii.gz, .nrrd, .mha or .seg.nrrd")
+    check_writable(args.output)
+    if Path(args.output).resolve() == Path(args.image).resolve():
+        raise LgsegError(f"the output '{args.output}' would overwrite the input image; choose another output path")
     image = read_image(args.image)
+    shape = spatial_shape(image)
+    if suffix == ".png" and len(shape) == 3 and shape[0] != 1:
+        raise LgsegError(f"cannot write the mask of a 3D volume as PNG (2D only); use an output ending in "
+                         ".nii.gz, .nrrd, .mha or .seg.nrrd")
+
+    from .inference import Segmenter  # imports torch: only once the inputs are known to be usable
+
     segmenter = Segmenter(args.model, device=args.device)
     progress = _Progress("segmenting", enabled=not args.quiet)
     try:
@@ -127,6 +141,78 @@ def _approximate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .data import load_pair, load_split
+    from .metrics import ScoreAccumulator
+
+    if args.limit is not None and args.limit < 1:
+        raise LgsegError(f"--limit must be at least 1, not {args.limit}")
+    # With --limit only the images used are read (and checked by load_pair), not the whole split.
+    samples = load_split(args.data_dir, args.split, validate=args.limit is None)
+    if args.limit is not None:
+        samples = samples[:args.limit]
+    if not samples:
+        raise LgsegError(f"the {args.split} split of '{args.data_dir}' has no images; choose another split or folder")
+
+    from .inference import Segmenter  # imports torch: only once the data set is known to be usable
+
+    segmenter = Segmenter(args.model, device=args.device)
+    threshold = segmenter.package.config.threshold
+    scores = ScoreAccumulator()
+    without_report = 0
+    started = time.perf_counter()
+    bar = tqdm(total=len(samples), desc=f"evaluating {args.split}", unit="image", file=sys.stderr,
+               disable=args.quiet, leave=False)
+    try:
+        for start in range(0, len(samples), segmenter.batch_size):
+            chunk = samples[start:start + segmenter.batch_size]
+            pairs = [load_pair(sample) for sample in chunk]
+            if args.reports == "given":
+                reports = [sample.report for sample in chunk]
+                without_report += sum(1 for r in reports if r is None or not r.strip())
+            else:
+                reports = [None] * len(chunk)
+            # Images of one size and colour type go through the network together; the order does not matter.
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for index, (image, _) in enumerate(pairs):
+                groups.setdefault(image.shape, []).append(index)
+            for indices in groups.values():
+                stack = np.stack([pairs[i][0] for i in indices])
+                probabilities, _, _ = segmenter.predict_slices(stack, [reports[i] for i in indices])
+                for i, probability in zip(indices, probabilities):
+                    scores.update(probability > threshold, pairs[i][1])
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    result = scores.compute()
+    summary = {
+        "dice": round(result.dice, 6),
+        "iou": round(result.iou, 6),
+        "mean_dice": round(result.mean_dice, 6),
+        "mean_iou": round(result.mean_iou, 6),
+        "n": result.n,
+        "reports": args.reports,
+        "without_report": without_report if args.reports == "given" else result.n,
+        "split": args.split,
+        "model": segmenter.package.name,
+        "threshold": threshold,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        guidance = ("the reports" if args.reports == "given" else "the prototype bank (reports ignored)")
+        print(f"{result.n} {args.split} images of {args.data_dir}, guided by {guidance}, model {summary['model']}")
+        print(f"Dice {result.dice:.4f}  IoU {result.iou:.4f}  (micro-averaged over all pixels, as in the papers)")
+        print(f"mean per-image Dice {result.mean_dice:.4f}  IoU {result.mean_iou:.4f}")
+        if args.reports == "given" and without_report:
+            print(f"{without_report} images had no report and were guided by the prototype bank")
+    return 0
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from .benchmark import run_benchmark
 
@@ -139,8 +225,15 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``error:`` line (exit code 2), like every other error of the tool."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lgseg", description="Language-guided medical image segmentation.")
+    parser = _Parser(prog="lgseg", description="Language-guided medical image segmentation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -172,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     approx.add_argument("--json", action="store_true")
     approx.set_defaults(func=_approximate)
 
+    evaluate = sub.add_parser("evaluate", help="Dice and IoU of a model on a data set split")
+    evaluate.add_argument("data_dir", help="data set folder (split.json layout, LViT or GuideDecoder layout)")
+    evaluate.add_argument("--split", default="val", choices=("train", "val", "test"))
+    evaluate.add_argument("--reports", default="given", choices=("given", "none"),
+                          help="given: each image's report guides it (the prototype bank where there is none); "
+                               "none: the prototype bank guides every image")
+    evaluate.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object with the scores")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=_evaluate)
+
     bench = sub.add_parser("benchmark", help="per-slice latency against a GuideDecoder-sized reference")
     bench.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     bench.add_argument("--volume-slices", type=int, default=100)
@@ -187,20 +293,25 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _one_line_warning
-    try:
-        return args.func(args)
-    except LgsegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - users get one line; developers set LGSEG_DEBUG=1
-        if os.environ.get("LGSEG_DEBUG"):
-            raise
-        print(f"error: unexpected {exc.__class__.__name__}: {exc} (set LGSEG_DEBUG=1 for details)", file=sys.stderr)
-        return 1
+    # Warnings as one line each, for this call only (main may run inside another program, e.g. the tests).
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        try:
+            return args.func(args)
+        except LgsegError as exc:
+            message = str(exc).replace("\r", " ").replace("\n", " ")  # one line, even for odd file names
+            print(f"error: {message}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as exc:  # noqa: BLE001 - users get one line; developers set LGSEG_DEBUG=1
+            if os.environ.get("LGSEG_DEBUG"):
+                raise
+            reason = " ".join(str(exc).split())[:300]
+            print(f"error: unexpected {exc.__class__.__name__}: {reason} (set LGSEG_DEBUG=1 for details)",
+                  file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

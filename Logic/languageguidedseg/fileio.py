@@ -22,6 +22,42 @@ def full_suffix(path: PathLike) -> str:
     return Path(name).suffix
 
 
+def _output_folder(target: Path) -> Path:
+    """The folder of an output path, after checking that it exists and looks writable."""
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise LgsegError(f"output folder '{folder}' does not exist; create it or choose another output path")
+    if not os.access(folder, os.W_OK):
+        raise LgsegError(f"cannot write to folder '{folder}'; choose an output path you have write access to")
+    if target.is_dir():
+        raise LgsegError(f"output '{target}' is a folder; give a file name such as '{target / 'mask.nii.gz'}'")
+    return folder
+
+
+def _temporary_file(folder: Path, prefix: str, suffix: str) -> Path:
+    try:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    except OSError as exc:
+        raise LgsegError(f"cannot create a file in folder '{folder}' ({exc.strerror or exc.__class__.__name__}); "
+                         "choose an output path you have write access to") from exc
+    os.close(fd)
+    return Path(name)
+
+
+def check_writable(path: PathLike) -> Path:
+    """Check, before any work is done, that ``path`` can be written; return its folder.
+
+    Raises LgsegError when the folder is missing or read-only, or when ``path`` is an existing folder. A probe file
+    is created and removed at once, so the answer holds where permission bits do not tell (read-only mounts, root).
+    """
+    target = Path(path)
+    folder = _output_folder(target)
+    probe = _temporary_file(folder, f".{target.name}.", ".probe")
+    with contextlib.suppress(OSError):
+        probe.unlink()
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it onto ``path`` on success.
@@ -29,14 +65,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     On any exception the temporary file is removed and ``path`` is left untouched.
     """
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise LgsegError(f"output folder '{folder}' does not exist; create it or choose another output path")
-    if not os.access(folder, os.W_OK):
-        raise LgsegError(f"cannot write to folder '{folder}'; choose an output path you have write access to")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{full_suffix(target)}", dir=folder)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temporary_file(_output_folder(target), f".{target.name}.", f".tmp{full_suffix(target)}")
     try:
         yield tmp_path
         # mkstemp creates private files; give the result the permissions a normal write would have.

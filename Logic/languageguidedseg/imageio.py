@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Iterator, Optional, Tuple, Union
 
@@ -225,6 +226,8 @@ def _reason(exc: BaseException) -> str:
     """Last meaningful line of a (multi-line) SimpleITK/ITK message, to keep user errors on one line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[-1] if lines else type(exc).__name__
-    for marker in ("sitk::ERROR:", "itk::ERROR:"):
+    for marker in ("sitk::ERROR:", "itk::ERROR:", "ITK ERROR:"):
         text = text.split(marker)[-1].strip()
+    # Drop ITK's object prefix, e.g. "PNGImageIO(0x55ddff8bc980): ".
+    text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
     return text[:200]
