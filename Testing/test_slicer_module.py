@@ -505,6 +505,41 @@ def test_background_run_reports_progress_and_cancels(module, scene, tiny_model):
     assert cancelled.finished and cancelled.cancelled and cancelled.error is None
 
 
+def test_gpu_out_of_memory_falls_back_to_the_cpu(module, scene, tiny_model, monkeypatch):
+    """CUDA running out of memory is not a crash: the same job runs again on the CPU, and the user is told."""
+    from languageguidedseg.inference import Segmenter
+
+    cpu = Segmenter(model=tiny_model, device="cpu")
+
+    class OutOfMemoryGpu:
+        device = "cuda:0"
+        package = cpu.package
+
+        def segment_array(self, *args, **kwargs):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    requested = []
+
+    def fake_segmenter(model=None, device="auto"):
+        requested.append(device)
+        return cpu if device == "cpu" else OutOfMemoryGpu()
+
+    logic = module.LanguageGuidedSegLogic()
+    monkeypatch.setattr(logic, "segmenter", fake_segmenter)
+    result = logic.process(_synthetic_volume(scene), None, model=str(tiny_model), device="auto")
+    assert requested == ["auto", "cpu"] and logic.fellBackToCpu
+    assert result.mask.shape == (4, 40, 56) and result.segment_id
+
+    # Any other error is reported as it is, not retried.
+    class Broken(OutOfMemoryGpu):
+        def segment_array(self, *args, **kwargs):
+            raise RuntimeError("something else")
+
+    monkeypatch.setattr(logic, "segmenter", lambda model=None, device="auto": Broken())
+    with pytest.raises(RuntimeError, match="something else"):
+        logic.process(_synthetic_volume(scene), None, model=str(tiny_model), device="auto")
+
+
 def test_module_self_test_runs_on_the_mrml_library(module, scene, monkeypatch):
     """The module's own ScriptedLoadableModuleTest, on slicer-core instead of the Slicer application."""
     import slicer
