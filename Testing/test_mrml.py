@@ -427,6 +427,15 @@ def test_write_mask_geometry_under_transforms_and_in_slices(scene):
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
 
 
+def test_slice_mode_on_a_2d_image_uses_its_only_slice_in_any_view(scene):
+    """A one-slice volume (a 2D image) is segmented in its own plane even if the chosen view looks across it."""
+    volume = _synthetic_volume(scene, dims=(6, 5, 1))
+    sagittal = _slice_node(scene, (1, 0, 0), (0, 1, 0), (2.0, 2.0, 0.0))
+    job = mrml.SegmentationJob(volume, scope="slice", slice_node=sagittal)
+    assert (job.axis, job.slice_index) == (2, 0)
+    assert mrml.slice_axis_and_index(sagittal, volume) == (0, 2)  # what the view itself shows
+
+
 def test_errors_are_one_line_lgseg_errors(scene):
     volume = _synthetic_volume(scene, dims=(6, 5, 4))
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")

@@ -215,6 +215,10 @@ def test_catalog_entry_names_the_cmake_project():
     assert repository == "Slicer" + project, "catalog rule: the repository name is Slicer + extension name"
     assert entry.get("tier") in (1, 3, 5)
     assert re.search(r"add_subdirectory\(\s*LanguageGuidedSeg\s*\)", top)
+    # The package carries this repository's licence and readme, not Slicer's defaults.
+    for variable, name in (("EXTENSION_LICENSE_FILE", "LICENSE"), ("EXTENSION_README_FILE", "README.md")):
+        assert _cmake_value(top, variable) == "${CMAKE_CURRENT_SOURCE_DIR}/" + name
+        assert (ROOT / name).is_file()
     for include in ("Slicer_USE_FILE", "Slicer_EXTENSION_GENERATE_CONFIG", "Slicer_EXTENSION_CPACK"):
         assert include in top
 
@@ -272,6 +276,8 @@ def test_cmake_packages_module_and_engine_with_models(tmp_path):
     source = tmp_path / "src"
     source.mkdir()
     shutil.copy(TOP_CMAKE, source / "CMakeLists.txt")
+    for name in ("LICENSE", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     shutil.copytree(MODULE_DIR, source / "LanguageGuidedSeg", ignore=shutil.ignore_patterns("__pycache__"))
     engine = source / "Logic" / "languageguidedseg"
     shutil.copytree(ROOT / "Logic" / "languageguidedseg", engine, ignore=shutil.ignore_patterns("__pycache__"))

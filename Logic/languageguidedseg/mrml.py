@@ -376,7 +376,11 @@ class SegmentationJob:
         self.volume_node = volume_node
         self.dimensions = volume_dimensions(volume_node)
         if scope == "slice" and slice_index is None and slice_node is not None:
-            axis, slice_index = slice_axis_and_index(slice_node, volume_node)
+            if self.dimensions[default_axis(volume_node)] == 1:
+                # A 2D image has one slice, whichever view the user picked.
+                axis, slice_index = default_axis(volume_node), 0
+            else:
+                axis, slice_index = slice_axis_and_index(slice_node, volume_node)
         self.axis = default_axis(volume_node) if axis is None else int(axis)
         if scope == "slice" and slice_index is None:
             if self.dimensions[self.axis] != 1:
