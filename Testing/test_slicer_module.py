@@ -393,6 +393,8 @@ def _load_module_file(monkeypatch):
     pytest.importorskip("slicer")
     for name, module in _stub_modules().items():
         monkeypatch.setitem(sys.modules, name, module)
+    # The module may put the engine's folder on sys.path; undo that after the test.
+    monkeypatch.setattr(sys, "path", list(sys.path))
     spec = importlib.util.spec_from_file_location("LanguageGuidedSegUnderTest", MODULE_FILE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
