@@ -13,7 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the engine must never need the n
 try:  # the installed package (CI installs it with pip, so packaging is tested); else the checkout's Logic/
     import languageguidedseg  # noqa: F401
 except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Logic"))
+    _LOGIC = str(Path(__file__).resolve().parents[1] / "Logic")
+    sys.path.insert(0, _LOGIC)
+    # Subprocesses (lgseg, Training/train.py) find it too.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_LOGIC, os.environ.get("PYTHONPATH")]))
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 QATA_REPORT = "bilateral pulmonary infection, two infected areas, lower left lung and middle lower right lung."
