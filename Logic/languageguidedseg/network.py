@@ -242,3 +242,27 @@ class LanguageGuidedSegNet(nn.Module):
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters (for model cards and the benchmark)."""
     return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def fold_batchnorm(network: LanguageGuidedSegNet) -> LanguageGuidedSegNet:
+    """Fold each eval-mode BatchNorm into the convolution before it (inference only; same outputs, less work)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = []
+    for module in network.modules():
+        if isinstance(module, UnetResBlock):
+            for i in (1, 2, 3):
+                if hasattr(module, f"norm{i}") and isinstance(getattr(module, f"norm{i}"), nn.BatchNorm2d):
+                    pairs.append((getattr(module, f"conv{i}"), "conv", module, f"norm{i}"))
+        elif hasattr(module, "_depthwise_conv"):  # EfficientNet-Lite MBConv
+            if module.expand:
+                pairs.append((module, "_expand_conv", module, "_bn0"))
+            pairs += [(module, "_depthwise_conv", module, "_bn1"), (module, "_project_conv", module, "_bn2")]
+        elif hasattr(module, "_conv_stem"):
+            pairs.append((module, "_conv_stem", module, "_bn0"))
+    for conv_owner, conv_name, bn_owner, bn_name in pairs:
+        conv, bn = getattr(conv_owner, conv_name), getattr(bn_owner, bn_name)
+        setattr(conv_owner, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+        setattr(bn_owner, bn_name, nn.Identity())
+    return network
