@@ -1,7 +1,6 @@
 import hashlib
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -676,68 +675,22 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
 
     # Models ----------------------------------------------------------------------------------------------------
 
+    # The engine's package module imports no PyTorch, so the list is shown before PyTorch is installed (the weights
+    # are verified, with PyTorch, only when a model is loaded).
+
     def defaultModelName(self):
-        engine = sys.modules.get("languageguidedseg.package")
-        return getattr(engine, "DEFAULT_MODEL", "qata-cxr")
+        return importEngine("package").DEFAULT_MODEL
 
     def userModelsFolder(self):
-        """The user's models folder, by the engine's rule (``LGSEG_MODELS``, else the platform's data folder)."""
-        engine = sys.modules.get("languageguidedseg.package")
-        if engine is not None:
-            return str(engine.user_models_folder())
-        # The same rule, without importing the engine (which imports PyTorch).
-        if os.environ.get("LGSEG_MODELS"):
-            return os.path.expanduser(os.environ["LGSEG_MODELS"])
-        if sys.platform == "win32":
-            base = os.environ.get("LOCALAPPDATA", os.path.join(os.path.expanduser("~"), "AppData", "Local"))
-        elif sys.platform == "darwin":
-            base = os.path.join(os.path.expanduser("~"), "Library", "Application Support")
-        else:
-            base = os.environ.get("XDG_DATA_HOME", os.path.join(os.path.expanduser("~"), ".local", "share"))
-        return os.path.join(base, "languageguidedseg", "models")
-
-    def installedModelsFolder(self):
-        """Models shipped with the engine (``languageguidedseg/models``), or None."""
-        for folder in enginePaths():
-            if os.path.isfile(os.path.join(folder, "languageguidedseg", "__init__.py")):
-                return os.path.join(folder, "languageguidedseg", "models")
-        return None
+        """The user's models folder (``LGSEG_MODELS``, else the platform's data folder)."""
+        return str(importEngine("package").user_models_folder())
 
     def availableModels(self):
-        """Installed model packages as dicts (name, task, licence, size_mb, source, path, threshold).
+        """Installed model packages as dicts (name, task, licence, version, size_mb, path, source, threshold).
 
-        Read from each package's model.json, like the engine's ``list_models`` (a user model shadows an installed
-        one of the same folder name), so the list is shown before PyTorch is installed; the weights are verified
-        when a model is loaded.
+        A user model shadows an installed one of the same folder name.
         """
-        found = {}
-        for source, folder in (("user", self.userModelsFolder()), ("installed", self.installedModelsFolder())):
-            if not folder or not os.path.isdir(folder):
-                continue
-            for name in sorted(os.listdir(folder)):
-                path = os.path.join(folder, name)
-                configPath = os.path.join(path, "model.json")
-                if name.startswith(".") or name in found or not os.path.isfile(configPath):
-                    continue
-                try:
-                    with open(configPath, encoding="utf-8") as configFile:
-                        config = json.load(configFile).get("config", {})
-                    files = [os.path.join(path, f) for f in os.listdir(path)]
-                    size = sum(os.path.getsize(f) for f in files if os.path.isfile(f)) / 2**20
-                except (OSError, ValueError, AttributeError):
-                    continue
-                if not isinstance(config, dict):
-                    continue
-                found[name] = {
-                    "name": name,
-                    "task": str(config.get("task", "")),
-                    "licence": str(config.get("licence", "")),
-                    "size_mb": round(size, 2),
-                    "source": source,
-                    "path": path,
-                    "threshold": config.get("threshold"),
-                }
-        return list(found.values())
+        return [info.to_dict() for info in importEngine("package").list_models()]
 
     def importModel(self, folder):
         info = importEngine("package").import_model(folder)

@@ -401,32 +401,74 @@ def _load_module_file(monkeypatch):
     return module
 
 
-def test_module_file_loads_without_torch_or_the_engine(tmp_path):
-    """Importing the module file (with torch made unimportable) pulls in no heavy package."""
-    pytest.importorskip("slicer")
+def _run_with_heavy_modules_blocked(body: str, blocked=HEAVY_MODULES, env=None) -> str:
+    """Run ``body`` in a fresh interpreter where ``blocked`` cannot be imported, after loading the module file (as
+    ``module``) with the Qt/CTK stand-ins; return its stdout."""
     script = f"""
 import importlib.util, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-for blocked in {list(HEAVY_MODULES)!r}:
+for blocked in {list(blocked)!r}:
     sys.modules[blocked] = None  # any import of these fails
 import test_slicer_module as checks
 sys.modules.update(checks._stub_modules())
 spec = importlib.util.spec_from_file_location("LanguageGuidedSeg", {str(MODULE_FILE)!r})
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
+""" + body
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, **(env or {})))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_module_file_loads_without_torch_or_the_engine():
+    """Importing the module file (with torch and the engine made unimportable) pulls in no heavy package."""
+    pytest.importorskip("slicer")
+    out = _run_with_heavy_modules_blocked(f"""
 logic = module.LanguageGuidedSegLogic()
 assert logic.getParameterNode().report == ""
-# The model list is read from model.json files, so it is there before PyTorch is installed.
-assert [m["name"] for m in logic.availableModels()] == ["listed"], logic.availableModels()
 print("loaded", sorted(m for m in {list(HEAVY_MODULES)!r} if sys.modules.get(m) is not None))
-"""
+""")
+    assert "loaded []" in out
+
+
+def test_model_list_is_there_before_torch_is_installed(tmp_path):
+    """With torch (and the other heavy packages) unimportable, the module lists the models through the engine,
+    exactly as ``package.list_models()`` does; the engine's listing imports nothing heavy."""
+    pytest.importorskip("slicer")
     models = tmp_path / "models"
-    (models / "listed").mkdir(parents=True)
-    (models / "listed" / "model.json").write_text(json.dumps({"config": {"task": "t", "licence": "MIT"}}))
-    env = dict(os.environ, LGSEG_MODELS=str(models))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "loaded []" in done.stdout
+    configs = {
+        "tuned": {"task": "lungs", "licence": "MIT", "version": "1.2.0", "threshold": 0.3},
+        "untuned": {"task": "polyps", "licence": "CC-BY-4.0"},
+        "odd": {"task": "odd", "threshold": "high"},
+    }
+    for name, config in configs.items():
+        (models / name).mkdir(parents=True)
+        (models / name / "model.json").write_text(json.dumps({"config": config}))
+    (models / ".staging").mkdir()  # import_model's staging folder: never listed
+    (models / ".staging" / "model.json").write_text(json.dumps({"config": {}}))
+    engine_blocked = [m for m in HEAVY_MODULES if m != "languageguidedseg"]
+    out = _run_with_heavy_modules_blocked(f"""
+import json
+logic = module.LanguageGuidedSegLogic()
+listed = logic.availableModels()
+from languageguidedseg import package
+assert listed == [m.to_dict() for m in package.list_models()], listed
+assert logic.userModelsFolder() == str(package.user_models_folder())
+assert logic.defaultModelName() == package.DEFAULT_MODEL
+print("listed", json.dumps(listed))
+print("loaded", sorted(m for m in {engine_blocked!r} if sys.modules.get(m) is not None))
+""", blocked=engine_blocked, env={"LGSEG_MODELS": str(models)})
+    assert "loaded []" in out
+    listed = json.loads(out.split("listed ", 1)[1].splitlines()[0])
+    by_name = {m["name"]: m for m in listed if m["source"] == "user"}
+    assert set(by_name) == set(configs)
+    assert {n: (m["task"], m["licence"], m["threshold"]) for n, m in by_name.items()} == {
+        "tuned": ("lungs", "MIT", 0.3), "untuned": ("polyps", "CC-BY-4.0", 0.5), "odd": ("odd", "", 0.5)}
+    # The keys the widget shows or uses.
+    assert all({"name", "task", "licence", "version", "size_mb", "path", "source", "threshold"} <= set(m)
+               for m in listed)
+    assert by_name["tuned"]["path"] == str(models / "tuned")
 
 
 @pytest.fixture
@@ -565,7 +607,7 @@ def test_module_self_test_runs_on_the_mrml_library(module, scene, monkeypatch):
 
 
 def test_model_list_matches_the_engine(module, tiny_model, tmp_path, monkeypatch):
-    """The module's torch-free model list and models folder agree with the engine's."""
+    """The module's model list and models folder are the engine's, for a real model package."""
     from languageguidedseg import package
 
     user = tmp_path / "user-models"
@@ -574,23 +616,16 @@ def test_model_list_matches_the_engine(module, tiny_model, tmp_path, monkeypatch
     monkeypatch.setenv("LGSEG_MODELS", str(user))
     logic = module.LanguageGuidedSegLogic()
 
-    def torch_free_folder():
-        # Without the engine imported, the module applies the same rule itself.
-        with monkeypatch.context() as patch:
-            patch.delitem(sys.modules, "languageguidedseg.package", raising=False)
-            return Path(logic.userModelsFolder())
-
-    assert torch_free_folder() == package.user_models_folder() == user
+    assert Path(logic.userModelsFolder()) == package.user_models_folder() == user
+    assert logic.defaultModelName() == package.DEFAULT_MODEL
     listed = {m["name"]: m for m in logic.availableModels()}
     engine = {m.name: m for m in package.list_models()}
     assert set(listed) == set(engine) and "tiny" in listed
     for name, info in engine.items():
-        assert (listed[name]["licence"], listed[name]["task"], listed[name]["source"]) == (
-            info.licence, info.task, info.source)
+        assert (listed[name]["licence"], listed[name]["task"], listed[name]["source"], listed[name]["threshold"]) == (
+            info.licence, info.task, info.source, info.threshold)
+    assert (listed["tiny"]["source"], listed["tiny"]["licence"]) == ("user", "Apache-2.0")
     assert listed["tiny"]["threshold"] == pytest.approx(0.5)
-    monkeypatch.delenv("LGSEG_MODELS")
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
-    assert torch_free_folder() == package.user_models_folder()
 
 
 def test_dependency_check_reads_the_requirements(module):

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
     from .network import LanguageGuidedSegNet, NetworkConfig
 
-# The network module (and MONAI, several seconds to import) is imported only when a network is built, so listing
-# models and refusing a damaged one stay fast.
+# The network module (and MONAI, several seconds to import) is imported only when a network is built, and torch and
+# safetensors only when weights are read or written, so listing models needs no PyTorch (the Slicer module shows
+# the list before PyTorch is installed) and refusing a damaged model stays fast.
 
 
 def _default_network_config() -> "NetworkConfig":
@@ -96,6 +97,7 @@ class ModelInfo:
     size_mb: float
     path: Path
     source: str
+    threshold: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -197,8 +199,16 @@ def list_models() -> list[ModelInfo]:
             found[entry.name] = ModelInfo(name=entry.name, task=str(config.get("task", "")),
                                           licence=str(config.get("licence", "")),
                                           version=str(config.get("version", "")),
-                                          size_mb=round(size, 2), path=entry, source=source)
+                                          size_mb=round(size, 2), path=entry, source=source,
+                                          threshold=_threshold(config.get("threshold")))
     return list(found.values())
+
+
+def _threshold(value: object) -> float:
+    """A listed model's threshold: the number in its config, else ModelConfig's default."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return ModelConfig.threshold
+    return float(value)
 
 
 def find_model(model: Union[str, os.PathLike, None] = None) -> Path:

