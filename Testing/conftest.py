@@ -30,6 +30,26 @@ def dataset(name: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One torch thread in the test process: the small test models gain nothing from more, and on a busy 2-core
+    machine more threads are much slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def own_models_folder(tmp_path, monkeypatch) -> Path:
+    """An empty user models folder for the test: the user's own models never leak in."""
+    folder = tmp_path / "user-models"
+    monkeypatch.setenv("LGSEG_MODELS", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def qata() -> Path:
     return dataset("qata-cov19")

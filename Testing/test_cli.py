@@ -29,15 +29,6 @@ PACKAGE_PARENT = Path(languageguidedseg.__file__).resolve().parents[1]
 SUMMARY_KEYS = {"report", "report_source", "seconds", "foreground_fraction", "output", "model", "device", "similarity"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: a small model gains nothing from more, and on a busy machine more threads are much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def models_folder(tmp_path, monkeypatch) -> Path:
     """An empty user models folder, for this process and the subprocesses alike."""

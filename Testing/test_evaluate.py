@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from languageguidedseg.cli import main
 from languageguidedseg.data import load_split
@@ -17,17 +16,8 @@ LIMIT = 4
 EVALUATE_KEYS = {"dice", "iou", "mean_dice", "n", "reports", "split", "model"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
-def no_user_models(tmp_path, monkeypatch):
-    monkeypatch.setenv("LGSEG_MODELS", str(tmp_path / "user-models"))
+def one_thread_subprocesses(own_models_folder, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 

@@ -14,15 +14,6 @@ SIZE = 128  # any size divisible by 32 works; smaller than the usual 224 keeps t
 FEATURE_KEYS = {"logits", "levels", "stage_text", "tokens", "token_mask", "bank_query", "image_features"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: these small forwards gain nothing from more, and a busy machine makes more much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def network() -> LanguageGuidedSegNet:
     torch.manual_seed(0)

@@ -19,20 +19,7 @@ from languageguidedseg.preprocess import PreprocessConfig
 SIZE = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def own_models_folder(tmp_path, monkeypatch) -> Path:
-    """Every test gets an empty user models folder: the user's own models never leak in."""
-    folder = tmp_path / "user-models"
-    monkeypatch.setenv("LGSEG_MODELS", str(folder))
-    return folder
+pytestmark = pytest.mark.usefixtures("own_models_folder")
 
 
 def _network(seed: int = 0) -> LanguageGuidedSegNet:
