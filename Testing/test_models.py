@@ -1,0 +1,93 @@
+"""The models shipped with the package: listed, verified by hash, and segmenting real validation images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import QATA_REPORT
+
+SHIPPED = {"qata-cxr": ("qata-cov19", "Infection"), "kvasir-polyp": ("kvasir-seg", "Polyp")}
+
+
+def _shipped(name: str):
+    from languageguidedseg.package import installed_models_folder
+
+    folder = installed_models_folder() / name
+    if not (folder / "model.json").is_file():
+        pytest.fail(f"shipped model {name} is missing from {folder}")
+    return folder
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_is_listed_small_and_documented(name):
+    from languageguidedseg.package import list_models
+
+    folder = _shipped(name)
+    info = {m.name: m for m in list_models() if m.source == "installed"}[name]
+    assert info.size_mb <= 25
+    assert info.licence and info.task
+    config = json.loads((folder / "model.json").read_text())["config"]
+    for mode in ("report", "prototype"):
+        assert config["metrics"][f"val_{mode}_dice"] >= 0.78
+    assert config["training"]["command"]
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_model_segments_a_validation_image_in_both_modes(name, request):
+    import json as _json
+
+    from languageguidedseg.data import load_pair, load_split
+    from languageguidedseg.inference import Segmenter
+    from languageguidedseg.metrics import ScoreAccumulator
+    from languageguidedseg.package import load_package
+
+    dataset, segment = SHIPPED[name]
+    root = request.getfixturevalue("qata" if dataset == "qata-cov19" else "kvasir")
+    package = load_package(name)  # verifies the SHA-256 of the weights and of the description
+    assert package.config.segment_name == segment
+    segmenter = Segmenter(package, device="cpu")
+    samples = [s for s in load_split(root, "val") if s.report][:4]
+    for sample in samples:
+        image, truth = load_pair(sample)
+        rgb = image.ndim == 3
+        given = segmenter.segment_array(image, rgb=rgb, report=sample.report)
+        approximated = segmenter.segment_array(image, rgb=rgb, report=None)
+        assert given.report_source == "given" and approximated.report_source == "prototype"
+        assert approximated.report in package.config.prototype_reports
+        for result in (given, approximated):
+            assert result.mask.shape == truth.shape
+            assert result.mask.any(), f"empty mask for {sample.id}"
+        scores = ScoreAccumulator()
+        scores.update(given.mask, truth)
+        assert scores.compute().dice > 0.3, f"{name} misses the target on {sample.id}"
+
+
+def test_default_model_is_the_chest_xray_model():
+    from languageguidedseg.package import DEFAULT_MODEL, find_model
+
+    _shipped("qata-cxr")
+    assert DEFAULT_MODEL == "qata-cxr"
+    assert find_model(None).name == "qata-cxr"
+
+
+def test_qata_mask_follows_the_report_side(qata):
+    """Editing the report moves the mask: 'left lung' lands in the left half of the image, 'right lung' right."""
+    from languageguidedseg.data import load_pair, load_split
+    from languageguidedseg.inference import Segmenter
+
+    _shipped("qata-cxr")
+    segmenter = Segmenter("qata-cxr", device="cpu")
+    sample = next(s for s in load_split(qata, "val") if s.report and s.report.startswith("bilateral"))
+    image, _ = load_pair(sample)
+    half = image.shape[1] // 2
+    left = segmenter.segment_array(image, report="unilateral pulmonary infection, one infected area, "
+                                                  "middle lower left lung.").mask
+    right = segmenter.segment_array(image, report="unilateral pulmonary infection, one infected area, "
+                                                   "middle lower right lung.").mask
+    assert left[:, :half].sum() > left[:, half:].sum()
+    assert right[:, half:].sum() > right[:, :half].sum()
+    both = segmenter.segment_array(image, report=QATA_REPORT).mask
+    assert both.sum() > 0 and np.count_nonzero(both != left) > 0
