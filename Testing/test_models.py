@@ -37,8 +37,6 @@ def test_shipped_model_is_listed_small_and_documented(name):
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_model_segments_a_validation_image_in_both_modes(name, request):
-    import json as _json
-
     from languageguidedseg.data import load_pair, load_split
     from languageguidedseg.inference import Segmenter
     from languageguidedseg.metrics import ScoreAccumulator
@@ -49,7 +47,8 @@ def test_shipped_model_segments_a_validation_image_in_both_modes(name, request):
     package = load_package(name)  # verifies the SHA-256 of the weights and of the description
     assert package.config.segment_name == segment
     segmenter = Segmenter(package, device="cpu")
-    samples = [s for s in load_split(root, "val") if s.report][:4]
+    samples = [s for s in load_split(root, "val") if s.report][:8]
+    given_scores, approximated_scores, found_in_both_modes = ScoreAccumulator(), ScoreAccumulator(), []
     for sample in samples:
         image, truth = load_pair(sample)
         rgb = image.ndim == 3
@@ -57,12 +56,15 @@ def test_shipped_model_segments_a_validation_image_in_both_modes(name, request):
         approximated = segmenter.segment_array(image, rgb=rgb, report=None)
         assert given.report_source == "given" and approximated.report_source == "prototype"
         assert approximated.report in package.config.prototype_reports
-        for result in (given, approximated):
-            assert result.mask.shape == truth.shape
-            assert result.mask.any(), f"empty mask for {sample.id}"
-        scores = ScoreAccumulator()
-        scores.update(given.mask, truth)
-        assert scores.compute().dice > 0.3, f"{name} misses the target on {sample.id}"
+        assert given.mask.shape == approximated.mask.shape == truth.shape
+        if given.mask.any() and approximated.mask.any():
+            found_in_both_modes.append(sample.id)
+        given_scores.update(given.mask, truth)
+        approximated_scores.update(approximated.mask, truth)
+    assert found_in_both_modes, f"{name} gives an empty mask in one mode on every image"
+    # The masks land on the target, not merely somewhere: micro Dice over these images, both modes.
+    assert given_scores.compute().dice > 0.7, given_scores.compute()
+    assert approximated_scores.compute().dice > 0.6, approximated_scores.compute()
 
 
 def test_default_model_is_the_chest_xray_model():
