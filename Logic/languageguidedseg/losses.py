@@ -3,7 +3,7 @@ contrastive alignment, and ProLearn's image-text InfoNCE for the prototype bank'
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -24,9 +24,6 @@ class LossWeights:
     bank_contrastive: float = 0.1
     tmca_temperature: float = 0.07
     bank_temperature: float = 0.1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def mask_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -239,11 +239,6 @@ class LanguageGuidedSegNet(nn.Module):
             self.visual_prototype.mul_(m).add_(batch_mean, alpha=1 - m)
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters (for model cards and the benchmark)."""
-    return sum(p.numel() for p in module.parameters())
-
-
 @torch.no_grad()
 def fold_batchnorm(network: LanguageGuidedSegNet) -> LanguageGuidedSegNet:
     """Fold each eval-mode BatchNorm into the convolution before it (inference only; same outputs, less work)."""
