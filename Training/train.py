@@ -580,4 +580,11 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun a rank can hang at interpreter shutdown in c10d's background threads once the other ranks
+        # have gone (seen with gloo); everything is written and the process group destroyed, so leave directly.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
