@@ -114,8 +114,8 @@ class Segmenter:
         text = normalize_report(report)
         if text is None:
             return None
-        encoding = self.text_encoder.encode([text])
-        return encoding.tokens.to(self.device), encoding.mask.to(self.device)
+        encoding = self.text_encoder.encode([text]).to(self.device)
+        return encoding.tokens, encoding.mask
 
     @torch.inference_mode()
     def predict_slices(self, slices: np.ndarray, report: Union[str, None, Sequence[Optional[str]]] = None,
@@ -162,30 +162,26 @@ class Segmenter:
 
     def _mixed_logits(self, images: torch.Tensor, texts: list[Optional[str]], nearest: list[int],
                       similarity: list[float]) -> torch.Tensor:
-        """Logits for a batch where each image has its own report (None: the prototype bank guides it)."""
-        count = len(texts)
+        """Logits for a batch where each image has its own report (None: the prototype bank guides it).
+
+        One forward: the network takes report tokens per sample and the bank's tokens where ``use_bank`` is set.
+        """
+        use_bank = torch.tensor([t is None for t in texts], device=self.device)
         given = [i for i, t in enumerate(texts) if t is not None]
-        bank = [i for i, t in enumerate(texts) if t is None]
-        parts: list[tuple[list[int], torch.Tensor]] = []
-        batch_nearest, batch_similarity = [-1] * count, [float("nan")] * count
-        if given:
+        if not given:
+            out = self.network(images, return_features=True)
+        else:
             encoding = self.text_encoder.encode([texts[i] for i in given]).to(self.device)
-            parts.append((given, self.network(images if len(given) == count else images[given],
-                                              encoding.tokens, encoding.mask)))
-        if bank:
-            out = self.network(images if len(bank) == count else images[bank], return_features=True)
-            parts.append((bank, out["logits"]))
-            for i, index, sim in zip(bank, out["bank_query"].indices[:, 0].tolist(),
-                                     out["bank_query"].similarities[:, 0].tolist()):
-                batch_nearest[i], batch_similarity[i] = index, sim
-        nearest += batch_nearest
-        similarity += batch_similarity
-        if len(parts) == 1:
-            return parts[0][1]
-        logits = parts[0][1].new_empty((count,) + tuple(parts[0][1].shape[1:]))
-        for indices, part in parts:
-            logits[indices] = part
-        return logits
+            tokens = encoding.tokens.new_zeros((len(texts),) + tuple(encoding.tokens.shape[1:]))
+            mask = encoding.mask.new_zeros((len(texts), encoding.mask.shape[1]))
+            tokens[given], mask[given] = encoding.tokens, encoding.mask
+            mask[use_bank, 0] = True  # a placeholder token; these rows take the bank's tokens instead
+            out = self.network(images, tokens, mask, use_bank=use_bank, return_features=True)
+        query = out["bank_query"]
+        for i, bank_row in enumerate(use_bank.tolist()):
+            nearest.append(query.indices[i, 0].item() if bank_row else -1)
+            similarity.append(query.similarities[i, 0].item() if bank_row else float("nan"))
+        return out["logits"]
 
     def segment_array(self, array: np.ndarray, *, rgb: bool = False, report: Optional[str] = None, axis: int = 2,
                       slice_index: Optional[int] = None, threshold: Optional[float] = None,
