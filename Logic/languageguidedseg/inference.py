@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .errors import LgsegError
-from .network import fold_batchnorm
+from .network import fold_batchnorm, fuse_convolutions
 from .package import ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size
 from .text import TextEncoder, normalize_report
@@ -92,8 +92,10 @@ class Segmenter:
         # A thread count the user set with OMP_NUM_THREADS is kept (torch reads it at import).
         if self.device.type == "cpu" and (threads or not os.environ.get("OMP_NUM_THREADS")):
             torch.set_num_threads(threads or available_cores())
-        self.network = fold_batchnorm(self.package.build_network(self.device)).to(memory_format=torch.channels_last)
         self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing)
+        self.network = fold_batchnorm(self.package.build_network(self.device)).to(memory_format=torch.channels_last)
+        if self.device.type == "cpu":
+            self.network = fuse_convolutions(self.network, self.preprocess.size)
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self._text_encoder: Optional[TextEncoder] = None
 
