@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +20,38 @@ TINY = ["--limit", "16", "--batch-size", "4", "--epochs", "2", "--no-progress"]
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a run that hangs prints every thread's stack when the test stops it (see _train).
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     if importlib.util.find_spec("languageguidedseg") is None:  # a source checkout that is not installed
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "Logic"), env.get("PYTHONPATH")]))
     return env
 
 
+def _children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (torchrun's workers), from /proc where there is one."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def _train(output: Path, *extra: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     command = [sys.executable, *launcher, str(REPO / "Training" / "train.py"), "--config", str(CONFIG),
                "--output", str(output), *TINY, *extra]
-    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        stdout, stderr = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        # Stop the launcher and every worker with SIGABRT so that the fault handler shows where each one hung.
+        for pid in [*_children(process.pid), process.pid]:
+            os.kill(pid, signal.SIGABRT)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"training did not finish in 600 s; the end of its output:\n{stderr[-6000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

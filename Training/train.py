@@ -24,6 +24,7 @@ import math
 import os
 import shlex
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -536,8 +537,18 @@ class Trainer:
             if self.distributed:
                 dist.barrier()
         if self.distributed:
-            dist.destroy_process_group()
+            _leave_process_group()
         return history[-1] if history else {}
+
+
+def _leave_process_group(timeout_s: float = 60.0) -> None:
+    """``destroy_process_group``, without waiting on it forever: it can hang at random (pytorch/pytorch#75097).
+
+    Every rank has passed the last barrier and written what it owns, and the process exits right after.
+    """
+    worker = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
