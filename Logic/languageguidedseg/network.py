@@ -4,8 +4,9 @@ A GuideDecoder-style decoder on a multi-scale image encoder. Per attention stage
 tokens (TeViA: queries and keys re-weighted by the momentum visual prototype, ``q = q * g + q``), cross-attention
 from visual tokens to per-stage projected guidance tokens (TeViA's text projections), and TMCA's language-guided
 target enhancement (text-conditioned channel modulation); then an up-sampling block with the skip connection
-(MONAI ``UnetResBlock``). The remaining skips are merged by plain up-sampling blocks, and a head gives one logit
-channel at the input resolution.
+(MONAI ``UnetResBlock``). The remaining skips are merged by plain up-sampling blocks down to the decoder's finest
+level (stride 4 by default, as in GuideDecoder), where a head gives one logit channel, up-sampled bilinearly to the
+input resolution.
 
 The guidance tokens come either from a report (text encoder tokens) or from the prototype bank (ProLearn); both
 are ``[B, L, text_dim]`` with a mask, so one forward serves both. ``forward(..., return_features=True)`` also
@@ -35,8 +36,9 @@ class NetworkConfig:
 
     encoder: str = "efficientnet-lite0"
     text_dim: int = 384
-    # Decoder widths from the deepest level up; the first ``attention_stages`` levels carry attention.
-    decoder_channels: tuple[int, ...] = (128, 96, 64, 48, 16)
+    # Decoder widths from the deepest level up, one per encoder level used (strides 32, 16, 8, 4 here); the first
+    # ``attention_stages`` levels carry attention. Stopping at stride 4 halves the decoder's convolution work.
+    decoder_channels: tuple[int, ...] = (96, 64, 48, 32)
     attention_stages: int = 3
     heads: int = 4
     contrast_dim: int = 128
@@ -159,8 +161,8 @@ class LanguageGuidedSegNet(nn.Module):
         self.encoder = build_encoder(config.encoder, pretrained=pretrained_encoder)
         enc_ch, enc_strides = self.encoder.channels, self.encoder.strides
         dec = config.decoder_channels
-        if len(dec) != len(enc_ch):
-            raise ValueError(f"decoder_channels needs {len(enc_ch)} entries for encoder {config.encoder}")
+        if not 2 <= len(dec) <= len(enc_ch):
+            raise ValueError(f"decoder_channels needs 2 to {len(enc_ch)} entries for encoder {config.encoder}")
         self.bottleneck = nn.Conv2d(enc_ch[-1], dec[0], 1)
         final_dim = dec[-1]
         self.guide_stages = nn.ModuleList(
@@ -172,7 +174,7 @@ class LanguageGuidedSegNet(nn.Module):
             UpStage(dec[i], enc_ch[-2 - i], dec[i + 1]) for i in range(len(dec) - 1)
         )
         self.head = UnetOutBlock(2, final_dim, 1)
-        self.final_stride = enc_strides[0]
+        self.final_stride = enc_strides[-len(dec)]
 
         # ProLearn: image embedding for the prototype bank, from the encoder's deepest features.
         self.embed_head = nn.Sequential(nn.Linear(enc_ch[-1], 512), nn.GELU(), nn.Linear(512, config.text_dim))
