@@ -594,7 +594,7 @@ if __name__ == "__main__":
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun a rank can hang at interpreter shutdown in c10d's background threads once the other ranks
-        # have gone (seen with gloo); everything is written and the process group destroyed, so leave directly.
+        # have gone (seen with gloo); everything is written and the process group left, so exit directly.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
