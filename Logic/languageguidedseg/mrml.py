@@ -21,12 +21,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
+import importlib
 import numpy as np
-import slicer
-import vtk
-from vtk.util import numpy_support
 
 from .errors import LgsegError
+
+
+class _Lazy:
+    """A module imported on first use, so that importing the engine never needs ``slicer`` (MRML) or VTK."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        if self._module is None:
+            try:
+                self._module = importlib.import_module(self._name)
+            except ImportError as exc:
+                raise LgsegError(
+                    f"MRML needs the '{self._name.split('.')[0]}' package ({exc}); run inside 3D Slicer, or "
+                    "install it with: pip install slicer-core"
+                ) from None
+        return getattr(self._module, attribute)
+
+
+slicer = _Lazy("slicer")
+vtk = _Lazy("vtk")
+numpy_support = _Lazy("vtk.util.numpy_support")
 
 SCOPES = ("volume", "slice")
 
@@ -57,11 +79,11 @@ class NodeSegmentationResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+def _matrix_to_numpy(matrix: "vtk.vtkMatrix4x4") -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
 
 
-def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+def _numpy_to_matrix(array: np.ndarray) -> "vtk.vtkMatrix4x4":
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
