@@ -167,6 +167,7 @@ class ReportLoopController:
         self._last_slice: Optional[tuple[int, int]] = None
         self.fell_back_to_cpu = False
         self.last_result: Any = None
+        self.last_run_kind: Optional[str] = None  # "apply" or "live": the kind of the last finished run
         self.progress: tuple[int, int] = (0, 0)
 
     # Observers ------------------------------------------------------------------------------------------------
@@ -189,6 +190,11 @@ class ReportLoopController:
     @property
     def running(self) -> bool:
         return self._run is not None
+
+    @property
+    def run_kind(self) -> Optional[str]:
+        """The kind of the running run: "apply", "live", or None when idle."""
+        return self._run.kind if self._run is not None else None
 
     @property
     def live_pending(self) -> bool:
@@ -469,6 +475,7 @@ class ReportLoopController:
 
     def _finish(self, run: _Run, event: str, payload: Any) -> None:
         self._run = None
+        self.last_run_kind = run.kind
         stale = run.generation != self._generation
         self.fell_back_to_cpu = run.fell_back_to_cpu
         try:
