@@ -535,7 +535,7 @@ def test_logic_segments_through_the_controller_on_the_parameter_node(release, sc
     red.SetLayoutName("Red")
     red.SetSingletonTag("Red")
     scene.AddNode(red)
-    red.SetOrientationToAxial()
+    red.SetSliceToRASByNTP(0, 0, 1, 1, 0, 0, 0, 0, 0, 0)  # axial (the presets are the application's)
     red.JumpSliceByCentering(*(mrml.ijk_to_ras_matrix(volume) @ [20, 16, 1, 1])[:3])
     logic = module.LanguageGuidedSegLogic()
     node = logic.getParameterNode()
