@@ -528,6 +528,28 @@ class SegmentationJob:
         )
 
 
+def add_volume_node(scene: Any, image: Any, name: str) -> Any:
+    """Add a volume node holding a SimpleITK image (e.g. :func:`languageguidedseg.imageio.read_image`'s DICOM
+    series, the reader ``lgseg`` uses), geometry kept: ITK's LPS becomes Slicer's RAS. RGB images become vector
+    volume nodes."""
+    from .imageio import _ijk_to_lps, image_array, is_rgb
+
+    rgb = is_rgb(image)
+    voxels = np.ascontiguousarray(image_array(image))
+    if voxels.ndim == (3 if rgb else 2):
+        voxels = voxels[None]
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode" if rgb else "vtkMRMLScalarVolumeNode", name)
+    data = vtk.vtkImageData()
+    data.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
+    scalars = numpy_support.numpy_to_vtk(voxels.reshape(-1, 3) if rgb else voxels.ravel(), deep=True)
+    data.GetPointData().SetScalars(scalars)
+    node.SetAndObserveImageData(data)
+    node.SetIJKToRASMatrix(_numpy_to_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ _ijk_to_lps(image)))
+    if not rgb:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
 def new_segmentation_node(volume_node: Any, name: Optional[str] = None) -> Any:
     """Add a segmentation node (with display node) beside ``volume_node``, under the same parent transform."""
     scene = volume_node.GetScene()
