@@ -18,7 +18,7 @@ from LanguageGuidedSegLib import DependencyError, LanguageGuidedSegLogic, Langua
 # the module must load with no PyTorch, no network and no GPU, and install nothing until the user presses Apply and
 # agrees. The report loop itself lives in the engine (languageguidedseg.controller), shared with the web page.
 
-POLL_INTERVAL_MS = 50
+POLL_INTERVAL_MS = 20
 
 __all__ = ["LanguageGuidedSeg", "LanguageGuidedSegLogic", "LanguageGuidedSegParameterNode", "LanguageGuidedSegTest",
            "LanguageGuidedSegWidget"]
