@@ -38,20 +38,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def segmenter(tiny_model):
-    from languageguidedseg.inference import Segmenter
-
-    return Segmenter(model=tiny_model, device="cpu")
-
-
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    yield scene
-    scene.Clear(1)
-
-
 def _volume(scene, dims=DIMS):
     voxels = np.zeros(dims[::-1], dtype=np.int16)
     voxels[:, 8:30, 10:40] = 900
