@@ -151,6 +151,11 @@ def test_empty_box_approximates_unedited_approximates_again_edited_is_used(scene
     assert parameters.report == "bilateral infection, lower left lung" and parameters.reportSource == "given"
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
 
+    # The box is synced by hand: the same text again writes nothing and tells nobody (no cursor reset in the box).
+    events.clear()
+    controller.set_report("bilateral infection, lower left lung")
+    assert events == []
+
     controller.clear_report()
     assert (parameters.report, parameters.reportSource, controller.report_status().kind) == ("", "", "empty")
 
