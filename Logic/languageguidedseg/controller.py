@@ -287,9 +287,9 @@ class ReportLoopController:
 
     # Slices ---------------------------------------------------------------------------------------------------
 
-    def slice_node(self) -> Any:
-        """The slice node that slice mode follows (``sliceView``)."""
-        view = self.parameters.sliceView
+    def slice_node(self, view: Optional[str] = None) -> Any:
+        """The slice node of ``view`` (default: ``sliceView``, the one slice mode follows), or None."""
+        view = view or self.parameters.sliceView
         if self._slice_node_for is not None:
             return self._slice_node_for(view)
         volume = self.parameters.inputVolume
@@ -303,11 +303,11 @@ class ReportLoopController:
         return mrml.slice_axis_and_index(node, volume)
 
     def watch_slices(self) -> None:
-        """Follow the slice views (a VTK observer on each slice node): see :meth:`slice_changed`."""
+        """Follow the slice views (a VTK observer on each slice node): see :meth:`slice_changed`. Without a
+        ``slice_node_for``, the nodes are found in the input volume's scene: call again after changing the volume."""
         self.unwatch_slices()
         for view in SLICE_VIEWS:
-            node = (self._slice_node_for(view) if self._slice_node_for is not None else default_slice_node(
-                self.parameters.inputVolume.GetScene() if self.parameters.inputVolume is not None else None, view))
+            node = self.slice_node(view)
             if node is not None:
                 tag = node.AddObserver("ModifiedEvent", lambda caller, event: self.slice_changed())
                 self._watched.append((node, tag))
