@@ -414,13 +414,15 @@ class ReportLoopController:
             device=p.device, sides=getattr(p, "sides", "patient"))
         if p.scope == "slice":
             self._last_slice = (job.axis, job.slice_index)
-        self._due = None if kind == "apply" else self._due
+        if kind == "apply":
+            self._due = None
         run = _Run(job, kind, self._generation, p.report or "")
         run.thread = threading.Thread(target=self._work, args=(run,), name="LanguageGuidedSeg", daemon=True)
         self._run = run
         self.progress = (0, job.dimensions[job.axis] if job.slice_index is None else 1)
         self._emit("running", True)
-        self._emit("status", "Loading the model..." if self._segmenter is None else "Segmenting...")
+        loaded = self._segmenter is not None and self._segmenter_key == (str(job.model or ""), job.device)
+        self._emit("status", "Segmenting..." if loaded else "Loading the model...")
         run.thread.start()
 
     def cancel(self) -> None:
