@@ -7,6 +7,7 @@ case-insensitively; image and mask files may be .png, .jpg, .jpeg, .bmp, .tif or
 
        images/<id>.png|.jpg    masks/<id>.png    reports/<id>.txt (optional: no file = no report)
        split.json              {"train": [ids...], "val": [ids...], "test": [...] (optional)}
+       dataset.json            {"report_sides": "image" | "patient" | "none"} (optional; see dataset_report_sides)
 
    A split name missing from split.json also matches its aliases (``valid`` finds ``val``).
 
