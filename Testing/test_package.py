@@ -248,6 +248,8 @@ def test_package_without_report_sides_is_read_as_shipped_or_refused(tiny_model, 
     # The shipped packages predate the key (their model.json is hash-locked): read as their training data declares.
     assert load_package("qata-cxr").config.report_sides == "image"
     assert load_package("kvasir-polyp").config.report_sides == "none"
+    listed = {m.name: m.report_sides for m in list_models() if m.source == "installed"}
+    assert listed["qata-cxr"] == "image" and listed["kvasir-polyp"] == "none"
     legacy = load_package(_without_report_sides(tiny_model, tmp_path / "qata-cxr", "qata-cxr"))
     assert legacy.config.report_sides == "image"
     message = _refused(_without_report_sides(tiny_model, tmp_path / "other", "other"), "report_sides")

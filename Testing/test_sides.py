@@ -312,6 +312,7 @@ def test_volume_node_orientation_comes_from_ijk_to_ras_and_parent_transforms(qat
     result = mrml.segment_volume_node(png, None, report=PATIENT_REPORT, model=segmenter, sides="patient")
     assert result.sides_label == "Left/right: patient (assumed: radiological display)"
     assert result.orientation == "assumed: radiological display" and result.report == PATIENT_REPORT
+    assert mrml.volume_sides_label(png, "image") == result.sides_label  # the label before a run
 
     node = _load(scene, paths["plain"])
     first = mrml.segment_volume_node(node, None, report=PATIENT_REPORT, model=segmenter, sides="patient")
@@ -330,6 +331,8 @@ def test_volume_node_orientation_comes_from_ijk_to_ras_and_parent_transforms(qat
     second = mrml.segment_volume_node(node, None, report=PATIENT_REPORT, model=segmenter, sides="patient")
     centre_x = (mrml.ijk_to_world_matrix(node) @ np.array([111.5, 111.5, 0.0, 1.0]))[0]
     assert second.mask.sum() > 200 and np.mean(_world_x(second.mask, node) > centre_x) > 0.95
+    assert mrml.volume_sides_label(node, "image") == second.sides_label
+    assert mrml.volume_sides_label(node, "none") == "Left/right: as written (this model's reports name no patient sides)"
     assert not np.array_equal(first.mask, second.mask)  # other voxels of the same volume: the other lung
 
     image_sides = mrml.segment_volume_node(node, None, report=IMAGE_REPORT, model=segmenter, sides="image")

@@ -27,7 +27,7 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import LgsegError
-from .sides import Geometry, check_sides, is_raster_file
+from .sides import RADIOLOGICAL_DISPLAY, Geometry, check_sides, is_raster_file, result_sides, sides_label
 
 SCOPES = ("volume", "slice")
 
@@ -121,6 +121,15 @@ def volume_geometry(volume_node: Any) -> Optional[Geometry]:
     if storage is not None and storage.GetFileName() and is_raster_file(storage.GetFileName()):
         return None
     return Geometry(ijk_to_world_matrix(volume_node), source="volume")
+
+
+def volume_sides_label(volume_node: Any, report_sides: str, sides: str = "patient", axis: Optional[int] = None) -> str:
+    """The label a run on ``volume_node`` will return as ``sides_label``, before running it (e.g. beside an empty
+    report box); ``report_sides`` is the model's (``ModelInfo.report_sides``), ``axis`` the slicing axis."""
+    geometry = volume_geometry(volume_node)
+    axis = default_axis(volume_node) if axis is None else axis
+    orientation = RADIOLOGICAL_DISPLAY if geometry is None else geometry.orientation(axis)
+    return sides_label(result_sides(check_sides(sides), report_sides), orientation)
 
 
 def default_axis(volume_node: Any) -> int:

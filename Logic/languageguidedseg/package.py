@@ -103,6 +103,7 @@ class ModelInfo:
     path: Path
     source: str
     threshold: float = 0.5
+    report_sides: Optional[str] = None  # None: undeclared, the package will be refused on load
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -205,8 +206,15 @@ def list_models() -> list[ModelInfo]:
                                           licence=str(config.get("licence", "")),
                                           version=str(config.get("version", "")),
                                           size_mb=round(size, 2), path=entry, source=source,
-                                          threshold=_threshold(config.get("threshold")))
+                                          threshold=_threshold(config.get("threshold")),
+                                          report_sides=_report_sides(config))
     return list(found.values())
+
+
+def _report_sides(config: dict[str, Any]) -> Optional[str]:
+    """A listed model's report_sides, as load_package reads it (shipped packages predate the key)."""
+    value = config.get("report_sides", LEGACY_REPORT_SIDES.get(str(config.get("name"))))
+    return value if value in REPORT_SIDES else None
 
 
 def _threshold(value: object) -> float:
