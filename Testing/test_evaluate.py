@@ -94,7 +94,8 @@ def test_evaluate_reads_reports_in_the_data_sets_convention(qata, kvasir, tiny_m
     assert main(["evaluate", str(bare), "--model", str(tiny_model), "--json", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["sides"] == "image"
-    assert len(captured.err.splitlines()) == 1 and captured.err.startswith("warning:") and "dataset.json" in captured.err
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith("warning:")
+    assert "dataset.json" in captured.err and "model's own convention" in captured.err
     # --sides overrides both.
     assert main(["evaluate", str(bare), "--model", str(tiny_model), "--json", "--quiet", "--sides", "patient"]) == 0
     captured = capsys.readouterr()

@@ -296,7 +296,8 @@ def load_package(model: Union[str, os.PathLike, None] = None) -> ModelPackage:
         raise LgsegError(f"model '{path.name}' has an invalid name {config.name!r}; re-export it with a plain name")
     if "report_sides" not in content["config"] and config.name in LEGACY_REPORT_SIDES:
         config.report_sides = LEGACY_REPORT_SIDES[config.name]  # shipped before the key existed; hash-locked
-    _check_report_sides(config, f"model '{config.name}'", "re-save it with report_sides set (Training/train.py takes it from the data set's dataset.json)")
+    _check_report_sides(config, f"model '{config.name}'", "re-save it with report_sides set (Training/train.py "
+                        "takes it from the data set's dataset.json)")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return ModelPackage(path=path, config=config, state_dict=state, weights_sha256=expected)
 
