@@ -27,7 +27,7 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import LgsegError
-from .sides import RADIOLOGICAL_DISPLAY, Geometry, check_sides, is_raster_file, result_sides, sides_label
+from .sides import Geometry, check_sides, is_raster_file, orientation_of, result_sides, sides_label
 
 SCOPES = ("volume", "slice")
 
@@ -126,9 +126,7 @@ def volume_geometry(volume_node: Any) -> Optional[Geometry]:
 def volume_sides_label(volume_node: Any, report_sides: str, sides: str = "patient", axis: Optional[int] = None) -> str:
     """The label a run on ``volume_node`` will return as ``sides_label``, before running it (e.g. beside an empty
     report box); ``report_sides`` is the model's (``ModelInfo.report_sides``), ``axis`` the slicing axis."""
-    geometry = volume_geometry(volume_node)
-    axis = default_axis(volume_node) if axis is None else axis
-    orientation = RADIOLOGICAL_DISPLAY if geometry is None else geometry.orientation(axis)
+    orientation = orientation_of(volume_geometry(volume_node), default_axis(volume_node) if axis is None else axis)
     return sides_label(result_sides(check_sides(sides), report_sides), orientation)
 
 

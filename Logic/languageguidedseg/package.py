@@ -2,9 +2,8 @@
 
 ``model.json`` holds the architecture, text encoder, preprocessing, threshold, segment name and colour, the
 prototype reports and what left and right mean in them (``report_sides``), training provenance, metrics and licence,
-plus the SHA-256 of the weights. The weights file's
-metadata holds the SHA-256 of the JSON's content, so a changed byte in either file is refused. Weights are read
-with safetensors only: nothing is ever unpickled.
+plus the SHA-256 of the weights. The weights file's metadata holds the SHA-256 of the JSON's content, so a changed
+byte in either file is refused. Weights are read with safetensors only: nothing is ever unpickled.
 
 Models are found by name among those installed with the package (``languageguidedseg/models``), in the user's
 models folder (``LGSEG_MODELS`` or the platform's user data folder), or by path.

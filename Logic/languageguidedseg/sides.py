@@ -117,6 +117,11 @@ class Geometry:
         return Orientation("right" if unit[0] < 0 else "left", source=self.source)
 
 
+def orientation_of(geometry: Optional[Geometry], axis: int = 2) -> Orientation:
+    """The orientation of slices along ``axis``; without geometry, radiological display is assumed."""
+    return RADIOLOGICAL_DISPLAY if geometry is None else geometry.orientation(axis)
+
+
 def column_axis(axis: int) -> int:
     """The IJK axis along the columns of a slice taken along ``axis`` (``inference.slices_of``'s layout).
 
