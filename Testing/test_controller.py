@@ -344,7 +344,11 @@ def test_sides_reach_the_engine_and_the_label(scene, segmenter):
     volume = _volume(scene)
     parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", report="left lower lobe")
     controller, _ = _controller(parameters, segmenter)
+    # Before any run, from the volume's geometry and the (default) model's convention.
+    assert controller.sides_label() == "Left/right: patient (image orientation from the volume)"
+    parameters.inputVolume = None
     assert controller.sides_label() == "Left/right: patient's sides"
+    parameters.inputVolume = volume
     controller.run()
     controller.wait(120)
     assert controller.last_result.sides == "patient"

@@ -182,6 +182,7 @@ class ReportLoopController:
         self._last_slice: Optional[tuple[int, int]] = None
         self.fell_back_to_cpu = False
         self.last_result: Any = None
+        self._models: Optional[dict[str, dict]] = None  # the last model listing, by name
         self.last_run_kind: Optional[str] = None  # "apply" or "live": the kind of the last finished run
         self.progress: tuple[int, int] = (0, 0)
 
@@ -335,20 +336,36 @@ class ReportLoopController:
             self._schedule_live()
 
     def sides_label(self) -> str:
-        """The line shown beside the report box: what left and right mean, and where the orientation came from
-        (e.g. "Left/right: patient (image orientation from the volume)"), from the last result when it used the
-        current convention."""
-        sides = getattr(self.parameters, "sides", "patient")
+        """The line shown beside the report box: what left and right mean and where the image orientation comes from,
+        e.g. "Left/right: patient (image orientation from the volume)", as the next run will report it."""
+        p = self.parameters
+        sides = getattr(p, "sides", "patient")
+        info = self._model_info(p.model)
+        if p.inputVolume is not None and info is not None and info.get("report_sides"):
+            try:
+                where = self.current_slice() if p.scope == "slice" else None
+                return mrml.volume_sides_label(p.inputVolume, info["report_sides"], sides, where[0] if where else None)
+            except LgsegError:
+                pass
         result = self.last_result
         if result is not None and getattr(result, "sides_label", "") and result.sides in (sides, "none"):
             return result.sides_label
         return "Left/right: patient's sides" if sides == "patient" else "Left/right: image (as displayed)"
 
+    def _model_info(self, model: str) -> Optional[dict]:
+        """The listing of an installed model ("" = the default), or None (e.g. a model folder)."""
+        if self._models is None:
+            self.available_models()
+        return self._models.get(model or self.default_model_name())
+
     # Models and device ----------------------------------------------------------------------------------------
 
     def available_models(self) -> list[dict]:
-        """Installed model packages as dicts (name, task, licence, version, size_mb, path, source, threshold)."""
-        return [info.to_dict() for info in package.list_models()]
+        """Installed model packages as dicts (name, task, licence, version, size_mb, path, source, threshold,
+        report_sides), read afresh."""
+        models = [info.to_dict() for info in package.list_models()]
+        self._models = {info["name"]: info for info in models}
+        return models
 
     def default_model_name(self) -> str:
         return package.DEFAULT_MODEL
