@@ -372,3 +372,14 @@ def test_models_are_listed_and_selected_with_their_threshold(tiny_model, own_mod
     assert parameters.model == "mine" and parameters.threshold == pytest.approx(listed["mine"]["threshold"])
     imported = controller.import_model(str(tiny_model))
     assert parameters.model == imported["name"] == "tiny"
+
+
+def test_benchmark_measures_edit_to_mask_through_the_controller(segmenter):
+    """``lgseg benchmark``'s edit_to_mask_ms: every edit reaches the segment on the real MRML path."""
+    from languageguidedseg import benchmark
+
+    volume = benchmark._synthetic_volume(4, size=96)
+    milliseconds, path = benchmark._edit_to_mask_ms(segmenter, volume, repeats=2)
+    assert path == "mrml" and milliseconds > 0
+    edits = benchmark._edits(6)
+    assert len(set(edits)) == 6  # each edit is new text: the report is encoded every time
