@@ -9,7 +9,11 @@ import vtk
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 from LanguageGuidedSegLib import DependencyError, LanguageGuidedSegLogic, LanguageGuidedSegParameterNode, importEngine
@@ -121,7 +125,8 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def setParameterNode(self, parameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                self.onParameterChanged)
         if self.controller:
             self.controller.abandon()  # its scene is going away: drop the run and its result
             self._pollTimer.stop()

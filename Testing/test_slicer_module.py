@@ -18,9 +18,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
-import re
 import logging
+import re
 import shutil
 import subprocess
 import sys
