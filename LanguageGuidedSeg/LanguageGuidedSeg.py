@@ -74,8 +74,9 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = LanguageGuidedSegLogic()
         self.ui.progressBar.setVisible(False)
 
-        # The worker never touches Qt or MRML; this timer runs only while a run is running or pending and hands its
-        # news to the widgets. No sleeping on the GUI thread.
+        # The model runs in a worker process (the logic's workerProcess), which never touches Qt or MRML; this timer
+        # runs only while a run is running or pending and hands its news to the widgets. No sleeping on the GUI
+        # thread.
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPoll)
@@ -93,6 +94,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def cleanup(self):
         self.setParameterNode(None)
         self.removeObservers()
+        self.logic.close()
 
     def enter(self):
         self.initializeParameterNode()
