@@ -32,7 +32,9 @@ parameter node has them, camelCase as Slicer names them; a web app can use :clas
 =====================  ===============================================================================
 
 Threading: call every method from one thread, the GUI thread. :meth:`run` snapshots the volume (a copy of the
-voxels) and starts a worker thread that loads the model and segments; the worker touches no MRML node. The front
+voxels) and starts a worker thread that loads the model and segments, or hands the snapshot to a worker process
+(``worker``, see :mod:`languageguidedseg.worker`; 3D Slicer's GUI thread holds the GIL while idle, which would stall
+a thread); the worker touches no MRML node. The front
 end calls :meth:`poll` regularly (a ``QTimer``, a trame periodic callback; no sleeping): it hands the worker's
 progress to the observers, starts a due live run, and writes a finished result into MRML on the calling thread.
 A cancelled or failed run leaves the scene as it was. :meth:`wait` (poll until idle) is for scripts and tests.
