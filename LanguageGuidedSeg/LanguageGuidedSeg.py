@@ -345,6 +345,7 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
         logic = LanguageGuidedSegLogic()
         parameterNode = logic.getParameterNode()
         with tempfile.TemporaryDirectory() as folder:
+            self.addCleanup(logic.close)  # the worker process, inside Slicer
             parameterNode.inputVolume = volumeNode
             parameterNode.model = self._tinyModel(folder)
             parameterNode.scope = "volume"
