@@ -400,7 +400,10 @@ def test_benchmark_measures_edit_to_mask_through_the_controller(segmenter):
 def process_worker():
     from languageguidedseg.worker import ProcessWorker
 
-    worker = ProcessWorker()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # one thread, like the test process (conftest): the worker inherits it
+        worker = ProcessWorker()
+        worker.start()
     yield worker
     worker.close()
 
