@@ -512,3 +512,27 @@ def segment_volume_node(
     if segmentation_node is None:
         segmentation_node = new_segmentation_node(volume_node)
     return job.write(segmentation_node)
+
+
+def add_volume_node(scene: Any, image: Any, name: str) -> Any:
+    """Add a SimpleITK image (from ``imageio.read_image``) to ``scene`` as a scalar or vector volume node.
+
+    The voxels and the geometry (spacing, origin, direction) are kept; a 2D image becomes a one-slice volume, as
+    Slicer loads it.
+    """
+    from .imageio import _ijk_to_lps, image_array, is_rgb
+
+    rgb = is_rgb(image)
+    voxels = np.ascontiguousarray(image_array(image))
+    if image.GetDimension() == 2:
+        voxels = voxels[np.newaxis]
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode" if rgb else "vtkMRMLScalarVolumeNode",
+                                   scene.GenerateUniqueName(name))
+    data = vtk.vtkImageData()
+    data.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
+    flat = voxels.reshape(-1, 3) if rgb else voxels.reshape(-1)
+    data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True))
+    node.SetAndObserveImageData(data)
+    node.SetIJKToRASMatrix(_numpy_to_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ _ijk_to_lps(image)))
+    node.CreateDefaultDisplayNodes()
+    return node

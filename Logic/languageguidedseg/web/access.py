@@ -1,0 +1,84 @@
+"""Who may talk to the web server: bind address, access token, upload size.
+
+The server binds to 127.0.0.1 unless told otherwise. On any other address it requires an access token; a request
+without it, for the page, a static file, the websocket or an upload, gets an empty 403. The token is given once in
+the address the server prints (``?token=...``); the server answers that request with a cookie for the page's later
+requests (static files, websocket, uploads) and a redirect to the same address without the token, so the token does
+not stay in the browser's address bar or history.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import re
+import secrets
+from typing import Awaitable, Callable, Optional
+
+from ..errors import LgsegError
+
+COOKIE = "lgseg_token"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and any address in 127.0.0.0/8 or ``::1``."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def resolve_token(host: str, token: Optional[str]) -> Optional[str]:
+    """The token the server requires: the one given, a new one off loopback, or None (loopback, none given)."""
+    if token is not None:
+        if len(token) < 8 or not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
+            raise LgsegError("--token must be at least 8 characters of letters, digits and . _ ~ -")
+        return token
+    return None if is_loopback(host) else secrets.token_urlsafe(24)
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``2GB``, ``500MB``, ``750k`` or ``1048576`` (binary units)."""
+    match = _SIZE.match(str(text))
+    if not match or float(match.group(1)) <= 0:
+        raise LgsegError(f"--max-upload '{text}' is not a size; give e.g. 2GB, 500MB or a number of bytes")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_size(size: int) -> str:
+    """``2 GB``, ``500 MB``, ``12 kB`` or ``300 bytes``."""
+    for unit, factor in (("TB", 1024 ** 4), ("GB", 1024 ** 3), ("MB", 1024 ** 2), ("kB", 1024)):
+        if size >= factor:
+            return f"{size / factor:.3g} {unit}"
+    return f"{size} bytes"
+
+
+def token_middleware(token: str) -> Callable:
+    """aiohttp middleware: every request needs ``token`` (query parameter once, then the cookie)."""
+    from aiohttp import web
+
+    expected = token.encode()
+
+    def matches(value: Optional[str]) -> bool:
+        return value is not None and hmac.compare_digest(value.encode(), expected)
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        websocket = request.headers.get("Upgrade", "").lower() == "websocket"
+        if matches(request.query.get("token")) and (websocket or request.method != "GET"):
+            return await handler(request)
+        if matches(request.query.get("token")):
+            # A page request: trade the token in the address for a cookie, and drop it from the address.
+            query = {key: value for key, value in request.query.items() if key != "token"}
+            response = web.HTTPFound(request.rel_url.with_query(query))
+            response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
+            return response
+        if not matches(request.cookies.get(COOKIE)):
+            return web.Response(status=403)  # nothing: no page, no hint
+        return await handler(request)
+
+    return check_token
