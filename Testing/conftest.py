@@ -74,5 +74,6 @@ def tiny_model(tmp_path_factory) -> Path:
     network.bank.fill(torch.randn(6, 384), torch.randn(6, 384), torch.arange(6))
     config = ModelConfig(name="tiny", task="test model", licence="Apache-2.0",
                          preprocessing=PreprocessConfig().to_dict(), segment_name="Infection",
-                         segment_color=(0.9, 0.2, 0.1), prototype_reports=[f"prototype report {i}" for i in range(6)])
+                         segment_color=(0.9, 0.2, 0.1), prototype_reports=[f"prototype report {i}" for i in range(6)],
+                         report_sides="image")  # like qata-cxr: reports name the image's sides
     return save_package(tmp_path_factory.mktemp("models") / "tiny", network, config)

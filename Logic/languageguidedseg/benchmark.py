@@ -60,7 +60,8 @@ def run_benchmark(device: str = "cpu", volume_slices: int = 100, repeats: int = 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         network = LanguageGuidedSegNet(NetworkConfig(bank_size=96), pretrained_encoder=False)
-        save_package(tmp / "model", network, ModelConfig(name="benchmark", preprocessing=PreprocessConfig().to_dict()))
+        config = ModelConfig(name="benchmark", preprocessing=PreprocessConfig().to_dict(), report_sides="none")
+        save_package(tmp / "model", network, config)
         segmenter = Segmenter(tmp / "model", device=device)
         slice_ = np.random.default_rng(0).integers(0, 255, (1, 224, 224), dtype=np.uint8)
         slice_ms = _median_ms(lambda: segmenter.predict_slices(slice_, REPORT), repeats)

@@ -55,7 +55,7 @@ class _Progress:
 
 def _segment(args: argparse.Namespace) -> int:
     from .fileio import check_writable, full_suffix
-    from .imageio import is_rgb, image_array, read_image, spatial_shape, write_mask
+    from .imageio import image_array, image_geometry, is_rgb, read_image, spatial_shape, write_mask
 
     # Everything that can be checked cheaply is checked before the model is loaded and the image segmented.
     report = _read_report(args)
@@ -80,7 +80,8 @@ def _segment(args: argparse.Namespace) -> int:
     try:
         result = segmenter.segment_array(image_array(image), rgb=is_rgb(image), report=report,
                                          axis=2 if args.axis is None else args.axis, slice_index=args.slice,
-                                         threshold=args.threshold, progress=progress)
+                                         threshold=args.threshold, progress=progress, sides=args.sides,
+                                         geometry=image_geometry(image, args.image))
     finally:
         progress.close()
     config = segmenter.package.config
@@ -95,6 +96,8 @@ def _segment(args: argparse.Namespace) -> int:
         "output": str(output),
         "model": segmenter.package.name,
         "device": str(segmenter.device),
+        "sides": result.sides,
+        "orientation": result.orientation,
     }
     if args.json:
         print(json.dumps(summary))
@@ -102,7 +105,7 @@ def _segment(args: argparse.Namespace) -> int:
         # The report is not echoed here: it may identify a patient (use --json to see the report that was used).
         source = "the report" if result.report_source == "given" else "the prototype approximation (no report)"
         print(f"wrote {output}: {summary['foreground_fraction']:.2%} foreground, guided by {source}, "
-              f"{result.seconds:.2f} s")
+              f"{result.seconds:.2f} s; {result.sides_label}")
     return 0
 
 
@@ -123,18 +126,20 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _approximate(args: argparse.Namespace) -> int:
-    from .imageio import is_rgb, image_array, read_image
+    from .imageio import image_array, image_geometry, is_rgb, read_image
     from .inference import Segmenter
 
     image = read_image(args.image)
     segmenter = Segmenter(args.model, device=args.device)
     approx = segmenter.approximate(image_array(image), rgb=is_rgb(image), axis=args.axis, slice_index=args.slice,
-                                   top_k=args.top_k)
+                                   top_k=args.top_k, sides=args.sides, geometry=image_geometry(image, args.image))
     if args.json:
         print(json.dumps({"report": approx.report, "similarity": round(approx.similarity, 4),
                           "top": [{"report": r, "similarity": round(s, 4)} for r, s in approx.top],
-                          "model": segmenter.package.name}))
+                          "model": segmenter.package.name, "sides": approx.sides,
+                          "orientation": approx.orientation}))
     else:
+        print(approx.sides_label)
         print(f"{approx.report}  (similarity {approx.similarity:.3f})")
         for r, s in approx.top[1:]:
             print(f"  also: {r}  ({s:.3f})")
@@ -145,8 +150,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .data import load_pair, load_split
+    from .data import dataset_report_sides, load_pair, load_split
     from .metrics import ScoreAccumulator
+    from .sides import RADIOLOGICAL_DISPLAY, translate_report
 
     if args.limit is not None and args.limit < 1:
         raise LgsegError(f"--limit must be at least 1, not {args.limit}")
@@ -161,6 +167,13 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     segmenter = Segmenter(args.model, device=args.device)
     threshold = segmenter.package.config.threshold
+    # Reports are scored in the data set's own convention, translated into the model's; data set images are 2D files
+    # without orientation, so radiological display is assumed (as lgseg segment does for them).
+    data_sides = args.sides or dataset_report_sides(args.data_dir)
+    if data_sides is None:
+        data_sides = segmenter.report_sides
+        print(f"warning: '{args.data_dir}' has no dataset.json declaring report_sides; its reports are read in the "
+              f"model's own convention ({data_sides}); pass --sides to say otherwise", file=sys.stderr)
     scores = ScoreAccumulator()
     without_report = 0
     started = time.perf_counter()
@@ -173,6 +186,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             if args.reports == "given":
                 reports = [sample.report for sample in chunk]
                 without_report += sum(1 for r in reports if r is None or not r.strip())
+                reports = [r and translate_report(r, data_sides, segmenter.report_sides, RADIOLOGICAL_DISPLAY)
+                           for r in reports]
             else:
                 reports = [None] * len(chunk)
             # Images of one size and colour type go through the network together; the order does not matter.
@@ -197,6 +212,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "reports": args.reports,
         "without_report": without_report if args.reports == "given" else result.n,
         "split": args.split,
+        "sides": data_sides,
         "model": segmenter.package.name,
         "threshold": threshold,
         "seconds": round(time.perf_counter() - started, 2),
@@ -205,7 +221,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     else:
         guidance = ("the reports" if args.reports == "given" else "the prototype bank (reports ignored)")
-        print(f"{result.n} {args.split} images of {args.data_dir}, guided by {guidance}, model {summary['model']}")
+        print(f"{result.n} {args.split} images of {args.data_dir}, guided by {guidance} (left/right: {data_sides}), "
+              f"model {summary['model']}")
         print(f"Dice {result.dice:.4f}  IoU {result.iou:.4f}  (micro-averaged over all pixels, as in the papers)")
         print(f"mean per-image Dice {result.mean_dice:.4f}  IoU {result.mean_iou:.4f}")
         if args.reports == "given" and without_report:
@@ -232,6 +249,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
 
 
+SIDES_HELP = ("what left and right mean in the report given and printed: patient (default, the patient's sides) or "
+              "image (the sides of the image as displayed); 2D PNG/JPEG images are taken as frontal radiographs in "
+              "radiological display (the patient's left on the image's right)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lgseg", description="Language-guided medical image segmentation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -247,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     seg.add_argument("--output", "-o", required=True, help="mask file: .png, .nii.gz, .nrrd, .mha or .seg.nrrd")
+    seg.add_argument("--sides", default="patient", choices=("patient", "image"), help=SIDES_HELP)
     seg.add_argument("--json", action="store_true", help="print one JSON object with the report used and figures")
     seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=_segment)
@@ -262,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     approx.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
     approx.add_argument("--top-k", type=int, default=3)
     approx.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    approx.add_argument("--sides", default="patient", choices=("patient", "image"), help=SIDES_HELP)
     approx.add_argument("--json", action="store_true")
     approx.set_defaults(func=_approximate)
 
@@ -273,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "none: the prototype bank guides every image")
     evaluate.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    evaluate.add_argument("--sides", choices=("image", "patient", "none"),
+                          help="what left and right mean in the data set's reports (default: its dataset.json)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     evaluate.add_argument("--json", action="store_true", help="print one JSON object with the scores")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")

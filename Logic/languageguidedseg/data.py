@@ -52,6 +52,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import LgsegError
+from .sides import REPORT_SIDES
 
 PathLike = Union[str, os.PathLike]
 
@@ -123,6 +124,24 @@ def load_split(root: PathLike, split: str, validate: bool = True) -> List[Sample
         for sample in samples:
             _check_pair(sample, reader)
     return samples
+
+
+def dataset_report_sides(root: PathLike) -> Optional[str]:
+    """What left and right mean in the data set's reports, from ``root/dataset.json`` (``{"report_sides": ...}``:
+    "image", "patient" or "none"); None when the data set does not say."""
+    path = Path(root).expanduser() / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LgsegError(f"cannot read '{path}' ({exc.__class__.__name__}); fix it to be a JSON object") from None
+    if not isinstance(values, dict):
+        raise LgsegError(f"'{path}' is not a JSON object; write it as {{\"report_sides\": \"image\"}} or similar")
+    sides = values.get("report_sides")
+    if sides is not None and sides not in REPORT_SIDES:
+        raise LgsegError(f"'{path}' has report_sides {sides!r}; use one of {', '.join(REPORT_SIDES)}")
+    return sides
 
 
 def load_pair(sample: Sample) -> Tuple[np.ndarray, np.ndarray]:

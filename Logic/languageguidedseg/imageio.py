@@ -17,6 +17,7 @@ import SimpleITK as sitk
 
 from .errors import LgsegError
 from .fileio import atomic_path, full_suffix
+from .sides import Geometry, is_raster_file
 
 PathLike = Union[str, os.PathLike]
 
@@ -47,6 +48,14 @@ def image_array(image: sitk.Image) -> np.ndarray:
 def is_rgb(image: sitk.Image) -> bool:
     """True for a 3-component (RGB) image."""
     return image.GetNumberOfComponentsPerPixel() == 3
+
+
+def image_geometry(image: sitk.Image, path: PathLike) -> Optional[Geometry]:
+    """Where the image lies in the patient, from its direction, spacing and origin; None for 2D image formats
+    (PNG, JPEG, BMP, TIFF), which carry no orientation."""
+    if Path(path).is_file() and is_raster_file(Path(path).name):
+        return None
+    return Geometry.from_lps(_ijk_to_lps(image), source="image file")
 
 
 def spatial_shape(image: sitk.Image) -> Tuple[int, ...]:

@@ -15,6 +15,8 @@ from .errors import LgsegError
 from .network import fold_batchnorm, fuse_convolutions
 from .package import ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size
+from .sides import RADIOLOGICAL_DISPLAY, Geometry, Orientation, check_sides, result_sides, sides_label, \
+    translate_report
 from .text import TextEncoder, normalize_report
 
 ProgressCallback = Callable[[int, int], None]
@@ -27,11 +29,18 @@ class SegmentationCancelled(Exception):
 
 @dataclass
 class Approximation:
-    """The prototype approximation of a report: the nearest prototype report and its similarity, plus the top k."""
+    """The prototype approximation of a report: the nearest prototype report and its similarity, plus the top k.
+
+    Reports are in the ``sides`` convention ("patient", "image", or "none" for models whose reports name no patient
+    sides); ``orientation`` says where the image's orientation came from, ``sides_label`` says both in one line.
+    """
 
     report: str
     similarity: float
     top: list[tuple[str, float]] = field(default_factory=list)
+    sides: str = "image"
+    orientation: str = ""
+    sides_label: str = ""
 
 
 @dataclass
@@ -43,6 +52,9 @@ class SegmentationResult:
     report_source: str  # "given" or "prototype"
     seconds: float
     similarity: Optional[float] = None
+    sides: str = "image"  # the convention of ``report`` (see Approximation)
+    orientation: str = ""
+    sides_label: str = ""
 
     @property
     def foreground_fraction(self) -> float:
@@ -185,22 +197,45 @@ class Segmenter:
             similarity.append(query.similarities[i, 0].item() if bank_row else float("nan"))
         return out["logits"]
 
+    @property
+    def report_sides(self) -> str:
+        """What left and right mean in this model's reports: "image", "patient" or "none"."""
+        return self.package.config.report_sides
+
+    def orientation(self, array: np.ndarray, rgb: bool, axis: int, geometry: Optional[Geometry]) -> Orientation:
+        """Which side of the slices along ``axis`` is the patient's left; without geometry, radiological display."""
+        if geometry is None:
+            return RADIOLOGICAL_DISPLAY
+        return geometry.orientation(axis if array.ndim - (1 if rgb else 0) == 3 else 2)
+
+    def _sides(self, sides: str, orientation: Orientation) -> dict[str, str]:
+        shown = result_sides(sides, self.report_sides)
+        return {"sides": shown, "orientation": orientation.text, "sides_label": sides_label(shown, orientation)}
+
     def segment_array(self, array: np.ndarray, *, rgb: bool = False, report: Optional[str] = None, axis: int = 2,
                       slice_index: Optional[int] = None, threshold: Optional[float] = None,
                       progress: Optional[ProgressCallback] = None,
-                      cancel: Optional[CancelCallback] = None) -> SegmentationResult:
+                      cancel: Optional[CancelCallback] = None, sides: str = "patient",
+                      geometry: Optional[Geometry] = None) -> SegmentationResult:
         """Segment a numpy image in SimpleITK order: ``(y, x)`` or ``(z, y, x)``, plus a channel axis if ``rgb``.
 
         With ``slice_index`` only that slice along ``axis`` (IJK order) is segmented; the rest of the mask is 0.
         An empty report means no report: the prototype bank supplies the guidance and the approximated report.
+        ``sides`` is the convention of the report given and returned ("patient": the patient's left and right;
+        "image": the sides of the image as displayed); the report is translated into the model's own convention with
+        the slices' orientation from ``geometry`` (None: a frontal radiograph in radiological display is assumed).
         """
         started = time.perf_counter()
+        check_sides(sides)
         threshold = self.package.config.threshold if threshold is None else threshold
         if not 0.0 < threshold < 1.0:
             raise LgsegError(f"threshold must lie between 0 and 1, not {threshold}")
         if array.size == 0:
             raise LgsegError("the image is empty (a dimension of size 0); give a non-empty image")
         stack = slices_of(array, rgb, axis)
+        orientation = self.orientation(array, rgb, axis, geometry)
+        text = normalize_report(report)
+        model_text = None if text is None else translate_report(text, sides, self.report_sides, orientation)
         spatial_shape = array.shape[:-1] if rgb else array.shape
         mask = np.zeros(spatial_shape, dtype=np.uint8)
         mask_stack = slices_of(mask, False, axis)  # a view: writing into it fills ``mask``
@@ -210,16 +245,17 @@ class Segmenter:
             stack, target = stack[slice_index:slice_index + 1], slice(slice_index, slice_index + 1)
         else:
             target = slice(None)
-        probabilities, nearest, similarity = self.predict_slices(stack, report, progress, cancel)
+        probabilities, nearest, similarity = self.predict_slices(stack, model_text, progress, cancel)
         mask_stack[target] = probabilities > threshold
-        text = normalize_report(report)
+        labels = self._sides(sides, orientation)
         if text is not None:
-            return SegmentationResult(mask, text, "given", time.perf_counter() - started)
-        # The approximated report shown to the user: the prototype nearest to most slices.
+            return SegmentationResult(mask, text, "given", time.perf_counter() - started, **labels)
+        # The approximated report shown to the user: the prototype nearest to most slices, in the user's convention.
         index = collections.Counter(nearest).most_common(1)[0][0]
         sims = [s for n, s in zip(nearest, similarity) if n == index]
-        return SegmentationResult(mask, self.prototype_report(index), "prototype", time.perf_counter() - started,
-                                  similarity=float(np.mean(sims)))
+        approximated = translate_report(self.prototype_report(index), self.report_sides, sides, orientation)
+        return SegmentationResult(mask, approximated, "prototype", time.perf_counter() - started,
+                                  similarity=float(np.mean(sims)), **labels)
 
     def prototype_report(self, index: int) -> str:
         reports = self.package.config.prototype_reports
@@ -227,9 +263,15 @@ class Segmenter:
 
     @torch.inference_mode()
     def approximate(self, array: np.ndarray, *, rgb: bool = False, axis: int = 2,
-                    slice_index: Optional[int] = None, top_k: Optional[int] = None) -> Approximation:
-        """The prototype approximation of a 2D image (or one slice; default the middle one) as a report."""
+                    slice_index: Optional[int] = None, top_k: Optional[int] = None, sides: str = "patient",
+                    geometry: Optional[Geometry] = None) -> Approximation:
+        """The prototype approximation of a 2D image (or one slice; default the middle one) as a report.
+
+        The reports are written in the ``sides`` convention, as in :meth:`segment_array`.
+        """
+        check_sides(sides)
         stack = slices_of(array, rgb, axis)
+        orientation = self.orientation(array, rgb, axis, geometry)
         index = stack.shape[0] // 2 if slice_index is None else slice_index
         if not 0 <= index < stack.shape[0]:
             raise LgsegError(f"slice {index} is outside the image (0..{stack.shape[0] - 1} along axis {axis})")
@@ -237,6 +279,6 @@ class Segmenter:
                                                                              memory_format=torch.channels_last)
         embedding = self.network.image_embedding(self.network.encoder(images)[-1])
         query = self.network.bank.query(embedding, top_k=top_k or self.network.bank.top_k)
-        top = [(self.prototype_report(i), float(s)) for i, s in zip(query.indices[0].tolist(),
-                                                                   query.similarities[0].tolist())]
-        return Approximation(report=top[0][0], similarity=top[0][1], top=top)
+        top = [(translate_report(self.prototype_report(i), self.report_sides, sides, orientation), float(s))
+               for i, s in zip(query.indices[0].tolist(), query.similarities[0].tolist())]
+        return Approximation(report=top[0][0], similarity=top[0][1], top=top, **self._sides(sides, orientation))

@@ -21,12 +21,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
+import importlib
 import numpy as np
-import slicer
-import vtk
-from vtk.util import numpy_support
 
 from .errors import LgsegError
+from .sides import Geometry, check_sides, is_raster_file
+
+
+class _Lazy:
+    """A module imported on first use, so that importing the engine never needs ``slicer`` (MRML) or VTK."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._module: Any = None
+
+    def __getattr__(self, attribute: str) -> Any:
+        if self._module is None:
+            try:
+                self._module = importlib.import_module(self._name)
+            except ImportError as exc:
+                raise LgsegError(
+                    f"MRML needs the '{self._name.split('.')[0]}' package ({exc}); run inside 3D Slicer, or "
+                    "install it with: pip install slicer-core"
+                ) from None
+        return getattr(self._module, attribute)
+
+
+slicer = _Lazy("slicer")
+vtk = _Lazy("vtk")
+numpy_support = _Lazy("vtk.util.numpy_support")
 
 SCOPES = ("volume", "slice")
 
@@ -50,6 +73,9 @@ class NodeSegmentationResult:
     seconds: float = 0.0
     foreground_fraction: float = 0.0
     segmentation_node: Any = None  # the node written (a new one when None was given)
+    sides: str = "patient"  # the convention of ``report``: "patient", "image" or "none" (the model names no sides)
+    orientation: str = ""  # where the image orientation came from, e.g. "from the volume"
+    sides_label: str = ""  # both in one line, for display beside the report box
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -57,11 +83,11 @@ class NodeSegmentationResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+def _matrix_to_numpy(matrix: "vtk.vtkMatrix4x4") -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
 
 
-def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+def _numpy_to_matrix(array: np.ndarray) -> "vtk.vtkMatrix4x4":
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
@@ -105,6 +131,18 @@ def _transform_between(source_node: Any, target_node: Any, what: str) -> np.ndar
 def ijk_to_world_matrix(volume_node: Any) -> np.ndarray:
     """IJK-to-world (RAS) matrix including linear parent transforms of the volume."""
     return _transform_between(volume_node, None, "volume") @ ijk_to_ras_matrix(volume_node)
+
+
+def volume_geometry(volume_node: Any) -> Optional[Geometry]:
+    """Where the volume lies in the patient (IJK-to-world, parent transforms included), for left/right in reports.
+
+    None for a volume read from a 2D image file (PNG, JPEG, BMP, TIFF): such files carry no orientation, so the
+    engine assumes a frontal radiograph in radiological display.
+    """
+    storage = volume_node.GetStorageNode()
+    if storage is not None and storage.GetFileName() and is_raster_file(storage.GetFileName()):
+        return None
+    return Geometry(ijk_to_world_matrix(volume_node), source="volume")
 
 
 def default_axis(volume_node: Any) -> int:
@@ -370,9 +408,11 @@ class SegmentationJob:
         threshold: Optional[float] = None,
         device: str = "auto",
         slice_node: Any = None,
+        sides: str = "patient",
     ):
         if scope not in SCOPES:
             raise LgsegError(f"scope must be one of {', '.join(SCOPES)}, not '{scope}'")
+        self.sides = check_sides(sides)
         self.volume_node = volume_node
         self.dimensions = volume_dimensions(volume_node)
         if scope == "slice" and slice_index is None and slice_node is not None:
@@ -394,6 +434,7 @@ class SegmentationJob:
         self.threshold = threshold
         self.device = device
         self.array, self.rgb = volume_array(volume_node)
+        self.geometry = volume_geometry(volume_node)  # snapshot: compute() may run in a worker thread
         self.segmenter: Any = None
         self.result: Any = None
 
@@ -417,6 +458,8 @@ class SegmentationJob:
             threshold=self.threshold,
             progress=progress,
             cancel=cancel,
+            sides=self.sides,
+            geometry=self.geometry,
         )
         return self.result
 
@@ -457,6 +500,9 @@ class SegmentationJob:
             seconds=float(getattr(self.result, "seconds", 0.0) or 0.0),
             foreground_fraction=float(getattr(self.result, "foreground_fraction", 0.0) or 0.0),
             segmentation_node=segmentation_node,
+            sides=self.result.sides,
+            orientation=self.result.orientation,
+            sides_label=self.result.sides_label,
         )
 
 
@@ -488,6 +534,7 @@ def segment_volume_node(
     device: str = "auto",
     slice_node: Any = None,
     cancel: Optional[Callable[[], bool]] = None,
+    sides: str = "patient",
 ) -> NodeSegmentationResult:
     """Segment ``volume_node`` and write the mask as one segment of ``segmentation_node``.
 
@@ -495,6 +542,8 @@ def segment_volume_node(
     name, a model folder, a loaded ``Segmenter`` or None (the default installed model). ``scope`` is "volume" (every
     slice along ``axis``) or "slice" (only ``slice_index`` along ``axis``, or the slice shown by ``slice_node``;
     only that slice of the segment changes). ``segmentation_node`` None = a new node is added to the scene.
+    ``sides``: "patient" (default) or "image", what left and right mean in ``report`` and in the returned report; the
+    orientation comes from the volume's IJK-to-RAS matrix and parent transforms (see :func:`volume_geometry`).
     Nothing is written when the segmentation fails or is cancelled.
     """
     job = SegmentationJob(
@@ -507,6 +556,7 @@ def segment_volume_node(
         threshold=threshold,
         device=device,
         slice_node=slice_node,
+        sides=sides,
     )
     job.compute(progress=progress, cancel=cancel)
     if segmentation_node is None:

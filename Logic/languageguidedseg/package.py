@@ -1,7 +1,8 @@
 """Model packages: a folder with ``model.safetensors`` and ``model.json``, verified by SHA-256 on load.
 
 ``model.json`` holds the architecture, text encoder, preprocessing, threshold, segment name and colour, the
-prototype reports, training provenance, metrics and licence, plus the SHA-256 of the weights. The weights file's
+prototype reports and what left and right mean in them (``report_sides``), training provenance, metrics and licence,
+plus the SHA-256 of the weights. The weights file's
 metadata holds the SHA-256 of the JSON's content, so a changed byte in either file is refused. Weights are read
 with safetensors only: nothing is ever unpickled.
 
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .errors import LgsegError
 from .fileio import atomic_path
+from .sides import LEGACY_REPORT_SIDES, REPORT_SIDES
 from .text import DEFAULT_TEXT_ENCODER, MAX_TOKENS
 
 if TYPE_CHECKING:
@@ -65,6 +67,9 @@ class ModelConfig:
     segment_name: str = "Segment"
     segment_color: tuple[float, float, float] = (1.0, 0.0, 0.0)
     prototype_reports: list[str] = field(default_factory=list)
+    # What "left" and "right" mean in the model's reports: "image", "patient" or "none" (see sides.py).
+    # No default: save_package refuses a package that does not say.
+    report_sides: Optional[str] = None
     report_parser: Optional[str] = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -281,8 +286,18 @@ def load_package(model: Union[str, os.PathLike, None] = None) -> ModelPackage:
     config = ModelConfig.from_dict(content["config"])
     if not _valid_name(config.name):
         raise LgsegError(f"model '{path.name}' has an invalid name {config.name!r}; re-export it with a plain name")
+    if "report_sides" not in content["config"] and config.name in LEGACY_REPORT_SIDES:
+        config.report_sides = LEGACY_REPORT_SIDES[config.name]  # shipped before the key existed; hash-locked
+    _check_report_sides(config, f"model '{config.name}'", "re-save it with report_sides set (Training/train.py takes it from the data set's dataset.json)")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return ModelPackage(path=path, config=config, state_dict=state, weights_sha256=expected)
+
+
+def _check_report_sides(config: ModelConfig, what: str, fix: str) -> None:
+    if config.report_sides not in REPORT_SIDES:
+        found = "does not declare" if config.report_sides is None else f"has an unknown {config.report_sides!r} for"
+        raise LgsegError(f"{what} {found} report_sides (what left and right mean in its reports: "
+                         f"{', '.join(REPORT_SIDES)}); {fix}")
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -301,6 +316,7 @@ def save_package(folder: Union[str, os.PathLike], network: LanguageGuidedSegNet,
 
     if not _valid_name(config.name):
         raise LgsegError(f"invalid model name {config.name!r}; use a plain folder name (no '/', '\\' or leading '.')")
+    _check_report_sides(config, f"model config '{config.name}'", "set report_sides in the ModelConfig")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.network = network.config

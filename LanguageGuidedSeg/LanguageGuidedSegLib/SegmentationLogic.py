@@ -1,0 +1,113 @@
+import importlib
+import os
+import sys
+
+import slicer
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from .InstallLogic import LanguageGuidedSegInstallLogic
+from .ParameterNode import LanguageGuidedSegParameterNode
+
+# The engine's torch requirement (pyproject.toml); checked against an installed torch before the first run.
+TORCH_REQUIREMENT = ">=2.1"
+# What a run imports, beyond the engine itself (torch, the network's blocks, the weights' format, the text encoder).
+RUNTIME_MODULES = ("torch", "monai", "safetensors", "transformers")
+MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def enginePaths():
+    """Folders that may hold the ``languageguidedseg`` package, most specific first: next to the module (where CMake
+    installs it) or the repository's Logic/ folder (a source checkout)."""
+    return [MODULE_DIR, os.path.join(os.path.dirname(MODULE_DIR), "Logic")]
+
+
+def importEngine(name=""):
+    """Import ``languageguidedseg`` (or one of its submodules), adding its folder to ``sys.path`` if needed.
+
+    The engine's controller, model list and MRML bridge import neither torch nor Qt; only a run imports torch.
+    """
+    for folder in enginePaths():
+        if os.path.isfile(os.path.join(folder, "languageguidedseg", "__init__.py")):
+            if folder not in sys.path:
+                # In front, so the engine shipped with this module wins over any other installed copy.
+                sys.path.insert(0, folder)
+            break
+    return importlib.import_module("languageguidedseg" + ("." + name if name else ""))
+
+
+def sliceNodeForView(viewName):
+    """The slice node of a slice view: from the layout when there is one, else the scene's standard node."""
+    layoutManager = slicer.app.layoutManager() if hasattr(slicer, "app") else None
+    sliceWidget = layoutManager.sliceWidget(viewName) if layoutManager else None
+    if sliceWidget:
+        return sliceWidget.mrmlSliceNode()
+    return slicer.mrmlScene.GetNodeByID("vtkMRMLSliceNode" + viewName)
+
+
+class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
+    """The module's logic: its parameter node, the dependency installer and the report-loop controller.
+
+    Usable without the widget, e.g. from the Python console:
+
+    >>> logic = LanguageGuidedSegLogic()
+    >>> result = logic.process(volumeNode, report="bilateral pulmonary infection ...", scope="volume")
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.installer = None
+
+    def getParameterNode(self):
+        return LanguageGuidedSegParameterNode(super().getParameterNode())
+
+    def requirementsPath(self):
+        return os.path.join(MODULE_DIR, "Resources", "requirements.txt")
+
+    def installLogic(self):
+        if self.installer is None:
+            self.installer = LanguageGuidedSegInstallLogic.forSlicer(self.requirementsPath(), TORCH_REQUIREMENT)
+        return self.installer
+
+    @staticmethod
+    def missingRuntimeModules():
+        """Modules a run needs that cannot be imported (the engine's own modules included), as "name: reason"."""
+        missing = []
+        for name in RUNTIME_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                missing.append(f"{name}: {exc}")
+        if missing:
+            return missing
+        try:
+            importEngine("inference")
+            text = importEngine("text")
+            text.resolve_encoder_path(text.DEFAULT_TEXT_ENCODER)  # the text encoder's package
+        except Exception as exc:  # LgsegError or ImportError: either way a run would fail
+            missing.append(f"languageguidedseg: {exc}")
+        return missing
+
+    def createController(self, parameters, sliceNodeFor=sliceNodeForView, **kwargs):
+        """The report-loop controller (``languageguidedseg.controller``) over ``parameters``."""
+        controller = importEngine("controller")
+        return controller.ReportLoopController(parameters, slice_node_for=sliceNodeFor, **kwargs)
+
+    def process(self, inputVolume, outputSegmentation=None, report="", model="", scope="volume", sliceView="Red",
+                threshold=0.5, device="auto", sides="patient", timeout=600.0):
+        """Segment ``inputVolume`` (scripted use; blocks until done) and return the result.
+
+        An empty ``report`` approximates it from the image. Returns ``languageguidedseg.mrml.NodeSegmentationResult``;
+        raises the run's error (the scene unchanged) when it fails.
+        """
+        controllerModule = importEngine("controller")
+        parameters = controllerModule.ReportLoopParameters(
+            inputVolume=inputVolume, outputSegmentation=outputSegmentation, report=report or "", model=model or "",
+            scope=scope, sliceView=sliceView, threshold=threshold, device=device, sides=sides, liveUpdate=False)
+        controller = self.createController(parameters)
+        errors = []
+        controller.add_observer(lambda event, payload: errors.append(payload) if event == "error" else None)
+        controller.run()
+        controller.wait(timeout)
+        if errors:
+            raise errors[0]
+        return controller.last_result

@@ -1,0 +1,3 @@
+from .InstallLogic import PROTECTED_PACKAGES, DependencyError, LanguageGuidedSegInstallLogic
+from .ParameterNode import LanguageGuidedSegParameterNode
+from .SegmentationLogic import LanguageGuidedSegLogic, importEngine, sliceNodeForView

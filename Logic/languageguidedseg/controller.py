@@ -1,0 +1,544 @@
+"""The report loop, shared by the 3D Slicer module and the web page: plain Python, no Qt, no GUI.
+
+A front end (the Slicer widget, the trame web app) wires its widgets to one :class:`ReportLoopController` and
+renders what the controller tells its observers. The controller owns the loop a clinician works in:
+
+* an empty report box -> the model approximates the report from the image (prototype bank), the box is filled
+  with it and marked as an approximation, with its similarity;
+* an unedited approximation -> approximated again for the current image or slice;
+* an edited or typed report -> used as written;
+* run / cancel / progress / result, the model choice and import, the device choice with a CPU fallback when the
+  GPU runs out of memory, and live refine: in slice mode, a pause in typing (``debounce_s``, 0.3 s) re-segments the
+  current slice, dropping a run that a newer edit made stale; moving to another slice while the box holds an
+  approximation re-approximates for that slice.
+
+State lives in a plain *parameter object*, read and written through these attributes (the Slicer module's
+parameter node has them, camelCase as Slicer names them; a web app can use :class:`ReportLoopParameters`):
+
+=====================  ===============================================================================
+``inputVolume``        the volume node to segment (scalar or RGB vector volume), or None
+``outputSegmentation`` the segmentation node written; None = the first run creates one and stores it
+``model``              installed model name or model folder; "" = the default model
+``scope``              "slice" (the slice shown in ``sliceView``) or "volume" (every slice)
+``sliceView``          "Red", "Yellow" or "Green": whose slice node slice mode follows
+``report``             the report box's text (may hold patient information: never logged)
+``reportSource``       "" | "prototype" (the box holds the approximation) | "given" (the last run used the box)
+``reportSimilarity``   cosine similarity of the approximation in the box
+``approximationDigest`` digest of the approximation put in the box, to tell whether the user edited it
+``threshold``          probability threshold, 0 < t < 1
+``device``             "auto" (GPU when available) or "cpu"
+``sides``              "patient" or "image": what left and right mean in the report
+``liveUpdate``         update while typing (slice mode)
+=====================  ===============================================================================
+
+Threading: call every method from one thread, the GUI thread. :meth:`run` snapshots the volume (a copy of the
+voxels) and starts a worker thread that loads the model and segments; the worker touches no MRML node. The front
+end calls :meth:`poll` regularly (a ``QTimer``, a trame periodic callback; no sleeping): it hands the worker's
+progress to the observers, starts a due live run, and writes a finished result into MRML on the calling thread.
+A cancelled or failed run leaves the scene as it was. :meth:`wait` (poll until idle) is for scripts and tests.
+
+Observers: ``controller.add_observer(callback)``; ``callback(event, payload)`` with event one of
+
+=============  =================================================================================
+``running``    bool: a run started (True) or ended (False)
+``progress``   ``(done, total)`` slices
+``status``     a one-line message for the status line
+``report``     :class:`ReportStatus`: the report text or its status changed (sync the box with ``text``,
+               without moving the user's cursor when the text is unchanged)
+``result``     ``languageguidedseg.mrml.NodeSegmentationResult`` (written into the scene)
+``error``      the exception of a failed run (the scene was not changed)
+``cancelled``  None (the scene was not changed)
+=============  =================================================================================
+
+MRML comes through :mod:`languageguidedseg.mrml`, which imports ``slicer`` (3D Slicer, or ``pip install
+slicer-core``) on first use; importing this module needs neither ``slicer`` nor PyTorch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from . import mrml, package
+from .errors import LgsegError
+
+logger = logging.getLogger(__name__)
+
+DEBOUNCE_SECONDS = 0.3
+SLICE_VIEWS = ("Red", "Yellow", "Green")
+
+Observer = Callable[[str, Any], None]
+
+
+@dataclass
+class ReportLoopParameters:
+    """A plain parameter object for front ends without a Slicer parameter node (see the module docstring)."""
+
+    inputVolume: Any = None
+    outputSegmentation: Any = None
+    model: str = ""
+    scope: str = "slice"
+    sliceView: str = "Red"
+    report: str = ""
+    reportSource: str = ""
+    reportSimilarity: float = 0.0
+    approximationDigest: str = ""
+    threshold: float = 0.5
+    device: str = "auto"
+    sides: str = "patient"
+    liveUpdate: bool = True
+
+
+@dataclass(frozen=True)
+class ReportStatus:
+    """What the report box holds: ``kind`` "empty" | "approximated" | "given", with a message for the user."""
+
+    kind: str
+    text: str
+    similarity: float
+    message: str
+
+
+def report_digest(text: Optional[str]) -> str:
+    """A digest to recognise an unedited approximation (whitespace-insensitive)."""
+    return hashlib.sha256(" ".join((text or "").split()).encode("utf-8")).hexdigest()
+
+
+def is_gpu_out_of_memory(exc: BaseException) -> bool:
+    """True for PyTorch's CUDA out-of-memory error (checked without importing torch when it is not loaded)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return oom is not None and isinstance(exc, oom)
+
+
+def default_slice_node(scene: Any, view: str) -> Any:
+    """The slice node of a standard view in ``scene`` (Slicer's IDs: ``vtkMRMLSliceNodeRed`` ...), or None."""
+    return scene.GetNodeByID("vtkMRMLSliceNode" + view) if scene is not None else None
+
+
+class _Run:
+    """One background run: the job, its worker thread and the events the worker hands to the GUI thread."""
+
+    def __init__(self, job: Any, kind: str, generation: int, report_text: str):
+        self.job = job
+        self.kind = kind  # "apply" | "live"
+        self.generation = generation
+        self.report_text = report_text  # the box's text when the run started
+        self.events: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
+        self.cancel_event = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        self.fell_back_to_cpu = False
+
+
+class ReportLoopController:
+    """The report loop over one parameter object (see the module docstring for attributes, events, threading).
+
+    :param parameters: the parameter object (a Slicer parameter node, or :class:`ReportLoopParameters`).
+    :param slice_node_for: ``view name -> vtkMRMLSliceNode``; default: the scene's standard slice nodes.
+    :param load_segmenter: ``(model, device) -> Segmenter``; default :func:`languageguidedseg.mrml.load_segmenter`.
+    :param debounce_s: pause in typing before a live run starts.
+    :param clock: monotonic clock in seconds (tests pass their own).
+    """
+
+    def __init__(self, parameters: Any, *, slice_node_for: Optional[Callable[[str], Any]] = None,
+                 load_segmenter: Optional[Callable[[Any, str], Any]] = None, debounce_s: float = DEBOUNCE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.parameters = parameters
+        self._slice_node_for = slice_node_for
+        self._load_segmenter = load_segmenter or mrml.load_segmenter
+        self.debounce_s = debounce_s
+        self._clock = clock
+        self._observers: list[Observer] = []
+        self._run: Optional[_Run] = None
+        self._generation = 0
+        self._due: Optional[float] = None  # when the pending live run may start
+        self._segmenter: Any = None
+        self._segmenter_key: Any = None
+        self._segmenter_lock = threading.Lock()
+        self._wake = threading.Event()  # set by the worker whenever it has news (used by wait())
+        self._watched: list[tuple[Any, int]] = []
+        self._last_slice: Optional[tuple[int, int]] = None
+        self.fell_back_to_cpu = False
+        self.last_result: Any = None
+        self.last_run_kind: Optional[str] = None  # "apply" or "live": the kind of the last finished run
+        self.progress: tuple[int, int] = (0, 0)
+
+    # Observers ------------------------------------------------------------------------------------------------
+
+    def add_observer(self, callback: Observer) -> Observer:
+        """Call ``callback(event, payload)`` on every event (from the thread that calls the controller)."""
+        self._observers.append(callback)
+        return callback
+
+    def remove_observer(self, callback: Observer) -> None:
+        if callback in self._observers:
+            self._observers.remove(callback)
+
+    def _emit(self, event: str, payload: Any = None) -> None:
+        for callback in list(self._observers):
+            callback(event, payload)
+
+    # State ----------------------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._run is not None
+
+    @property
+    def run_kind(self) -> Optional[str]:
+        """The kind of the running run: "apply", "live", or None when idle."""
+        return self._run.kind if self._run is not None else None
+
+    @property
+    def live_pending(self) -> bool:
+        """A live run is scheduled (waiting for the pause in typing, or for the current run to finish)."""
+        return self._due is not None
+
+    def can_run(self) -> tuple[bool, str]:
+        """Whether a run can start now, and if not, what the user must do."""
+        if self.parameters.inputVolume is None:
+            return False, "Select an input volume."
+        if not self.available_models() and not self.parameters.model:
+            return False, "Install or import a model first (Model section)."
+        return True, ""
+
+    def report_status(self) -> ReportStatus:
+        """What the report box holds, and what the next run does with it."""
+        p = self.parameters
+        text = p.report or ""
+        if not text.strip():
+            return ReportStatus("empty", text, 0.0,
+                                "No report: Apply approximates one from the image and shows it here.")
+        if self._holds_approximation():
+            return ReportStatus(
+                "approximated", text, float(p.reportSimilarity),
+                f"Approximated from the image (similarity {float(p.reportSimilarity):.2f}), not written by a "
+                "person. Accept it, or edit it to segment with your text.")
+        return ReportStatus("given", text, 0.0, "Apply uses this report as written.")
+
+    def _holds_approximation(self) -> bool:
+        p = self.parameters
+        return bool(p.reportSource == "prototype" and (p.report or "").strip()
+                    and report_digest(p.report) == p.approximationDigest)
+
+    def report_to_use(self) -> Optional[str]:
+        """The report for the next run: None approximates (an empty box or an unedited approximation)."""
+        if self._holds_approximation():
+            return None
+        text = self.parameters.report or ""
+        return text if text.strip() else None
+
+    def live_enabled(self) -> bool:
+        p = self.parameters
+        return bool(getattr(p, "liveUpdate", False)) and p.scope == "slice" and p.inputVolume is not None
+
+    # Report box -----------------------------------------------------------------------------------------------
+
+    def set_report(self, text: str) -> None:
+        """The user changed the report box: store the text (only when it differs) and, live, schedule a run."""
+        p = self.parameters
+        if (p.report or "") == text:
+            return
+        p.report = text
+        self._emit("report", self.report_status())
+        if self.live_enabled():
+            self._schedule_live()
+
+    def clear_report(self) -> None:
+        """Empty the box and forget the approximation; the next run approximates again."""
+        self._set_report_fields("", "", 0.0, "")
+
+    def _set_report_fields(self, text: str, source: str, similarity: float, digest: str) -> None:
+        p = self.parameters
+        p.report, p.reportSource, p.reportSimilarity, p.approximationDigest = text, source, similarity, digest
+        self._emit("report", self.report_status())
+
+    def _schedule_live(self) -> None:
+        self._due = self._clock() + self.debounce_s
+        run = self._run
+        if run is not None and run.kind == "live":
+            # A newer edit makes the running live run stale: stop it if it has not started its batch, and drop its
+            # result in any case (the generation check in _finish).
+            run.cancel_event.set()
+            self._generation += 1
+
+    # Slices ---------------------------------------------------------------------------------------------------
+
+    def slice_node(self) -> Any:
+        """The slice node that slice mode follows (``sliceView``)."""
+        view = self.parameters.sliceView
+        if self._slice_node_for is not None:
+            return self._slice_node_for(view)
+        volume = self.parameters.inputVolume
+        return default_slice_node(volume.GetScene() if volume is not None else None, view)
+
+    def current_slice(self) -> Optional[tuple[int, int]]:
+        """(IJK axis, index) of the input volume shown in ``sliceView``; None when there is none."""
+        volume, node = self.parameters.inputVolume, self.slice_node()
+        if volume is None or node is None:
+            return None
+        return mrml.slice_axis_and_index(node, volume)
+
+    def watch_slices(self) -> None:
+        """Follow the slice views (a VTK observer on each slice node): see :meth:`slice_changed`."""
+        self.unwatch_slices()
+        for view in SLICE_VIEWS:
+            node = (self._slice_node_for(view) if self._slice_node_for is not None else default_slice_node(
+                self.parameters.inputVolume.GetScene() if self.parameters.inputVolume is not None else None, view))
+            if node is not None:
+                tag = node.AddObserver("ModifiedEvent", lambda caller, event: self.slice_changed())
+                self._watched.append((node, tag))
+        self._last_slice = self._safe_current_slice()
+
+    def unwatch_slices(self) -> None:
+        for node, tag in self._watched:
+            node.RemoveObserver(tag)
+        self._watched = []
+
+    def _safe_current_slice(self) -> Optional[tuple[int, int]]:
+        try:
+            return self.current_slice()
+        except LgsegError:
+            return None
+
+    def slice_changed(self) -> None:
+        """The shown slice may have moved: with the box holding an approximation (or empty) and live refine on,
+        approximate again for the new slice."""
+        where = self._safe_current_slice()
+        if where is None or where == self._last_slice:
+            return
+        self._last_slice = where
+        if self.live_enabled() and self.report_to_use() is None and self.last_result is not None:
+            self._schedule_live()
+
+    # Models and device ----------------------------------------------------------------------------------------
+
+    def available_models(self) -> list[dict]:
+        """Installed model packages as dicts (name, task, licence, version, size_mb, path, source, threshold)."""
+        return [info.to_dict() for info in package.list_models()]
+
+    def default_model_name(self) -> str:
+        return package.DEFAULT_MODEL
+
+    def user_models_folder(self) -> str:
+        return str(package.user_models_folder())
+
+    def select_model(self, name: str) -> None:
+        """Use model ``name``; its own tuned threshold becomes the threshold."""
+        info = {m["name"]: m for m in self.available_models()}.get(name) or {}
+        self.parameters.model = name or ""
+        if info.get("threshold") is not None:
+            self.parameters.threshold = min(max(float(info["threshold"]), 0.01), 0.99)
+
+    def import_model(self, folder: str) -> dict:
+        """Verify and copy a model folder into the user's models folder, select it; returns its listing."""
+        info = package.import_model(folder)
+        self.select_model(info.name)
+        return info.to_dict()
+
+    def segmenter(self, model: Any = None, device: str = "auto") -> Any:
+        """The loaded model, cached (loading takes seconds, a slice milliseconds); any thread."""
+        key = (str(model or ""), device)
+        with self._segmenter_lock:
+            if self._segmenter is None or self._segmenter_key != key:
+                self._segmenter = None  # free the old model before loading another
+                self._segmenter = self._load_segmenter(model or None, device)
+                self._segmenter_key = key
+            return self._segmenter
+
+    def device_name(self) -> str:
+        """Where the loaded model runs: "CPU" or "GPU (name)"."""
+        device = getattr(self._segmenter, "device", None)
+        if device is None or getattr(device, "type", "cpu") != "cuda":
+            return "CPU"
+        import torch
+
+        return f"GPU ({torch.cuda.get_device_name(device)})"
+
+    # Running --------------------------------------------------------------------------------------------------
+
+    def apply(self) -> None:
+        """The Apply button: cancel a running run, else start one (raises LgsegError when one cannot start)."""
+        if self._run is not None and self._run.kind == "apply":
+            self.cancel()
+            return
+        self.run()
+
+    def run(self, kind: str = "apply") -> None:
+        """Snapshot the input and segment it in a worker thread (see :meth:`poll`).
+
+        Raises LgsegError (the scene unchanged) when the inputs do not allow a run.
+        """
+        if self._run is not None:
+            raise LgsegError("a segmentation is already running; wait for it or cancel it")
+        ok, why = self.can_run()
+        if not ok:
+            raise LgsegError(why)
+        p = self.parameters
+        job = mrml.SegmentationJob(
+            p.inputVolume, report=self.report_to_use(), model=p.model or None, scope=p.scope,
+            slice_node=self.slice_node() if p.scope == "slice" else None, threshold=float(p.threshold),
+            device=p.device)
+        if p.scope == "slice":
+            self._last_slice = (job.axis, job.slice_index)
+        self._due = None if kind == "apply" else self._due
+        run = _Run(job, kind, self._generation, p.report or "")
+        run.thread = threading.Thread(target=self._work, args=(run,), name="LanguageGuidedSeg", daemon=True)
+        self._run = run
+        self.progress = (0, job.dimensions[job.axis] if job.slice_index is None else 1)
+        self._emit("running", True)
+        self._emit("status", "Loading the model..." if self._segmenter is None else "Segmenting...")
+        run.thread.start()
+
+    def cancel(self) -> None:
+        """Stop the running run after its current batch; its result is dropped and the scene stays as it was."""
+        self._due = None
+        if self._run is not None:
+            self._run.cancel_event.set()
+            self._emit("status", "Cancelling after the current batch...")
+
+    def abandon(self) -> None:
+        """Cancel and forget the running run at once (its scene is closing); no event is emitted for it."""
+        self._due = None
+        self.unwatch_slices()
+        if self._run is not None:
+            self._run.cancel_event.set()
+            self._run = None
+
+    def _work(self, run: _Run) -> None:
+        """Worker thread: load the model and segment the snapshot; everything goes back through ``run.events``."""
+
+        def progress(done: int, total: int) -> None:
+            run.events.put(("progress", (done, total)))
+            self._wake.set()
+
+        try:
+            run.job.segmenter = self.segmenter(run.job.model, run.job.device)
+            try:
+                run.job.compute(progress=progress, cancel=run.cancel_event.is_set)
+            except Exception as exc:
+                device = getattr(run.job.segmenter, "device", "cpu")
+                if not is_gpu_out_of_memory(exc) or str(device).startswith("cpu"):
+                    raise
+                logger.warning("LanguageGuidedSeg: the GPU ran out of memory; running on the CPU")
+                with self._segmenter_lock:
+                    self._segmenter = None
+                run.job.segmenter = None
+                import torch
+
+                torch.cuda.empty_cache()
+                run.job.segmenter = self.segmenter(run.job.model, "cpu")
+                run.fell_back_to_cpu = True
+                run.job.compute(progress=progress, cancel=run.cancel_event.is_set)
+            run.events.put(("done", None))
+        except BaseException as exc:  # handed to the GUI thread, which reports it
+            if type(exc).__name__ == "SegmentationCancelled":
+                run.events.put(("cancelled", None))
+            else:
+                run.events.put(("failed", exc))
+        finally:
+            self._wake.set()
+
+    def poll(self) -> bool:
+        """Call regularly from the GUI thread: deliver the worker's news, finish a run (writing its result into
+        MRML here), start a due live run. Returns True while a run is running or pending. Never blocks."""
+        run = self._run
+        if run is not None:
+            while True:
+                try:
+                    event, payload = run.events.get_nowait()
+                except queue.Empty:
+                    break
+                if event == "progress":
+                    self.progress = payload
+                    if not run.cancel_event.is_set():
+                        self._emit("progress", payload)
+                        if payload[1] > 1:
+                            self._emit("status", f"Segmenting slice {payload[0]} of {payload[1]}...")
+                    continue
+                self._finish(run, event, payload)
+                break
+        if self._run is None and self._due is not None and self._clock() >= self._due:
+            self._due = None
+            try:
+                self.run(kind="live")
+            except LgsegError as exc:
+                self._emit("status", str(exc))
+        return self._run is not None or self._due is not None
+
+    def _finish(self, run: _Run, event: str, payload: Any) -> None:
+        self._run = None
+        self.last_run_kind = run.kind
+        stale = run.generation != self._generation
+        self.fell_back_to_cpu = run.fell_back_to_cpu
+        try:
+            if event == "cancelled" or stale:
+                if not stale:
+                    self._emit("status", "Cancelled; the scene was not changed.")
+                    self._emit("cancelled", None)
+                return
+            if event == "failed":
+                self._emit("status", "Failed; the scene was not changed.")
+                self._emit("error", payload)
+                return
+            self._write(run)
+        finally:
+            self._emit("running", False)
+
+    def _write(self, run: _Run) -> None:
+        p = self.parameters
+        segmentation = p.outputSegmentation
+        if segmentation is None:
+            segmentation = mrml.new_segmentation_node(run.job.volume_node)
+        try:
+            result = run.job.write(segmentation)
+        except Exception as exc:
+            self._emit("status", "Could not write the segment.")
+            self._emit("error", exc)
+            return
+        p.outputSegmentation = result.segmentation_node
+        if result.report_source == "prototype":
+            # Fill the box with the approximation, unless the user typed meanwhile.
+            if (p.report or "") == run.report_text:
+                self._set_report_fields(result.report, "prototype", float(result.similarity or 0.0),
+                                        report_digest(result.report))
+        elif p.reportSource != "given":
+            p.reportSource, p.approximationDigest = "given", ""
+            self._emit("report", self.report_status())
+        self.last_result = result
+        self._emit("result", result)
+        self._emit("status", self.describe(result))
+
+    def describe(self, result: Any) -> str:
+        """A one-line summary of a result for the status line (no report text: it may identify the patient)."""
+        fraction = result.foreground_fraction
+        if result.slice_index is not None:
+            region = [slice(None)] * 3
+            region[2 - result.axis] = result.slice_index
+            fraction = float(result.mask[tuple(region)].mean())
+            where = f"slice {result.slice_index}"
+        else:
+            where = "the volume"
+        guidance = "your report" if result.report_source == "given" else "the approximated report"
+        segment = result.segmentation_node.GetSegmentation().GetSegment(result.segment_id).GetName()
+        message = (f"Done in {result.seconds:.1f} s on {self.device_name()}, guided by {guidance}: {fraction:.1%} "
+                   f"of {where} is in segment '{segment}'.")
+        if self.fell_back_to_cpu:
+            message += " The GPU ran out of memory, so it ran on the CPU."
+        return message
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Poll until no run is running or pending (scripts and tests; a GUI calls :meth:`poll` from a timer)."""
+        deadline = time.monotonic() + timeout
+        while self.poll():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the segmentation did not finish within {timeout:.0f} s")
+            self._wake.wait(0.02)
+            self._wake.clear()
