@@ -564,11 +564,12 @@ def segment_volume_node(
     return job.write(segmentation_node)
 
 
-def add_volume_node(scene: Any, image: Any, name: str) -> Any:
+def add_volume_node(scene: Any, image: Any, name: str, source: Optional[Union[str, Path]] = None) -> Any:
     """Add a SimpleITK image (from ``imageio.read_image``) to ``scene`` as a scalar or vector volume node.
 
     The voxels and the geometry (spacing, origin, direction) are kept; a 2D image becomes a one-slice volume, as
-    Slicer loads it.
+    Slicer loads it. ``source``: the file the image was read from, recorded in a storage node as Slicer's loaders
+    do (:func:`volume_geometry` uses it: a PNG carries no orientation).
     """
     from .imageio import _ijk_to_lps, image_array, is_rgb
 
@@ -585,4 +586,8 @@ def add_volume_node(scene: Any, image: Any, name: str) -> Any:
     node.SetAndObserveImageData(data)
     node.SetIJKToRASMatrix(_numpy_to_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ _ijk_to_lps(image)))
     node.CreateDefaultDisplayNodes()
+    if source is not None and Path(source).is_file():
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(source))
+        node.SetAndObserveStorageNodeID(storage.GetID())
     return node
