@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -53,6 +54,7 @@ class WebApp(TrameApp):
         self._image: Any = None  # the SimpleITK image shown: the reference grid for downloads
         self._image_name = ""
         self._poller: Optional[asyncio.Task] = None
+        self._preloading = False
 
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
@@ -129,6 +131,7 @@ class WebApp(TrameApp):
         with SinglePageWithDrawerLayout(self.server, width=400) as layout:
             self.ui = layout
             layout.title.set_text("LanguageGuidedSeg")
+            layout.footer.hide()  # trame's footer: links and version details a reader does not need
             client.Style("html { overflow-y: hidden; } .lg-report textarea { font-size: 0.95rem; }")
             with layout.toolbar:
                 v3.VSpacer()
@@ -214,6 +217,12 @@ class WebApp(TrameApp):
             with self.state:
                 self.state.lg_file = 0  # opens it (see _on_file)
 
+    def _load_model(self) -> None:
+        try:
+            self.controller.segmenter(self.parameters.model or None, self.parameters.device)
+        except Exception:  # noqa: BLE001 - see _on_ready
+            logger.debug("model preload failed", exc_info=True)
+
     def _render_all(self, **_: Any) -> None:
         # Renders requested before the page connected reached no one: draw every view again for the new page.
         for view in self.slicer.view_manager.get_views():
@@ -291,6 +300,11 @@ class WebApp(TrameApp):
                          f"{'volume' if is_volume else 'image'}. Type a report or press Segment.",
         })
         self._render_all()
+        if not self._preloading:
+            # Load the model while the user reads the image, so that the first Segment does not wait for it; into
+            # the controller's own cache. A failure here is reported by the first run, which loads it again.
+            self._preloading = True
+            threading.Thread(target=self._load_model, name="LanguageGuidedSeg model", daemon=True).start()
 
     def _slice_node(self, view: str) -> Any:
         slice_view = self.slicer.view_manager.get_view(view)
@@ -321,6 +335,8 @@ class WebApp(TrameApp):
             node.GetDisplayNode().SetOpacity(float(lg_opacity))
 
     def _on_segment(self) -> None:
+        if self.controller.running and self.controller.run_kind == "live":
+            return  # the live run already segments the text in the box
         try:
             self.controller.run()
         except LgsegError as exc:
