@@ -315,7 +315,7 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
         config = package.ModelConfig(
             name="selftest", task="self-test", licence="Apache-2.0",
             preprocessing=preprocess.PreprocessConfig().to_dict(), segment_name="Target",
-            segment_color=(0.2, 0.8, 0.3), prototype_reports=[f"report {i}" for i in range(4)])
+            segment_color=(0.2, 0.8, 0.3), prototype_reports=[f"report {i}" for i in range(4)], report_sides="image")
         return str(package.save_package(os.path.join(folder, "selftest"), net, config))
 
     def test_ReportLoopOnSyntheticVolume(self):

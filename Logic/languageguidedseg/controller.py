@@ -318,6 +318,16 @@ class ReportLoopController:
         if self.live_enabled() and self.report_to_use() is None and self.last_result is not None:
             self._schedule_live()
 
+    def sides_label(self) -> str:
+        """The line shown beside the report box: what left and right mean, and where the orientation came from
+        (e.g. "Left/right: patient (image orientation from the volume)"), from the last result when it used the
+        current convention."""
+        sides = getattr(self.parameters, "sides", "patient")
+        result = self.last_result
+        if result is not None and getattr(result, "sides_label", "") and result.sides in (sides, "none"):
+            return result.sides_label
+        return "Left/right: patient's sides" if sides == "patient" else "Left/right: image (as displayed)"
+
     # Models and device ----------------------------------------------------------------------------------------
 
     def available_models(self) -> list[dict]:
@@ -385,7 +395,7 @@ class ReportLoopController:
         job = mrml.SegmentationJob(
             p.inputVolume, report=self.report_to_use(), model=p.model or None, scope=p.scope,
             slice_node=self.slice_node() if p.scope == "slice" else None, threshold=float(p.threshold),
-            device=p.device)
+            device=p.device, sides=getattr(p, "sides", "patient"))
         if p.scope == "slice":
             self._last_slice = (job.axis, job.slice_index)
         self._due = None if kind == "apply" else self._due

@@ -98,12 +98,12 @@ class Segmenter:
     """A loaded model that segments images; load once, call many times."""
 
     def __init__(self, model: Union[str, os.PathLike, ModelPackage, None] = None, device: str = "auto",
-                 threads: Optional[int] = None, batch_size: Optional[int] = None):
+                 batch_size: Optional[int] = None):
+        # The process's torch thread count is used as it is: a library does not change process-wide settings
+        # (inside 3D Slicer they belong to every extension); a program sets it with OMP_NUM_THREADS or
+        # torch.set_num_threads.
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
         self.device = resolve_device(device)
-        # A thread count the user set with OMP_NUM_THREADS is kept (torch reads it at import).
-        if self.device.type == "cpu" and (threads or not os.environ.get("OMP_NUM_THREADS")):
-            torch.set_num_threads(threads or available_cores())
         self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing)
         self.network = fold_batchnorm(self.package.build_network(self.device)).to(memory_format=torch.channels_last)
         if self.device.type == "cpu":

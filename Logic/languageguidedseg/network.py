@@ -17,6 +17,7 @@ alignment), the pooled projected text per stage and the final features (for TeVi
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
@@ -267,21 +268,45 @@ def fold_batchnorm(network: LanguageGuidedSegNet) -> LanguageGuidedSegNet:
     return network
 
 
+class _OneDNNFusionScope:
+    """Switches TorchScript's process-wide oneDNN-fusion flag on while any of our fused graphs runs, in any thread,
+    and back to what it was when the last one finishes. Counted under a lock: with two threads a plain save/restore
+    around each call can restore the wrong value and leave the flag changed for the whole process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._previous = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._previous = torch.jit.onednn_fusion_enabled()
+                torch.jit.enable_onednn_fusion(True)
+            self._users += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                torch.jit.enable_onednn_fusion(self._previous)
+
+
+# The flag it guards is process-wide, so the guard is too.
+_ONEDNN_FUSION = _OneDNNFusionScope()
+
+
 class _OneDNNGraph(nn.Module):
     """A traced, frozen convolutional sub-network run under oneDNN Graph fusion (conv + activation + add in one
-    kernel). The fuser is switched on only around the call, so other TorchScript code in the process is unaffected."""
+    kernel). The fuser is on only while such a graph runs; afterwards the flag is as the process had it."""
 
     def __init__(self, traced: torch.jit.ScriptModule):
         super().__init__()
         self.traced = traced
 
     def forward(self, x: torch.Tensor) -> Any:
-        previous = torch.jit.onednn_fusion_enabled()
-        torch.jit.enable_onednn_fusion(True)
-        try:
+        with _ONEDNN_FUSION:
             return self.traced(x)
-        finally:
-            torch.jit.enable_onednn_fusion(previous)
 
 
 @torch.no_grad()

@@ -88,7 +88,9 @@ class TextEncoder:
         path = resolve_encoder_path(name)
         local_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
         verbosity = hf_logging.get_verbosity()
-        # Keep "unused weights" chatter and the weight-loading progress bar off the console.
+        progress_bar = hf_logging.is_progress_bar_enabled()
+        # Keep "unused weights" chatter and the weight-loading progress bar off the console while loading, then
+        # leave both settings as the process had them (inside Slicer they belong to every extension).
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
@@ -101,7 +103,8 @@ class TextEncoder:
             ) from exc
         finally:
             hf_logging.set_verbosity(verbosity)
-            hf_logging.enable_progress_bar()
+            if progress_bar:
+                hf_logging.enable_progress_bar()
         self.model.eval().requires_grad_(False).to(self.device)
         self.dim = int(self.model.config.hidden_size)
         self._cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()

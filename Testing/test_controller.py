@@ -1,0 +1,374 @@
+"""The report-loop controller (``languageguidedseg.controller``) on a real MRML scene, without Qt.
+
+The same controller drives the Slicer module and the web page: every behaviour of the loop is tested here, on
+``slicer-core``'s MRML library, with the controller's own worker thread and a real (tiny, random-weight) model.
+Only time is the test's: the live-refine debounce reads a clock that the test advances.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="the controller tests need the slicer-core package")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("this 'slicer' module has no MRML library (install slicer-core)", allow_module_level=True)
+
+import vtk  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+from languageguidedseg import mrml  # noqa: E402
+from languageguidedseg.controller import ReportLoopController, ReportLoopParameters  # noqa: E402
+from languageguidedseg.errors import LgsegError  # noqa: E402
+
+DIMS = (48, 40, 6)  # i, j, k
+
+
+class Clock:
+    """The debounce's clock, advanced by the test."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_model):
+    from languageguidedseg.inference import Segmenter
+
+    return Segmenter(model=tiny_model, device="cpu")
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    yield scene
+    scene.Clear(1)
+
+
+def _volume(scene, dims=DIMS):
+    voxels = np.zeros(dims[::-1], dtype=np.int16)
+    voxels[:, 8:30, 10:40] = 900
+    voxels[2:4, 12:20, 14:22] = 300
+    image = vtk.vtkImageData()
+    image.SetDimensions(*dims)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = voxels.ravel()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "volume")
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(0.8, 0.8, 2.5)
+    node.SetOrigin(-20.0, 15.0, 7.0)
+    return node
+
+
+def _red_slice_node(scene, volume, k):
+    """Slicer's Red (axial) slice node, showing slice ``k`` of ``volume``."""
+    node = slicer.vtkMRMLSliceNode()
+    node.SetLayoutName("Red")
+    node.SetSingletonTag("Red")
+    scene.AddNode(node)
+    assert node.GetID() == "vtkMRMLSliceNodeRed"
+    node.SetOrientationToAxial()
+    _show_slice(node, volume, k)
+    return node
+
+
+def _show_slice(slice_node, volume, k):
+    ijk_to_ras = mrml.ijk_to_ras_matrix(volume)
+    centre = ijk_to_ras @ np.array([DIMS[0] / 2, DIMS[1] / 2, k, 1.0])
+    slice_node.JumpSliceByCentering(*centre[:3])
+
+
+def _controller(parameters, segmenter, **kwargs):
+    controller = ReportLoopController(parameters, load_segmenter=lambda model, device: segmenter, **kwargs)
+    events = []
+    controller.add_observer(lambda event, payload: events.append((event, payload)))
+    return controller, events
+
+
+def _names(events):
+    return [event for event, _ in events]
+
+
+def _scene_state(scene, parameters):
+    """Node IDs, and the segment's voxels when there is one: what a cancelled or failed run must leave alone."""
+    ids = [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+    node = parameters.outputSegmentation
+    if node is None or node.GetSegmentation().GetNumberOfSegments() == 0:
+        return ids, None
+    segment_id = node.GetSegmentation().GetNthSegmentID(0)
+    return ids, mrml.segment_mask(node, segment_id, parameters.inputVolume)
+
+
+def test_importing_the_controller_needs_neither_slicer_nor_torch():
+    """The engine's controller imports without slicer, VTK or torch; MRML use without slicer is a one-line error."""
+    script = """
+import sys
+for name in ("slicer", "vtk", "torch"):
+    sys.modules[name] = None
+from languageguidedseg import controller, mrml
+from languageguidedseg.errors import LgsegError
+try:
+    mrml.ijk_to_ras_matrix(object())
+except LgsegError as exc:
+    print("error:", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    message = done.stdout.strip()
+    assert message.startswith("error: MRML needs the 'vtk' package") and "pip install slicer-core" in message
+    assert "3D Slicer" in message and "\n" not in message
+
+
+def test_empty_box_approximates_unedited_approximates_again_edited_is_used(scene, segmenter):
+    volume = _volume(scene)
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu")
+    controller, events = _controller(parameters, segmenter)
+    assert controller.report_status().kind == "empty" and controller.report_to_use() is None
+
+    controller.run()
+    assert controller.running
+    controller.wait(120)
+    result = controller.last_result
+    assert _names(events)[0] == "running" and _names(events)[-1] == "running"
+    assert ("progress", (DIMS[2], DIMS[2])) in events
+    # The box holds the approximation, marked as such, with its similarity.
+    assert result.report_source == "prototype" and parameters.report == result.report
+    status = controller.report_status()
+    assert status.kind == "approximated" and status.similarity == pytest.approx(result.similarity)
+    assert f"{result.similarity:.2f}" in status.message and ("report", status) in events
+    segmentation = parameters.outputSegmentation
+    assert segmentation is result.segmentation_node and segmentation.GetScene() is scene
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation, result.segment_id, volume), result.mask)
+
+    # Unedited (even re-spaced): approximated again, not used as a report.
+    controller.set_report("  " + parameters.report.replace(" ", "  ") + " ")
+    assert controller.report_to_use() is None and controller.report_status().kind == "approximated"
+    controller.run()
+    controller.wait(120)
+    assert controller.last_result.report_source == "prototype"
+
+    # Edited: used as written, the same segment is updated.
+    controller.set_report("bilateral infection, lower left lung")
+    assert controller.report_status().kind == "given"
+    controller.run()
+    controller.wait(120)
+    assert controller.last_result.report_source == "given"
+    assert controller.last_result.report == "bilateral infection, lower left lung"
+    assert controller.last_result.segment_id == result.segment_id
+    assert parameters.report == "bilateral infection, lower left lung" and parameters.reportSource == "given"
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+
+    controller.clear_report()
+    assert (parameters.report, parameters.reportSource, controller.report_status().kind) == ("", "", "empty")
+
+
+def test_cancel_and_failure_leave_the_scene_unchanged(scene, segmenter, tmp_path):
+    volume = _volume(scene)
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu")
+    controller, events = _controller(parameters, segmenter)
+    controller.run()
+    controller.wait(120)
+    before = _scene_state(scene, parameters)
+
+    events.clear()
+    controller.set_report("right lower lobe")
+    controller.run()
+    controller.cancel()
+    controller.wait(120)
+    assert "cancelled" in _names(events) and "result" not in _names(events)
+    ids, mask = _scene_state(scene, parameters)
+    assert ids == before[0]
+    np.testing.assert_array_equal(mask, before[1])
+
+    # A failing run (a model that does not exist): the error is reported, nothing is written.
+    events.clear()
+    failing = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu",
+                                   model=str(tmp_path / "no-such-model"))
+    failing_controller, failing_events = _controller(failing, None)
+    failing_controller._load_segmenter = mrml.load_segmenter  # the real loader, which must fail
+    failing_controller.run()
+    failing_controller.wait(60)
+    errors = [payload for event, payload in failing_events if event == "error"]
+    assert len(errors) == 1 and isinstance(errors[0], LgsegError) and "does not exist" in str(errors[0])
+    assert failing.outputSegmentation is None and failing.report == ""
+    assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before[0]
+
+    # A run that cannot start says why, and starts nothing.
+    with pytest.raises(LgsegError, match="Select an input volume"):
+        ReportLoopController(ReportLoopParameters()).run()
+
+
+def test_slice_mode_follows_the_slice_view_and_reapproximates_when_it_moves(scene, segmenter):
+    volume = _volume(scene)
+    red = _red_slice_node(scene, volume, 2)
+    clock = Clock()
+    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
+    controller, events = _controller(parameters, segmenter, clock=clock)
+    controller.watch_slices()
+    controller.run()
+    controller.wait(120)
+    first = controller.last_result
+    assert first.slice_index == 2 and first.axis == 2 and first.report_source == "prototype"
+    segment = mrml.segment_mask(parameters.outputSegmentation, first.segment_id, volume)
+    assert not segment[[0, 1, 3, 4, 5]].any()
+
+    # Moving to another slice with the box holding the approximation: approximated again there.
+    _show_slice(red, volume, 4)
+    assert controller.live_pending
+    clock.now += 0.31
+    controller.wait(120)
+    second = controller.last_result
+    assert second.slice_index == 4 and second.report_source == "prototype"
+    assert controller.report_status().kind == "approximated"
+    segment = mrml.segment_mask(parameters.outputSegmentation, first.segment_id, volume)
+    np.testing.assert_array_equal(segment[2], first.mask[2])  # slice 2 kept, slice 4 added
+    np.testing.assert_array_equal(segment[4], second.mask[4])
+
+    # With the user's own report, moving does not re-run (the report is the user's, not the slice's).
+    controller.set_report("left lower lobe")
+    clock.now += 0.31
+    controller.wait(120)
+    assert controller.last_result.report_source == "given" and controller.last_result.slice_index == 4
+    _show_slice(red, volume, 1)
+    assert not controller.live_pending
+    controller.unwatch_slices()
+    _show_slice(red, volume, 3)
+    assert not controller.live_pending
+
+
+def test_live_refine_waits_for_a_pause_and_drops_stale_runs(scene, segmenter):
+    volume = _volume(scene)
+    _red_slice_node(scene, volume, 3)
+    clock = Clock()
+    release = threading.Event()
+
+    def gated_loader(model, device):
+        release.wait(60)  # holds the first live run in the worker until the test lets it go
+        return segmenter
+
+    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
+    controller, events = _controller(parameters, None, clock=clock)
+    controller._load_segmenter = gated_loader
+
+    # Typing: nothing runs until 0.3 s after the last keystroke.
+    controller.set_report("l")
+    clock.now = 0.1
+    controller.set_report("le")
+    clock.now = 0.35
+    assert controller.poll() and not controller.running
+    clock.now = 0.41
+    controller.poll()
+    assert controller.running and controller.run_kind == "live"
+
+    # An edit while that run works makes it stale: its result is dropped, the newer text runs after the pause.
+    controller.set_report("left lower lobe")
+    release.set()
+    clock.now = 0.8
+    controller.wait(120)
+    results = [payload for event, payload in events if event == "result"]
+    assert [r.report for r in results] == ["left lower lobe"]
+    assert results[0].slice_index == 3 and parameters.reportSource == "given"
+
+    # Live refine is for slice mode only, and can be switched off.
+    parameters.liveUpdate = False
+    controller.set_report("right upper lobe")
+    assert not controller.live_pending
+    parameters.liveUpdate, parameters.scope = True, "volume"
+    controller.set_report("right middle lobe")
+    assert not controller.live_pending
+
+
+def test_worker_progresses_while_the_gui_thread_is_idle(scene, segmenter):
+    """No sleeping on the GUI thread: the worker finishes while the GUI thread only waits (as in an idle event
+    loop) and never calls into the controller; one poll afterwards delivers progress and writes the result."""
+    volume = _volume(scene, dims=(48, 40, 12))
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", report="left lung")
+    controller, events = _controller(parameters, segmenter)
+    controller.run()
+    worker = controller._run.thread
+    idle = threading.Event()
+    while worker.is_alive():
+        idle.wait(0.05)  # the GUI thread idles: no Python work, no poll
+    assert _names(events) == ["running", "status"]  # nothing delivered yet: the GUI thread did not poll
+    assert not controller.poll()
+    assert ("progress", (12, 12)) in events and controller.last_result.report == "left lung"
+    np.testing.assert_array_equal(
+        mrml.segment_mask(parameters.outputSegmentation, controller.last_result.segment_id, volume),
+        controller.last_result.mask)
+
+
+def test_gpu_out_of_memory_falls_back_to_the_cpu(scene, segmenter):
+    """CUDA running out of memory is not a crash: the same job runs again on the CPU and the user is told. (There
+    is no GPU here: the GPU model is the real one whose segment_array raises PyTorch's CUDA out-of-memory error.)"""
+    import torch
+
+    class GpuModel:
+        device = torch.device("cuda", 0)
+        package = segmenter.package
+
+        def __init__(self, error):
+            self.error = error
+
+        def segment_array(self, *args, **kwargs):
+            raise self.error
+
+    requested = []
+
+    def loader(model, device):
+        requested.append(device)
+        return segmenter if device == "cpu" else GpuModel(torch.cuda.OutOfMemoryError("CUDA out of memory."))
+
+    volume = _volume(scene)
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="auto")
+    controller, events = _controller(parameters, None)
+    controller._load_segmenter = loader
+    controller.run()
+    controller.wait(120)
+    assert requested == ["auto", "cpu"] and controller.fell_back_to_cpu
+    assert controller.last_result is not None and "ran on the CPU" in events[-2][1]
+
+    # Any other error is reported as it is, not retried.
+    controller2, events2 = _controller(ReportLoopParameters(inputVolume=volume, scope="volume"), None)
+    controller2._load_segmenter = lambda model, device: GpuModel(RuntimeError("something else"))
+    controller2.run()
+    controller2.wait(60)
+    errors = [payload for event, payload in events2 if event == "error"]
+    assert [str(e) for e in errors] == ["something else"] and not controller2.fell_back_to_cpu
+
+
+def test_sides_reach_the_engine_and_the_label(scene, segmenter):
+    """What left and right mean is passed to the engine, and the label beside the report box says it."""
+    volume = _volume(scene)
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", report="left lower lobe")
+    controller, _ = _controller(parameters, segmenter)
+    assert controller.sides_label() == "Left/right: patient's sides"
+    controller.run()
+    controller.wait(120)
+    assert controller.last_result.sides == "patient"
+    assert controller.sides_label() == "Left/right: patient (image orientation from the volume)"
+    parameters.sides = "image"
+    assert controller.sides_label() == "Left/right: image (as displayed)"
+    controller.run()
+    controller.wait(120)
+    assert controller.last_result.sides == "image"
+
+
+def test_models_are_listed_and_selected_with_their_threshold(tiny_model, own_models_folder, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_model, own_models_folder / "mine")
+    parameters = ReportLoopParameters()
+    controller = ReportLoopController(parameters)
+    listed = {m["name"]: m for m in controller.available_models()}
+    assert listed["mine"]["source"] == "user" and controller.user_models_folder() == str(own_models_folder)
+    controller.select_model("mine")
+    assert parameters.model == "mine" and parameters.threshold == pytest.approx(listed["mine"]["threshold"])
+    imported = controller.import_model(str(tiny_model))
+    assert parameters.model == imported["name"] == "tiny"
