@@ -12,6 +12,7 @@ segmentation (``docs/web.md`` shows one taken this way).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -220,9 +221,7 @@ def test_empty_report_is_approximated_and_the_segment_appears_and_downloads(serv
     summary = segment_summary(page)
     assert int(summary["voxels"]) > 100
     # The overlay in the browser: the red segment over the grey X-ray.
-    tinted = wait_until(lambda: overlay(views(page, tmp_path)).sum() > 500 and views(page, tmp_path), 60,
-                        "the segment overlay in the view", server)
-    assert overlay(tinted).sum() > 500
+    wait_until(lambda: overlay(views(page, tmp_path)).sum() > 500, 60, "the segment overlay in the view", server)
     if os.environ.get("LGSEG_WEB_SCREENSHOT"):
         page.screenshot(path=os.environ["LGSEG_WEB_SCREENSHOT"])
 
@@ -291,7 +290,6 @@ def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
     server = serve(_need(CT))
     started = time.perf_counter()
     open_page(page, server, "122 x 101 x 30 volume")
-    assert page.locator("#lg-views .v-col, #lg-views [name]").count() >= 0  # layout present
     wait_until(lambda: page.locator("#lg-views img").count() == 3, 60, "three slice views", server)
 
     page.click("#lg-scope-slice")
@@ -362,7 +360,9 @@ def _websocket(url: str, cookie: Optional[str] = None) -> int:
             except aiohttp.WSServerHandshakeError as error:
                 return error.status
 
-    return asyncio.run(connect())
+    # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, connect()).result()
 
 
 def _post(url: str, data: bytes) -> tuple[int, bytes]:

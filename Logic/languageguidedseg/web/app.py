@@ -107,7 +107,7 @@ class WebApp(TrameApp):
             "lg_live": True,
             "lg_scope": "slice",
             "lg_sides": self.parameters.sides,
-            "lg_sides_label": "",
+            "lg_sides_label": self.controller.sides_label(),
             "lg_is_volume": False,
             "lg_loaded": False,
             "lg_busy": False,
@@ -152,7 +152,7 @@ class WebApp(TrameApp):
             with html.Div(classes="d-flex ga-2"):
                 html.Input(type="file", id="lg-upload", style="display: none",
                            change="window.lgsegUpload($event.target.files); $event.target.value = ''")
-                html.Input(type="file", id="lg-upload-folder", style="display: none", webkitdirectory=True,
+                html.Input(type="file", id="lg-upload-folder", style="display: none", raw_attrs=["webkitdirectory"],
                            change="window.lgsegUpload($event.target.files); $event.target.value = ''")
                 v3.VBtn("Upload image", prepend_icon="mdi-file-upload", size="small", variant="tonal",
                         click="document.getElementById('lg-upload').click()", loading=("lg_uploading",),
@@ -191,8 +191,8 @@ class WebApp(TrameApp):
                        density="compact", hide_details=True, disabled=("!lg_has_segment",))
             html.Div("{{ lg_segment.text }}", v_if="lg_has_segment", id="lg-segment-summary",
                      classes="text-caption",
-                     **{"data-name": ("lg_segment.name",), "data-color": ("lg_segment.color",),
-                        "data-voxels": ("lg_segment.voxels",), "data-sha256": ("lg_segment.sha256",)})
+                     # The segment as the server's node holds it, for scripts and tests that read the page.
+                     raw_attrs=[f':data-{key}="lg_segment.{key}"' for key in ("name", "color", "voxels", "sha256")])
             with html.Div(classes="d-flex flex-wrap ga-2"):
                 trigger = self.server.controller.trigger_name(self._download)
                 for fmt, label in (("seg.nrrd", "Download .seg.nrrd"), ("nii.gz", "NIfTI"), ("png", "PNG")):
@@ -367,19 +367,15 @@ class WebApp(TrameApp):
             state.lg_report_message = payload.message
         elif event == "result":
             self._show_segment(payload)
-            self._show_sides_label(payload)
+            self._show_sides_label()
         elif event == "error":
             self._show_error(_one_line(payload))
 
     def _show_error(self, message: str) -> None:
         self.state.lg_error = message
 
-    def _show_sides_label(self, result: Any = None) -> None:
-        label = getattr(self.controller, "sides_label", None)
-        if callable(label):
-            self.state.lg_sides_label = label()
-        elif result is not None:
-            self.state.lg_sides_label = result.sides_label
+    def _show_sides_label(self) -> None:
+        self.state.lg_sides_label = self.controller.sides_label()
 
     def _show_segment(self, result: Any) -> None:
         """Summarise the segment as the scene holds it (read back from the node, not from the run's mask)."""
