@@ -273,7 +273,7 @@ def test_report_side_moves_the_mask_live(serve, page, tmp_path):
     first = segment_summary(page)["sha256"]
     left = wait_until(lambda: _overlay_side(page, tmp_path), 60, "the overlay", server)
     assert left > 0.9, f"only {left:.0%} of the 'lower left lung' mask lies in the image's left half"
-    assert "as written" not in page.inner_text("#lg-report-status")
+    assert page.inner_text("#lg-report-status") == "Segment uses this report as written."
 
     # Edit the report: no button press, the page's live refine re-segments after the pause in typing.
     page.fill("#lg-report", RIGHT)

@@ -145,12 +145,14 @@ class ReportLoopController:
     :param load_segmenter: ``(model, device) -> Segmenter``; default :func:`languageguidedseg.mrml.load_segmenter`.
     :param debounce_s: pause in typing before a live run starts.
     :param clock: monotonic clock in seconds (tests pass their own).
+    :param run_button: what the front end calls its run button ("Apply" in Slicer, "Segment" in the web page).
     """
 
     def __init__(self, parameters: Any, *, slice_node_for: Optional[Callable[[str], Any]] = None,
                  load_segmenter: Optional[Callable[[Any, str], Any]] = None, debounce_s: float = DEBOUNCE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, run_button: str = "Apply"):
         self.parameters = parameters
+        self.run_button = run_button  # the front end's name for its run button, used in messages
         self._slice_node_for = slice_node_for
         self._load_segmenter = load_segmenter or mrml.load_segmenter
         self.debounce_s = debounce_s
@@ -215,13 +217,13 @@ class ReportLoopController:
         text = p.report or ""
         if not text.strip():
             return ReportStatus("empty", text, 0.0,
-                                "No report: Apply approximates one from the image and shows it here.")
+                                f"No report: {self.run_button} approximates one from the image and shows it here.")
         if self._holds_approximation():
             return ReportStatus(
                 "approximated", text, float(p.reportSimilarity),
                 f"Approximated from the image (similarity {float(p.reportSimilarity):.2f}), not written by a "
                 "person. Accept it, or edit it to segment with your text.")
-        return ReportStatus("given", text, 0.0, "Apply uses this report as written.")
+        return ReportStatus("given", text, 0.0, f"{self.run_button} uses this report as written.")
 
     def _holds_approximation(self) -> bool:
         p = self.parameters

@@ -69,7 +69,7 @@ class WebApp(TrameApp):
         self.layouts.set_layout("image")
 
         self.parameters = ReportLoopParameters(model=model or "", device=device, scope="slice", sliceView="Red")
-        self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node)
+        self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node, run_button="Segment")
         if model:
             self.controller.select_model(model)
         self.controller.add_observer(self._on_controller_event)
