@@ -46,6 +46,7 @@ from languageguidedseg.web.uploads import safe_name  # noqa: E402
 
 QATA = DATA_ROOT / "qata-cov19"
 CT = DATA_ROOT / "ct-examples" / "ct.nii.gz"
+DICOM = DATA_ROOT / "ct-examples" / "ct-dicom"
 # QaTa-COV19 validation images. The second one's mask follows the side a report names clearly (checked with the
 # shipped model: "lower left lung" in the data set's image convention lies wholly in the image's left half, "lower
 # right lung" wholly in the right half).
@@ -312,7 +313,7 @@ def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
 
 
 def test_bad_uploads_give_one_message_and_a_good_one_works(serve, page, tmp_path):
-    """Issue test 4 (and a 4D image): one error in the page, nothing kept, the server goes on serving."""
+    """Issue test 4 (and a 4D image, a DICOM folder): one error in the page, nothing kept, the server goes on."""
     not_an_image = tmp_path / "report.png"
     not_an_image.write_text("this is a text file, not a PNG\n")
     four_d = tmp_path / "four.nrrd"
@@ -334,6 +335,12 @@ def test_bad_uploads_give_one_message_and_a_good_one_works(serve, page, tmp_path
                            timeout=60000)
     assert page.locator("#lg-error").count() == 0
     wait_until(lambda: views(page, tmp_path).std() > 20, 60, "the uploaded X-ray in the view", server)
+
+    # A DICOM folder (a 512 x 512 x 20 CT series), read as the series in it: three slice views.
+    page.set_input_files("#lg-upload-folder", str(_need(DICOM)))
+    page.wait_for_function("document.querySelector('#lg-status').innerText.includes('512 x 512 x 20 volume')",
+                           timeout=60000)
+    wait_until(lambda: page.locator("#lg-views img").count() == 3, 60, "three slice views", server)
     assert server.stop() == 0
     assert not server.uploads.exists(), "the upload folder was not removed at exit"
 

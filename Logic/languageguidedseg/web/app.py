@@ -26,6 +26,7 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 from trame_vuetify.widgets import vuetify3 as v3
+from vtkmodules.vtkCommonCore import vtkObject
 
 from .. import mrml
 from ..controller import ReportLoopController, ReportLoopParameters
@@ -61,11 +62,18 @@ class WebApp(TrameApp):
         self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
         axial, coronal, sagittal = (ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
                                     ViewLayoutDefinition.sagittal_view())
-        self.layouts.register_layout_dict({
-            "image": Layout(LayoutDirection.Vertical, [axial]),
-            "volume": Layout(LayoutDirection.Horizontal,
-                             [axial, Layout(LayoutDirection.Vertical, [coronal, sagittal])]),
-        })
+        # Creating the views warns, once per view, that VTK 9.6 deprecates an event trame-slicer 2.0 listens to;
+        # nothing a user can act on, so VTK's warnings are off while they are created (and restored after).
+        warnings_shown = vtkObject.GetGlobalWarningDisplay()
+        vtkObject.GlobalWarningDisplayOff()
+        try:
+            self.layouts.register_layout_dict({
+                "image": Layout(LayoutDirection.Vertical, [axial]),
+                "volume": Layout(LayoutDirection.Horizontal,
+                                 [axial, Layout(LayoutDirection.Vertical, [coronal, sagittal])]),
+            })
+        finally:
+            vtkObject.SetGlobalWarningDisplay(warnings_shown)
         self.layouts.set_layout("image")
 
         self.parameters = ReportLoopParameters(model=model or "", device=device, scope="slice", sliceView="Red")
