@@ -14,6 +14,7 @@ import ipaddress
 import re
 import secrets
 from typing import Awaitable, Callable, Optional
+from urllib.parse import urlencode
 
 from ..errors import LgsegError
 
@@ -72,11 +73,13 @@ def token_middleware(token: str) -> Callable:
         if matches(request.query.get("token")) and (websocket or request.method != "GET"):
             return await handler(request)
         if matches(request.query.get("token")):
-            # A page request: trade the token in the address for a cookie, and drop it from the address.
-            query = {key: value for key, value in request.query.items() if key != "token"}
-            response = web.HTTPFound(request.rel_url.with_query(query))
-            response.set_cookie(COOKIE, token, httponly=True, samesite="Strict", path="/")
-            return response
+            # A page request: trade the token in the address for a cookie, and drop it from the address. The
+            # redirect is relative and the cookie has no Path, so that both stay under a reverse proxy's prefix
+            # (the browser scopes the cookie to the page's folder: two servers behind one proxy keep their own).
+            query = [(key, value) for key, value in request.query.items() if key != "token"]
+            location = (request.path.rsplit("/", 1)[-1] or "./") + (f"?{urlencode(query)}" if query else "")
+            return web.Response(status=302, headers={
+                "Location": location, "Set-Cookie": f"{COOKIE}={token}; HttpOnly; SameSite=Strict"})
         if not matches(request.cookies.get(COOKIE)):
             return web.Response(status=403)  # nothing: no page, no hint
         return await handler(request)
