@@ -288,9 +288,17 @@ def test_report_side_moves_the_mask_live(serve, page, tmp_path):
 
 def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
     """Issue test 3: whole-volume mode, Cancel during the run: the segment stays as it was and the page says so."""
-    server = serve(_need(CT))
+    # The real CT with its 30 slices interpolated to 240, so that even a fast machine is still segmenting when the
+    # page's Cancel arrives (a slow one waits only for the batch that is running).
+    ct = sitk.ReadImage(str(_need(CT)))
+    spacing = (ct.GetSpacing()[0], ct.GetSpacing()[1], ct.GetSpacing()[2] / 8)
+    size = (ct.GetSize()[0], ct.GetSize()[1], ct.GetSize()[2] * 8)
+    volume = tmp_path / "ct-240.nii.gz"
+    sitk.WriteImage(sitk.Resample(ct, size, sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), spacing,
+                                  ct.GetDirection(), 0, ct.GetPixelID()), str(volume))
+    server = serve(volume)
     started = time.perf_counter()
-    open_page(page, server, "122 x 101 x 30 volume")
+    open_page(page, server, "122 x 101 x 240 volume")
     wait_until(lambda: page.locator("#lg-views img").count() == 3, 60, "three slice views", server)
 
     page.click("#lg-scope-slice")

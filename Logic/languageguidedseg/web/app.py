@@ -26,7 +26,7 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
 from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
 from trame_vuetify.widgets import vuetify3 as v3
-from vtkmodules.vtkCommonCore import vtkObject
+from vtkmodules.vtkCommonCore import vtkCommand, vtkObject
 
 from .. import mrml
 from ..controller import ReportLoopController, ReportLoopParameters
@@ -75,6 +75,12 @@ class WebApp(TrameApp):
         finally:
             vtkObject.SetGlobalWarningDisplay(warnings_shown)
         self.layouts.set_layout("image")
+        # A view is fitted to the image when the page has given it its size: views are created (and an image may
+        # be opened) before the browser lays them out, and a fit at the wrong size leaves the image cropped.
+        self._fit_pending: set = set()
+        for view in self.slicer.view_manager.get_slice_views():
+            view.interactor().AddObserver(vtkCommand.WindowResizeEvent,
+                                          lambda *_, view=view: self._fit_after_resize(view))
 
         self.parameters = ReportLoopParameters(model=model or "", device=device, scope="slice", sliceView="Red")
         self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node, run_button="Segment")
@@ -298,6 +304,7 @@ class WebApp(TrameApp):
         self.layouts.set_layout("volume" if is_volume else "image")
         self.slicer.display_manager.show_volume_in_slice_background(volume)
         self.slicer.display_manager.reset_views()
+        self._fit_pending = {view.get_singleton_tag() for view in self.slicer.view_manager.get_slice_views()}
         self.parameters.inputVolume = volume
         self.controller.clear_report()
         self.controller.watch_slices()
@@ -313,6 +320,12 @@ class WebApp(TrameApp):
             # the controller's own cache. A failure here is reported by the first run, which loads it again.
             self._preloading = True
             threading.Thread(target=self._load_model, name="LanguageGuidedSeg model", daemon=True).start()
+
+    def _fit_after_resize(self, view: Any) -> None:
+        if view.get_singleton_tag() in self._fit_pending:
+            self._fit_pending.discard(view.get_singleton_tag())
+            view.reset_view()
+            view.schedule_render()
 
     def _slice_node(self, view: str) -> Any:
         slice_view = self.slicer.view_manager.get_view(view)
