@@ -83,7 +83,7 @@ class WebServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "languageguidedseg.cli", "serve", *args, "--port", "0"],
             stdout=subprocess.PIPE, stderr=self._log_file, text=True, env=env)
-        self._lines: "queue.Queue[str]" = queue.Queue()
+        self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.url = self._wait_for(r"open (http://127\.0\.0\.1:\d+/\S*)")
         self.uploads = Path(self._wait_for(r"kept in (\S+) until the server stops"))
@@ -165,7 +165,8 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str, serve
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}" + (f"; server log:\n{server.tail()}" if server else ""))
+            log = f"; server log:\n{server.tail()}" if server else ""
+            raise AssertionError(f"timed out waiting for {what}{log}")
         time.sleep(0.2)
 
 

@@ -13,7 +13,8 @@ import hmac
 import ipaddress
 import re
 import secrets
-from typing import Awaitable, Callable, Optional
+from collections.abc import Awaitable
+from typing import Callable, Optional
 from urllib.parse import urlencode
 
 from ..errors import LgsegError
@@ -68,7 +69,8 @@ def token_middleware(token: str) -> Callable:
         return value is not None and hmac.compare_digest(value.encode(), expected)
 
     @web.middleware
-    async def check_token(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    async def check_token(request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         websocket = request.headers.get("Upgrade", "").lower() == "websocket"
         if matches(request.query.get("token")) and (websocket or request.method != "GET"):
             return await handler(request)

@@ -9,14 +9,18 @@ callbacks, the upload handler, and the task that polls the controller. Only imag
 worker) run elsewhere, and they touch no MRML node.
 """
 
+# trame and trame-slicer ship no type information.
+# mypy: disable-error-code="import-untyped"
+
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from trame.app import TrameApp

@@ -1,5 +1,8 @@
 """``lgseg serve``: the report loop in a web page (trame-slicer), from ``pip install "languageguidedseg[web]"``."""
 
+# trame and trame-slicer ship no type information.
+# mypy: disable-error-code="import-untyped"
+
 from __future__ import annotations
 
 import argparse

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Awaitable, Callable, List, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import LgsegError
 from .access import format_size
@@ -17,7 +18,7 @@ from .access import format_size
 _CHUNK = 1 << 20
 
 
-class UploadTooLarge(LgsegError):
+class UploadTooLargeError(LgsegError):
     """The upload is larger than the server's limit."""
 
 
@@ -48,12 +49,12 @@ def safe_name(name: str, index: int) -> str:
     return base
 
 
-async def receive_multipart(request, folder: Path, max_bytes: int) -> List[Path]:
-    """Write the files of a multipart POST into ``folder``; raises UploadTooLarge past ``max_bytes`` in total."""
+async def receive_multipart(request: Any, folder: Path, max_bytes: int) -> list[Path]:
+    """Write the files of a multipart POST into ``folder``; raises UploadTooLargeError past ``max_bytes`` in total."""
     if request.content_length is not None and request.content_length > max_bytes + 64 * 1024:
-        raise UploadTooLarge(_too_large(max_bytes))
+        raise UploadTooLargeError(_too_large(max_bytes))
     reader = await request.multipart()
-    written: List[Path] = []
+    written: list[Path] = []
     total = 0
     while True:
         part = await reader.next()
@@ -73,7 +74,7 @@ async def receive_multipart(request, folder: Path, max_bytes: int) -> List[Path]
                     break
                 total += len(chunk)
                 if total > max_bytes:
-                    raise UploadTooLarge(_too_large(max_bytes))
+                    raise UploadTooLargeError(_too_large(max_bytes))
                 out.write(chunk)
         written.append(target)
     if not written:
@@ -86,7 +87,7 @@ def _too_large(max_bytes: int) -> str:
             "choose a smaller file or restart the server with a larger --max-upload")
 
 
-def upload_handler(folder: UploadFolder, on_upload: Callable[[List[Path]], Awaitable[Optional[str]]],
+def upload_handler(folder: UploadFolder, on_upload: Callable[[list[Path]], Awaitable[Optional[str]]],
                    on_error: Callable[[str], None]) -> Callable:
     """aiohttp handler for ``POST upload``: save the files, then hand them to ``on_upload``, which opens them and
     returns None or the one-line reason why they cannot be used.
@@ -99,7 +100,7 @@ def upload_handler(folder: UploadFolder, on_upload: Callable[[List[Path]], Await
         target = folder.new_folder()
         try:
             files = await receive_multipart(request, target, folder.max_bytes)
-        except UploadTooLarge as exc:
+        except UploadTooLargeError as exc:
             shutil.rmtree(target, ignore_errors=True)
             on_error(str(exc))
             return web.json_response({"error": str(exc)}, status=413)
