@@ -284,6 +284,8 @@ def test_report_side_moves_the_mask_live(serve, page, tmp_path):
     right = wait_until(lambda: (lambda f: f is not None and f < 0.1 and 1 - f)(_overlay_side(page, tmp_path)), 60,
                        "the overlay in the image's right half", server)
     assert right > 0.9
+    log = server.log.read_text(errors="replace")
+    assert "lower left lung" not in log and "lower right lung" not in log, "the server logged a report"
     print(f"sides and live refine: {time.perf_counter() - started:.1f} s")
 
 
