@@ -18,7 +18,7 @@ from LanguageGuidedSegLib import DependencyError, LanguageGuidedSegLogic, Langua
 # the module must load with no PyTorch, no network and no GPU, and install nothing until the user presses Apply and
 # agrees. The report loop itself lives in the engine (languageguidedseg.controller), shared with the web page.
 
-POLL_INTERVAL_MS = 50
+POLL_INTERVAL_MS = 20
 
 __all__ = ["LanguageGuidedSeg", "LanguageGuidedSegLogic", "LanguageGuidedSegParameterNode", "LanguageGuidedSegTest",
            "LanguageGuidedSegWidget"]
@@ -324,6 +324,7 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
             self.skipTest("the engine's Python dependencies are not installed: " + "; ".join(missing))
         import numpy as np
 
+        mrml = importEngine("mrml")
         voxels = np.zeros((3, 48, 64), dtype=np.int16)
         voxels[:, 10:30, 20:40] = 800
         ijkToRAS = np.array([[-0.8, 0, 0, 5], [0, -0.6, 0, -3], [0, 0, 2.5, 10], [0, 0, 0, 1]])
@@ -348,8 +349,8 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
             segmentationNode = parameterNode.outputSegmentation
             segmentId = controller.last_result.segment_id
             self.assertEqual(segmentationNode.GetSegmentation().GetSegment(segmentId).GetName(), "Target")
-            self.assertTrue(np.array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(
-                segmentationNode, segmentId, volumeNode), controller.last_result.mask))
+            self.assertTrue(np.array_equal(mrml.segment_mask(segmentationNode, segmentId, volumeNode),
+                                           controller.last_result.mask))
 
             # An edited report is used as written; a cancelled run changes nothing.
             controller.set_report("one target, upper left")
@@ -357,11 +358,10 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
             controller.wait(120)
             self.assertEqual(controller.last_result.report_source, "given")
             nodes = slicer.mrmlScene.GetNumberOfNodes()
-            before = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+            before = mrml.segment_mask(segmentationNode, segmentId, volumeNode)
             controller.set_report("")
             controller.run()
             controller.cancel()
             controller.wait(120)
             self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
-            self.assertTrue(np.array_equal(
-                slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode), before))
+            self.assertTrue(np.array_equal(mrml.segment_mask(segmentationNode, segmentId, volumeNode), before))

@@ -74,7 +74,7 @@ def _red_slice_node(scene, volume, k):
     node.SetSingletonTag("Red")
     scene.AddNode(node)
     assert node.GetID() == "vtkMRMLSliceNodeRed"
-    node.SetOrientationToAxial()
+    node.SetSliceToRASByNTP(0, 0, 1, 1, 0, 0, 0, 0, 0, 0)  # axial (the presets are the application's)
     _show_slice(node, volume, k)
     return node
 

@@ -451,3 +451,121 @@ def test_errors_are_one_line_lgseg_errors(scene):
         mrml.volume_array(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"))
     with pytest.raises(LgsegError, match="no input volume"):
         mrml.volume_array(None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A real CT (../shared/data/ct-examples): a DICOM series and a NIfTI volume
+# ----------------------------------------------------------------------------------------------------------------
+
+CT_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-examples"
+
+
+@pytest.fixture(scope="module")
+def ct_examples() -> Path:
+    if not (CT_EXAMPLES / "ct-dicom").is_dir():
+        pytest.skip(f"the CT examples are not at {CT_EXAMPLES}")
+    return CT_EXAMPLES
+
+
+def _view_slice_node(scene, view, volume):
+    """Slicer's slice node of ``view`` (Red axial, Yellow sagittal, Green coronal) through the middle voxel."""
+    normal, transverse = {"Red": ((0, 0, 1), (1, 0, 0)), "Yellow": ((1, 0, 0), (0, 1, 0)),
+                          "Green": ((0, 1, 0), (1, 0, 0))}[view]
+    dims = mrml.volume_dimensions(volume)
+    centre = mrml.ijk_to_ras_matrix(volume) @ np.array([dims[0] // 2, dims[1] // 2, dims[2] // 2, 1])
+    node = slicer.vtkMRMLSliceNode()
+    node.SetLayoutName(view)
+    node.SetSingletonTag(view)
+    scene.AddNode(node)
+    node.SetSliceToRASByNTP(*normal, *transverse, *centre[:3], 0)
+    return node
+
+
+def _ct_volumes(scene, ct_examples):
+    """The DICOM series (through the reader lgseg uses) and the NIfTI (through Slicer's reader) as volume nodes."""
+    from languageguidedseg.imageio import read_image
+
+    dicom = mrml.add_volume_node(scene, read_image(ct_examples / "ct-dicom"), "ct-dicom")
+    nifti = _load_volume(scene, ct_examples / "ct.nii.gz")
+    return {"dicom": dicom, "nifti": nifti}
+
+
+def test_ct_dicom_series_and_nifti_load_as_volume_nodes_with_their_geometry(scene, ct_examples):
+    volumes = _ct_volumes(scene, ct_examples)
+    dicom, nifti = volumes["dicom"], volumes["nifti"]
+    assert mrml.volume_dimensions(dicom) == (512, 512, 20) and mrml.volume_dimensions(nifti) == (122, 101, 30)
+    # The DICOM series lies on the physical grid of its label map (stored with its rows flipped).
+    labels = sitk.ReadImage(str(ct_examples / "ct-dicom-labels.nii.gz"))
+    flip_rows = np.diag([1.0, -1.0, 1.0, 1.0])
+    flip_rows[1, 3] = labels.GetSize()[1] - 1
+    np.testing.assert_allclose(mrml.ijk_to_ras_matrix(dicom), LPS_TO_RAS @ _index_to_lps(labels) @ flip_rows,
+                               atol=1e-4)
+    # Slicer's NIfTI reader and SimpleITK agree on the NIfTI's geometry, and the voxels are the file's.
+    ct = sitk.ReadImage(str(ct_examples / "ct.nii.gz"))
+    np.testing.assert_allclose(mrml.ijk_to_ras_matrix(nifti), LPS_TO_RAS @ _index_to_lps(ct), atol=1e-4)
+    np.testing.assert_array_equal(mrml.volume_array(nifti)[0], sitk.GetArrayFromImage(ct))
+    np.testing.assert_array_equal(mrml.volume_array(dicom)[0][:, ::-1].shape, sitk.GetArrayFromImage(labels).shape)
+
+
+def _index_to_lps(image: sitk.Image) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * np.array(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+@pytest.mark.parametrize("source", ["dicom", "nifti"])
+def test_ct_segmented_whole_and_in_each_view_on_the_volumes_grid(scene, ct_examples, segmenter, source):
+    """The module's report loop segments the CT whole and one slice in each of the three views; the segment lies on
+    the volume's grid in RAS and slice mode changes only the slice shown."""
+    from languageguidedseg.controller import ReportLoopController, ReportLoopParameters
+
+    volume = _ct_volumes(scene, ct_examples)[source]
+    dims = mrml.volume_dimensions(volume)
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu",
+                                      report="infection in the lower left lung")
+    controller = ReportLoopController(parameters, load_segmenter=lambda model, device: segmenter)
+    controller.run()
+    controller.wait(300)
+    whole = controller.last_result
+    assert whole is not None and whole.mask.shape == dims[::-1] and whole.mask.any()
+    segmentation = parameters.outputSegmentation
+    values, extent, image_to_ras = _labelmap_in_ras(segmentation, whole.segment_id)
+    np.testing.assert_allclose(image_to_ras, mrml.ijk_to_ras_matrix(volume), atol=1e-6)
+    voxels = np.argwhere(whole.mask)[:: max(1, int(whole.mask.sum()) // 2000)]  # (k, j, i) samples
+    ras = (mrml.ijk_to_ras_matrix(volume) @ np.c_[voxels[:, ::-1], np.ones(len(voxels))].T)[:3].T
+    assert _sample_segment_at_ras(segmentation, whole.segment_id, ras).all()
+
+    before = mrml.segment_mask(segmentation, whole.segment_id, volume)
+    parameters.scope = "slice"
+    for view, axis in (("Red", 2), ("Yellow", 0), ("Green", 1)):
+        _view_slice_node(scene, view, volume)
+        parameters.sliceView = view
+        parameters.report = ""
+        controller.run()
+        controller.wait(120)
+        result = controller.last_result
+        assert (result.axis, result.slice_index) == (axis, dims[axis] // 2), view
+        assert result.report_source == "prototype"
+        after = mrml.segment_mask(segmentation, whole.segment_id, volume)
+        index = [slice(None)] * 3
+        index[2 - axis] = result.slice_index
+        np.testing.assert_array_equal(after[tuple(index)], result.mask[tuple(index)])
+        changed = np.argwhere(after != before)
+        assert (changed[:, 2 - axis] == result.slice_index).all(), f"{view}: voxels outside the slice changed"
+        before = after
+
+
+def test_cli_segments_the_dicom_series_onto_the_label_maps_grid(ct_examples, tiny_model, tmp_path, capsys):
+    output = tmp_path / "mask.nii.gz"
+    summary = _run_cli(capsys, ct_examples / "ct-dicom", tiny_model, output, "--report", "left lower lobe")
+    assert summary["report_source"] == "given"
+    mask, labels = sitk.ReadImage(str(output)), sitk.ReadImage(str(ct_examples / "ct-dicom-labels.nii.gz"))
+    assert mask.GetSize() == labels.GetSize()
+
+    # Mask index -> label map index: a flip of the rows, with integer offsets: the same voxel centres.
+    mapping = np.linalg.inv(_index_to_lps(labels)) @ _index_to_lps(mask)
+    np.testing.assert_allclose(mapping, np.rint(mapping), atol=1e-4)
+    corners = np.array([[0, 0, 0, 1], [511, 511, 19, 1]]).T
+    mapped = np.rint(mapping @ corners)[:3]
+    assert sorted(mapped[0]) == [0, 511] and sorted(mapped[1]) == [0, 511] and sorted(mapped[2]) == [0, 19]

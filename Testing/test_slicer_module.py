@@ -1,10 +1,16 @@
 """Checks of the Slicer module that need no Slicer application.
 
-Static checks: the .ui parses and holds every widget the module uses, the module imports nothing heavy at file
-scope, every module file is listed in CMake, and the catalog entry matches the CMake project. Then the CMake
-packaging is configured, built and installed against a stand-in for Slicer's CMake macros, and the module file is
-loaded with small stand-ins for Qt, CTK and Slicer's Python-only helpers, so its logic (and its own self-test) run on
-the real MRML library of ``slicer-core``.
+Static checks: the .ui parses and holds every widget the module uses, the module files import nothing heavy at file
+scope, every module file is listed in CMake, and the catalog entry matches the CMake project; the CMake packaging is
+configured, built and installed against a stand-in for Slicer's CMake macros.
+
+Then the module runs on Slicer's own Python layer of three releases (5.8.1, 5.10.0, 5.12.3, in ../shared/slicer-python):
+``slicer-core`` provides ``slicer.util`` and the MRML classes, the release folder is appended to ``slicer.__path__``,
+and ``ScriptedLoadableModule``, ``parameterNodeWrapper``, ``i18n`` and ``packaging`` are that release's own code. What
+exists only inside the Slicer application stands in, as bare names that Slicer's code needs at import time and
+nothing else: the ``qt`` and ``ctk`` modules (PythonQt) with the class names in ``IMPORT_NAMES`` and the
+application's widget class ``slicer.qMRMLNodeComboBox``. The Qt widget itself (``LanguageGuidedSegWidget``) cannot be
+instantiated here; everything it wires is tested through the controller and the library classes.
 """
 
 from __future__ import annotations
@@ -14,11 +20,11 @@ import importlib.util
 import json
 import os
 import re
+import logging
 import shutil
 import subprocess
 import sys
 import types
-import unittest
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -27,6 +33,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "LanguageGuidedSeg"
 MODULE_FILE = MODULE_DIR / "LanguageGuidedSeg.py"
+LIB_DIR = MODULE_DIR / "LanguageGuidedSegLib"
+PARAMETER_FILE = LIB_DIR / "ParameterNode.py"
+MODULE_SOURCES = [MODULE_FILE] + sorted(LIB_DIR.glob("*.py"))
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "LanguageGuidedSeg.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
 TOP_CMAKE = ROOT / "CMakeLists.txt"
@@ -35,7 +44,7 @@ CATALOG = ROOT / "LanguageGuidedSeg.json"
 # Folders under LanguageGuidedSeg/ that are not shipped with the module: build-time tests (their own CMake files)
 # and documentation pictures.
 NOT_PACKAGED = ("Testing/", "Resources/Screenshots/")
-LIGHT_MODULES = {"slicer", "qt", "ctk", "vtk", "__future__"}
+LIGHT_MODULES = {"slicer", "qt", "ctk", "vtk", "__future__", "LanguageGuidedSegLib", "<relative>"}
 HEAVY_MODULES = ("torch", "monai", "transformers", "safetensors", "sklearn", "languageguidedseg", "SimpleITK")
 # Fields of the catalog entry schema v1.0.1 (additionalProperties: false) and the required ones.
 CATALOG_FIELDS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
@@ -71,9 +80,9 @@ def _ui_bound_parameters() -> dict:
 
 
 def _parameter_annotations() -> dict:
-    """Parameter name -> annotation source, from the @parameterNodeWrapper class of the module."""
-    source = MODULE_FILE.read_text(encoding="utf-8")
-    for node in _module_tree().body:
+    """Parameter name -> annotation source, from the module's @parameterNodeWrapper class."""
+    source = PARAMETER_FILE.read_text(encoding="utf-8")
+    for node in ast.parse(source).body:
         if isinstance(node, ast.ClassDef) and any(
             (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list
         ):
@@ -132,15 +141,19 @@ def test_ui_binds_every_parameter_to_a_fitting_widget():
     parameters = _parameter_annotations()
     bound = _ui_bound_parameters()
     assert set(bound) <= set(parameters), f"unknown parameters in the .ui: {set(bound) - set(parameters)}"
-    assert {"inputVolume", "outputSegmentation", "scope", "sliceView", "report", "threshold", "device"} <= set(bound)
-    # A str binds to QTextEdit or QLineEdit (there is no QPlainTextEdit connector).
-    assert bound["report"] == "QTextEdit"
+    assert {"inputVolume", "outputSegmentation", "scope", "sliceView", "threshold", "device", "sides",
+            "liveUpdate"} <= set(bound)
+    # The report box is synced by hand: the wrapper's QTextEdit connector calls setPlainText on every parameter
+    # change (guiConnectors.py, 5.8.1 to 5.12.3), which moves the cursor to the start while the user types.
+    assert "report" not in bound
     for name, widget_class in bound.items():
         annotation = parameters[name]
         if "vtkMRML" in annotation:
             assert widget_class == "qMRMLNodeComboBox", name
         elif "Choice" in annotation:
             assert widget_class == "QComboBox", name
+        elif annotation == "bool":
+            assert widget_class == "QCheckBox", name
         elif "float" in annotation:
             assert widget_class in ("ctkSliderWidget", "QDoubleSpinBox"), name
             assert "WithinRange" in annotation, f"a slider needs a bounded float: {name}"
@@ -162,7 +175,8 @@ def _statements_run_at_import(tree: ast.Module):
 def test_module_imports_only_slicer_qt_vtk_and_stdlib_at_file_scope():
     stdlib = set(getattr(sys, "stdlib_module_names", ())) or {"os", "sys", "typing", "logging", "json"}
     offending = []
-    for node in _statements_run_at_import(_module_tree()):
+    nodes = [n for path in MODULE_SOURCES for n in _statements_run_at_import(ast.parse(path.read_text()))]
+    for node in nodes:
         if isinstance(node, ast.Import):
             roots = [alias.name.split(".")[0] for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -307,7 +321,7 @@ def test_cmake_packages_module_and_engine_with_models(tmp_path):
     )
     for tree in (build, prefix):
         modules = tree / "lib" / "Slicer-5.8" / "qt-scripted-modules"
-        for name in ("LanguageGuidedSeg.py", "Resources/UI/LanguageGuidedSeg.ui",
+        for name in ("LanguageGuidedSeg.py", "LanguageGuidedSegLib/__init__.py", "Resources/UI/LanguageGuidedSeg.ui",
                      "Resources/Icons/LanguageGuidedSeg.png", "Resources/requirements.txt"):
             assert (modules / name).is_file(), f"{name} missing from {tree.name}"
         shipped = sorted(
@@ -321,163 +335,84 @@ def test_cmake_packages_module_and_engine_with_models(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading the module file without Slicer's GUI
+# The module on Slicer's own Python layer, three releases
 # ----------------------------------------------------------------------------------------------------------------
 
-
-def _stub_modules(scene=None) -> dict:
-    """Stand-ins for the Qt/CTK/GUI-side modules the module file imports; slicer-core provides the rest."""
-    import slicer
-    from slicer.util import VTKObservationMixin  # noqa: F401  (provided by slicer-core)
-
-    qt = types.ModuleType("qt")
-    ctk = types.ModuleType("ctk")
-
-    i18n = types.ModuleType("slicer.i18n")
-    i18n.tr = lambda text: text
-    i18n.translate = lambda context, text: text
-
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-
-    class Choice:
-        def __init__(self, choices):
-            self.choices = choices
-
-    class WithinRange:
-        def __init__(self, minimum, maximum):
-            self.minimum, self.maximum = minimum, maximum
-
-    def parameterNodeWrapper(cls):
-        defaults = {name: getattr(cls, name, None) for name in cls.__annotations__}
-
-        def __init__(self, node):
-            self.parameterNode = node
-            for name, value in defaults.items():
-                setattr(self, name, value)
-
-        cls.__init__ = __init__
-        return cls
-
-    wrapper.Choice, wrapper.WithinRange, wrapper.parameterNodeWrapper = Choice, WithinRange, parameterNodeWrapper
-
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-
-    class ScriptedLoadableModule:
-        def __init__(self, parent):
-            self.parent = parent
-
-    class ScriptedLoadableModuleWidget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-    class ScriptedLoadableModuleLogic:
-        def __init__(self, parent=None):
-            pass
-
-        def getParameterNode(self):
-            return slicer.vtkMRMLScriptedModuleNode()
-
-    class ScriptedLoadableModuleTest(unittest.TestCase):
-        def delayDisplay(self, message, msec=None):
-            pass
-
-    scripted.ScriptedLoadableModule = ScriptedLoadableModule
-    scripted.ScriptedLoadableModuleWidget = ScriptedLoadableModuleWidget
-    scripted.ScriptedLoadableModuleLogic = ScriptedLoadableModuleLogic
-    scripted.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
-    return {"qt": qt, "ctk": ctk, "slicer.i18n": i18n, "slicer.parameterNodeWrapper": wrapper,
-            "slicer.ScriptedLoadableModule": scripted}
+SLICER_PYTHON = ROOT.parent / "shared" / "slicer-python"
+RELEASES = ("5.8.1", "5.10.0", "5.12.3")
+# PythonQt's modules do not exist outside the Slicer application. Slicer's Python layer only needs these class names
+# while it is imported (type annotations and isinstance checks of its GUI connectors, checked on the three
+# releases); they are bare names, nothing in them runs.
+IMPORT_NAMES = {
+    "qt": ("QColor", "QLabel", "QLineEdit", "QPushButton", "QTextEdit", "QWidget"),
+    "ctk": ("ctkCheckablePushButton", "ctkColorPickerButton", "ctkDirectoryButton", "ctkPathLineEdit"),
+}
+APPLICATION_WIDGET_NAMES = ("qMRMLNodeComboBox",)  # a Qt widget class of the application, named in guiConnectors.py
+RELEASE_MODULES = ("ScriptedLoadableModule", "parameterNodeWrapper", "i18n", "packaging", "util")
 
 
-def _load_module_file(monkeypatch):
-    pytest.importorskip("slicer")
-    for name, module in _stub_modules().items():
-        monkeypatch.setitem(sys.modules, name, module)
-    # The module may put the engine's folder on sys.path; undo that after the test.
-    monkeypatch.setattr(sys, "path", list(sys.path))
-    spec = importlib.util.spec_from_file_location("LanguageGuidedSegUnderTest", MODULE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _names_module(name: str, names) -> types.ModuleType:
+    module = types.ModuleType(name, f"Stand-in for PythonQt's '{name}': class names needed at import time only")
+    for class_name in names:
+        setattr(module, class_name, type(class_name, (), {"__module__": name}))
     return module
 
 
-def _run_with_heavy_modules_blocked(body: str, blocked=HEAVY_MODULES, env=None) -> str:
-    """Run ``body`` in a fresh interpreter where ``blocked`` cannot be imported, after loading the module file (as
-    ``module``) with the Qt/CTK stand-ins; return its stdout."""
-    script = f"""
-import importlib.util, sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-for blocked in {list(blocked)!r}:
-    sys.modules[blocked] = None  # any import of these fails
-import test_slicer_module as checks
-sys.modules.update(checks._stub_modules())
-spec = importlib.util.spec_from_file_location("LanguageGuidedSeg", {str(MODULE_FILE)!r})
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-""" + body
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, **(env or {})))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+def _unload_release() -> None:
+    """Forget the release's modules, the module under test and the stand-ins, so that the next release loads fresh
+    (each release registers its own serializers and connectors at import)."""
+    import slicer
+
+    root = str(SLICER_PYTHON.resolve())
+    for name in list(sys.modules):
+        module = sys.modules[name]
+        from_release = name.startswith("slicer.") and str(getattr(module, "__file__", "") or "").startswith(root)
+        if from_release or name in ("qt", "ctk", "LanguageGuidedSeg") or name.startswith("LanguageGuidedSegLib"):
+            del sys.modules[name]
+            if from_release and name.count(".") == 1 and hasattr(slicer, name.split(".")[1]):
+                delattr(slicer, name.split(".")[1])
+    for name in APPLICATION_WIDGET_NAMES + ("selfTests",):
+        if name in vars(slicer):
+            delattr(slicer, name)
+    slicer.__path__[:] = [p for p in slicer.__path__ if not str(Path(p).resolve()).startswith(root)]
+    while str(MODULE_DIR) in sys.path:
+        sys.path.remove(str(MODULE_DIR))
 
 
-def test_module_file_loads_without_torch_or_the_engine():
-    """Importing the module file (with torch and the engine made unimportable) pulls in no heavy package."""
+def _load_release(release: str) -> types.ModuleType:
+    """Load ``LanguageGuidedSeg.py`` the way Slicer does, on ``release``'s Python layer over slicer-core's MRML."""
+    import slicer
+
+    folder = SLICER_PYTHON / release / "slicer"
+    _unload_release()
+    slicer.__path__.append(str(folder))
+    for name, names in IMPORT_NAMES.items():
+        sys.modules[name] = _names_module(name, names)
+    for name in APPLICATION_WIDGET_NAMES:
+        setattr(slicer, name, type(name, (), {"__module__": "slicer"}))
+    sys.path.insert(0, str(MODULE_DIR))  # Slicer puts the scripted modules' folder on sys.path
+    module = importlib.import_module("LanguageGuidedSeg")
+    for name in ("ScriptedLoadableModule", "parameterNodeWrapper", "i18n"):
+        loaded = sys.modules[f"slicer.{name}"].__file__
+        assert loaded.startswith(str(folder)), f"slicer.{name} came from {loaded}, not from Slicer {release}"
+    return module
+
+
+@pytest.fixture(scope="module", params=RELEASES)
+def release(request):
+    """(release name, the module loaded on that release's Python layer)."""
     pytest.importorskip("slicer")
-    out = _run_with_heavy_modules_blocked(f"""
-logic = module.LanguageGuidedSegLogic()
-assert logic.getParameterNode().report == ""
-print("loaded", sorted(m for m in {list(HEAVY_MODULES)!r} if sys.modules.get(m) is not None))
-""")
-    assert "loaded []" in out
-
-
-def test_model_list_is_there_before_torch_is_installed(tmp_path):
-    """With torch (and the other heavy packages) unimportable, the module lists the models through the engine,
-    exactly as ``package.list_models()`` does; the engine's listing imports nothing heavy."""
-    pytest.importorskip("slicer")
-    models = tmp_path / "models"
-    configs = {
-        "tuned": {"task": "lungs", "licence": "MIT", "version": "1.2.0", "threshold": 0.3},
-        "untuned": {"task": "polyps", "licence": "CC-BY-4.0"},
-        "odd": {"task": "odd", "threshold": "high"},
-    }
-    for name, config in configs.items():
-        (models / name).mkdir(parents=True)
-        (models / name / "model.json").write_text(json.dumps({"config": config}))
-    (models / ".staging").mkdir()  # import_model's staging folder: never listed
-    (models / ".staging" / "model.json").write_text(json.dumps({"config": {}}))
-    engine_blocked = [m for m in HEAVY_MODULES if m != "languageguidedseg"]
-    out = _run_with_heavy_modules_blocked(f"""
-import json
-logic = module.LanguageGuidedSegLogic()
-listed = logic.availableModels()
-from languageguidedseg import package
-assert listed == [m.to_dict() for m in package.list_models()], listed
-assert logic.userModelsFolder() == str(package.user_models_folder())
-assert logic.defaultModelName() == package.DEFAULT_MODEL
-print("listed", json.dumps(listed))
-print("loaded", sorted(m for m in {engine_blocked!r} if sys.modules.get(m) is not None))
-""", blocked=engine_blocked, env={"LGSEG_MODELS": str(models)})
-    assert "loaded []" in out
-    listed = json.loads(out.split("listed ", 1)[1].splitlines()[0])
-    by_name = {m["name"]: m for m in listed if m["source"] == "user"}
-    assert set(by_name) == set(configs)
-    assert {n: (m["task"], m["licence"], m["threshold"]) for n, m in by_name.items()} == {
-        "tuned": ("lungs", "MIT", 0.3), "untuned": ("polyps", "CC-BY-4.0", 0.5), "odd": ("odd", "", 0.5)}
-    # The keys the widget shows or uses.
-    assert all({"name", "task", "licence", "version", "size_mb", "path", "source", "threshold"} <= set(m)
-               for m in listed)
-    assert by_name["tuned"]["path"] == str(models / "tuned")
-
-
-@pytest.fixture
-def module(monkeypatch):
-    return _load_module_file(monkeypatch)
+    if not (SLICER_PYTHON / request.param / "slicer").is_dir():
+        pytest.skip(f"Slicer {request.param}'s Python layer not found in {SLICER_PYTHON}")
+    try:
+        yield request.param, _load_release(request.param)
+    finally:
+        _unload_release()
 
 
 @pytest.fixture
 def scene(monkeypatch):
+    """A real MRML scene as ``slicer.mrmlScene`` (what the application provides)."""
     import slicer
 
     scene = slicer.vtkMRMLScene()
@@ -486,153 +421,256 @@ def scene(monkeypatch):
     scene.Clear(1)
 
 
-def _synthetic_volume(scene):
-    import numpy as np
-    import vtk
-    from vtk.util import numpy_support
-
-    voxels = np.zeros((4, 40, 56), dtype=np.int16)
-    voxels[:, 8:30, 10:40] = 900
-    image = vtk.vtkImageData()
-    image.SetDimensions(56, 40, 4)
-    image.AllocateScalars(vtk.VTK_SHORT, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = voxels.ravel()
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "synthetic")
-    node.SetAndObserveImageData(image)
-    node.SetSpacing(0.8, 0.6, 3.0)
-    return node
+def _lib(name: str) -> types.ModuleType:
+    return sys.modules[f"LanguageGuidedSegLib.{name}"]
 
 
-def test_logic_process_works_without_the_widget(module, scene, tiny_model):
-    """``process`` delegates to the engine: volume run, slice run and a cancelled run, with no widget at all."""
-    import numpy as np
-
-    from languageguidedseg import mrml
-    from languageguidedseg.inference import SegmentationCancelled
-
-    logic = module.LanguageGuidedSegLogic()
-    volume = _synthetic_volume(scene)
-    result = logic.process(volume, None, model=str(tiny_model), device="cpu", threshold=0.5)
-    assert result.report_source == "prototype" and result.report.startswith("prototype report")
-    segmentation = result.segmentation_node
-    assert segmentation is not None and segmentation.GetScene() is scene
-    assert segmentation.GetSegmentation().GetSegment(result.segment_id).GetName() == "Infection"
-    np.testing.assert_array_equal(mrml.segment_mask(segmentation, result.segment_id, volume), result.mask)
-
-    before = result.mask.copy()
-    second = logic.process(volume, segmentation, report="two infected areas", model=str(tiny_model),
-                           scope="slice", sliceIndex=2, axis=2, device="cpu", threshold=0.49)
-    assert second.report_source == "given" and second.segment_id == result.segment_id
-    after = mrml.segment_mask(segmentation, second.segment_id, volume)
-    np.testing.assert_array_equal(after[[0, 1, 3]], before[[0, 1, 3]])
-
-    nodes = scene.GetNumberOfNodes()
-    with pytest.raises(SegmentationCancelled):
-        logic.process(volume, None, model=str(tiny_model), device="cpu", cancel=lambda: True)
-    assert scene.GetNumberOfNodes() == nodes
-    # The loaded model is cached between runs (a slice must not pay for loading it again).
-    assert logic.segmenter(str(tiny_model), "cpu") is logic.segmenter(str(tiny_model), "cpu")
-
-
-def test_background_run_reports_progress_and_cancels(module, scene, tiny_model):
-    """The worker used by the widget: progress per slice, and a cancel that leaves the scene unchanged."""
-    logic = module.LanguageGuidedSegLogic()
-    volume = _synthetic_volume(scene)
-    job = logic.createJob(volume, model=str(tiny_model), device="cpu")
-    run = module.LanguageGuidedSegRun(logic, job)
-    run.start()
-    run._thread.join(timeout=120)
-    assert run.finished and run.error is None and not run.cancelled
-    assert (run.done, run.total) == (4, 4)
-    nodes = scene.GetNumberOfNodes()
-    result = logic.writeJob(job)
-    assert scene.GetNumberOfNodes() > nodes and result.segment_id
-
-    cancelled = module.LanguageGuidedSegRun(logic, logic.createJob(volume, model=str(tiny_model), device="cpu"))
-    cancelled.cancel()
-    cancelled.start()
-    cancelled._thread.join(timeout=120)
-    assert cancelled.finished and cancelled.cancelled and cancelled.error is None
-
-
-def test_gpu_out_of_memory_falls_back_to_the_cpu(module, scene, tiny_model, monkeypatch):
-    """CUDA running out of memory is not a crash: the same job runs again on the CPU, and the user is told."""
-    from languageguidedseg.inference import Segmenter
-
-    cpu = Segmenter(model=tiny_model, device="cpu")
-
-    class OutOfMemoryGpu:
-        device = "cuda:0"
-        package = cpu.package
-
-        def segment_array(self, *args, **kwargs):
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    requested = []
-
-    def fake_segmenter(model=None, device="auto"):
-        requested.append(device)
-        return cpu if device == "cpu" else OutOfMemoryGpu()
-
-    logic = module.LanguageGuidedSegLogic()
-    monkeypatch.setattr(logic, "segmenter", fake_segmenter)
-    result = logic.process(_synthetic_volume(scene), None, model=str(tiny_model), device="auto")
-    assert requested == ["auto", "cpu"] and logic.fellBackToCpu
-    assert result.mask.shape == (4, 40, 56) and result.segment_id
-
-    # Any other error is reported as it is, not retried.
-    class Broken(OutOfMemoryGpu):
-        def segment_array(self, *args, **kwargs):
-            raise RuntimeError("something else")
-
-    monkeypatch.setattr(logic, "segmenter", lambda model=None, device="auto": Broken())
-    with pytest.raises(RuntimeError, match="something else"):
-        logic.process(_synthetic_volume(scene), None, model=str(tiny_model), device="auto")
-
-
-def test_module_self_test_runs_on_the_mrml_library(module, scene, monkeypatch):
-    """The module's own ScriptedLoadableModuleTest, on slicer-core instead of the Slicer application."""
+def test_parameter_node_round_trips_through_slicers_serializers(release, scene, tmp_path):
+    """Created on a real vtkMRMLScriptedModuleNode; every field round-trips (node references to a scalar and a
+    vector volume and None included), invalid values are refused, and a saved .mrml scene reads back intact."""
     import slicer
 
-    # slicer.util's segment helpers reach the Segmentations module logic through slicer.modules.
-    segmentations_logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations_logic.SetMRMLScene(scene)
-    segmentations = types.SimpleNamespace(logic=lambda: segmentations_logic)
-    monkeypatch.setattr(slicer, "modules", types.SimpleNamespace(segmentations=segmentations), raising=False)
-    test = module.LanguageGuidedSegTest()
-    test.setUp()
-    test.test_ModuleLoadsWithoutEngine()
-    test.setUp()
-    test.test_LogicOnSyntheticVolume()
+    name, module = release
+    node = module.LanguageGuidedSegLogic().getParameterNode()
+    assert node.parameterNode.IsA("vtkMRMLScriptedModuleNode") and node.parameterNode.GetScene() is scene
+    assert node.inputVolume is None and node.outputSegmentation is None
+    assert (node.model, node.scope, node.sliceView, node.report, node.reportSource) == ("", "slice", "Red", "", "")
+    assert (node.threshold, node.device, node.sides, node.liveUpdate) == (0.5, "auto", "patient", True)
+
+    scalar = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    vector = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "colonoscopy")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segments")
+    for value in (vector, None, scalar):
+        node.inputVolume = value
+        assert node.inputVolume is value
+    node.outputSegmentation = segmentation
+    values = {"model": "qata-cxr", "scope": "volume", "sliceView": "Green",
+              "report": "bilateral pulmonary infection, two infected areas, lower left lung.",
+              "reportSource": "prototype", "reportSimilarity": 0.625, "approximationDigest": "ab" * 32,
+              "threshold": 0.35, "device": "cpu", "sides": "image", "liveUpdate": False}
+    for key, value in values.items():
+        setattr(node, key, value)
+        assert getattr(node, key) == value, key
+    for key, bad in (("scope", "everything"), ("sliceView", "Blue"), ("threshold", 1.5), ("device", "tpu"),
+                     ("sides", "left"), ("reportSource", "typed"), ("inputVolume", segmentation)):
+        with pytest.raises((ValueError, TypeError)):
+            setattr(node, key, bad)
+    # Read back through the serializers (a new wrapper has no cached values).
+    again = module.LanguageGuidedSegParameterNode(node.parameterNode)
+    assert {key: getattr(again, key) for key in values} == values
+    assert again.inputVolume is scalar and again.outputSegmentation is segmentation
+
+    path = tmp_path / "scene.mrml"
+    scene.SetURL(str(path))
+    assert scene.Commit(), f"Slicer {name}: the scene could not be saved"
+    loaded = slicer.vtkMRMLScene()
+    loaded.SetURL(str(path))
+    assert loaded.Import(), f"Slicer {name}: the saved scene could not be read"
+    slicer.mrmlScene = loaded
+    try:
+        read = module.LanguageGuidedSegLogic().getParameterNode()
+        assert read.parameterNode.GetScene() is loaded and read.parameterNode.GetID() == node.parameterNode.GetID()
+        assert {key: getattr(read, key) for key in values} == values
+        assert read.inputVolume.GetName() == "ct" and read.inputVolume.GetScene() is loaded
+        assert read.inputVolume.IsA("vtkMRMLScalarVolumeNode") and read.outputSegmentation.GetName() == "segments"
+    finally:
+        slicer.mrmlScene = scene
+        loaded.Clear(1)
 
 
-def test_model_list_matches_the_engine(module, tiny_model, tmp_path, monkeypatch):
-    """The module's model list and models folder are the engine's, for a real model package."""
-    from languageguidedseg import package
+def test_module_file_loads_without_torch_or_the_engine(release):
+    """Loading the module file, its library and the parameter node imports no heavy package (checked in a fresh
+    interpreter where they cannot be imported)."""
+    name, _ = release
+    script = f"""
+import sys
+for blocked in {list(HEAVY_MODULES)!r}:
+    sys.modules[blocked] = None  # any import of these fails
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import slicer
+slicer.mrmlScene = slicer.vtkMRMLScene()
+import test_slicer_module as checks
+module = checks._load_release({name!r})
+node = module.LanguageGuidedSegLogic().getParameterNode()
+assert node.report == "" and node.inputVolume is None
+print("loaded", sorted(m for m in {list(HEAVY_MODULES)!r} if sys.modules.get(m) is not None))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded []" in done.stdout
 
-    user = tmp_path / "user-models"
-    shutil.copytree(tiny_model, user / "tiny")
-    (user / ".staging").mkdir()
-    monkeypatch.setenv("LGSEG_MODELS", str(user))
+
+def test_self_test_passes_and_a_skip_is_a_skip(release, scene, caplog):
+    """The module's own self-test, as "Reload and Test" runs it (``runTest``): it passes on the real engine, and
+    when the engine's dependencies are missing its skip is reported as a skip, not raised as a failure."""
+    name, module = release
+    logic = _lib("SegmentationLogic")
+    runtime = logic.RUNTIME_MODULES
+    logic.RUNTIME_MODULES = ("torch", "lgseg_not_installed")
+    try:
+        with caplog.at_level(logging.INFO):
+            module.LanguageGuidedSegTest().runTest()
+    finally:
+        logic.RUNTIME_MODULES = runtime
+    assert "skipped: the engine's Python dependencies are not installed: lgseg_not_installed" in caplog.text
+    assert "2 run, 1 skipped" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        module.LanguageGuidedSegTest().runTest()
+    assert "2 run, 0 skipped" in caplog.text
+
+
+def test_logic_segments_through_the_controller_on_the_parameter_node(release, scene, tiny_model):
+    """The module's logic and controller on the release's real parameter node: a slice run in the Red view fills
+    the report box through the parameter node and writes the segment."""
+    import numpy as np
+    import slicer
+
+    from languageguidedseg import mrml
+
+    _, module = release
+    volume = slicer.util.addVolumeFromArray(np.full((3, 32, 40), 100, dtype=np.int16), name="synthetic")
+    red = slicer.vtkMRMLSliceNode()
+    red.SetLayoutName("Red")
+    red.SetSingletonTag("Red")
+    scene.AddNode(red)
+    red.SetSliceToRASByNTP(0, 0, 1, 1, 0, 0, 0, 0, 0, 0)  # axial (the presets are the application's)
+    red.JumpSliceByCentering(*(mrml.ijk_to_ras_matrix(volume) @ [20, 16, 1, 1])[:3])
     logic = module.LanguageGuidedSegLogic()
+    node = logic.getParameterNode()
+    node.inputVolume, node.model, node.device = volume, str(tiny_model), "cpu"
+    controller = logic.createController(node)
+    controller.run()
+    controller.wait(120)
+    result = controller.last_result
+    assert result is not None and (result.axis, result.slice_index) == (2, 1)
+    assert node.reportSource == "prototype" and node.report == result.report
+    assert node.outputSegmentation is result.segmentation_node
+    assert controller.report_status().kind == "approximated"
 
-    assert Path(logic.userModelsFolder()) == package.user_models_folder() == user
-    assert logic.defaultModelName() == package.DEFAULT_MODEL
-    listed = {m["name"]: m for m in logic.availableModels()}
-    engine = {m.name: m for m in package.list_models()}
-    assert set(listed) == set(engine) and "tiny" in listed
-    for name, info in engine.items():
-        assert (listed[name]["licence"], listed[name]["task"], listed[name]["source"], listed[name]["threshold"]) == (
-            info.licence, info.task, info.source, info.threshold)
-    assert (listed["tiny"]["source"], listed["tiny"]["licence"]) == ("user", "Apache-2.0")
-    assert listed["tiny"]["threshold"] == pytest.approx(0.5)
+
+def _used_names(module_prefix: str) -> set:
+    """Names the module and its library use from ``slicer.<module_prefix>``: imported, or as attributes."""
+    names = set()
+    for path in MODULE_SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module == f"slicer.{module_prefix}":
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and \
+                    isinstance(node.value.value, ast.Name) and node.value.value.id == "slicer" and \
+                    node.value.attr == module_prefix:
+                names.add(node.attr)
+    return names
 
 
-def test_dependency_check_reads_the_requirements(module):
-    """The fallback check (Slicer before 5.12) parses requirements.txt and finds the installed packages."""
-    logic = module.LanguageGuidedSegLogic()
-    lines = [line.split("#")[0].strip() for line in Path(logic.requirementsPath()).read_text().splitlines()]
-    requirements = [line for line in lines if line]
-    assert requirements and not any(r.split(">")[0].split("=")[0].strip().lower() in ("torch", "numpy", "simpleitk")
-                                     for r in requirements), "torch, numpy and SimpleITK must never be pip-installed"
-    assert logic.missingRequirements() == []  # this test environment has the engine's dependencies
+def _defined_names(path: Path) -> set:
+    """Top-level functions, classes and assignments of a source file (and of a package's modules)."""
+    files = sorted(path.glob("*.py")) if path.is_dir() else [path]
+    names = set()
+    for file in files:
+        for node in ast.parse(file.read_text(encoding="utf-8")).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign):
+                names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def test_every_slicer_api_the_module_uses_exists_in_the_three_releases():
+    """``slicer.util``, ``slicer.ScriptedLoadableModule``, ``slicer.parameterNodeWrapper`` and ``slicer.i18n`` names
+    used by the module and its library, checked against each release's own source; ``slicer.packaging`` (5.12+)
+    only where the code guards for its absence, with the keyword arguments it passes."""
+    used = {name: _used_names(name) for name in ("util", "ScriptedLoadableModule", "parameterNodeWrapper", "i18n")}
+    assert {"loadUI", "childWidgetVariables", "tryWithErrorDisplay", "errorDisplay", "pip_install", "restart",
+            "VTKObservationMixin", "confirmOkCancelDisplay", "addVolumeFromArray"} <= used["util"]
+    assert {"parameterNodeWrapper", "Choice", "WithinRange"} <= used["parameterNodeWrapper"]
+    for release in RELEASES:
+        folder = SLICER_PYTHON / release / "slicer"
+        if not folder.is_dir():
+            pytest.skip(f"Slicer {release}'s Python layer not found in {SLICER_PYTHON}")
+        for module_name, names in used.items():
+            source = folder / module_name if (folder / module_name).is_dir() else folder / f"{module_name}.py"
+            missing = names - _defined_names(source)
+            assert not missing, f"Slicer {release} has no slicer.{module_name}.{sorted(missing)}"
+
+    # slicer.packaging: imported only inside try/except ImportError, and pip_ensure takes what we pass.
+    install = (LIB_DIR / "InstallLogic.py").read_text(encoding="utf-8")
+    tree = ast.parse(install)
+    guarded = [n for n in ast.walk(tree) if isinstance(n, ast.Try) and any(
+        isinstance(s, ast.Import) and any(a.name == "slicer.packaging" for a in s.names) for s in n.body)]
+    assert guarded and all(any(isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in t.handlers)
+                           for t in guarded)
+    assert not (SLICER_PYTHON / "5.8.1" / "slicer" / "packaging.py").exists()
+    assert not (SLICER_PYTHON / "5.10.0" / "slicer" / "packaging.py").exists()
+    packaging_tree = ast.parse((SLICER_PYTHON / "5.12.3" / "slicer" / "packaging.py").read_text(encoding="utf-8"))
+    pip_ensure = next(n for n in packaging_tree.body if isinstance(n, ast.FunctionDef) and n.name == "pip_ensure")
+    parameters = {a.arg for a in pip_ensure.args.args + pip_ensure.args.kwonlyargs}
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+             and n.func.attr == "pip_ensure"]
+    assert calls and all({k.arg for k in call.keywords} <= parameters for call in calls)
+
+
+def test_installer_never_touches_protected_packages(release, tmp_path):
+    """The requirements hold no protected package; nothing is installed when everything is there; a missing package
+    is installed alone with --no-deps; a requirement on a newer numpy or torch than Slicer has is refused."""
+    name, _ = release
+    lib = _lib("InstallLogic")
+    pip_calls = []
+    requirements = Path(sys.modules["LanguageGuidedSegLib.SegmentationLogic"].MODULE_DIR) / "Resources" / \
+        "requirements.txt"
+    installer = lib.LanguageGuidedSegInstallLogic(str(requirements), ">=2.1", pipInstall=pip_calls.append,
+                                                  confirm=lambda text: pytest.fail("asked without need"))
+    protected = {p.lower() for p in lib.PROTECTED_PACKAGES}
+    assert installer.requirements() and not any(
+        lib._requirementClass()(r).name.lower() in protected for r in installer.requirements())
+    assert installer.missingRequirements() == [] and installer.torchProblem() is None
+    assert installer.ensure() and installer.ready and pip_calls == []
+
+    assert installer.installPlan(["monai>=99", "safetensors>=0.1"]) == [["monai>=99", "--no-deps"]]
+    # monai's own dependencies (torch, numpy) are protected and satisfied: never planned.
+    assert all(call[0].split(">")[0] not in protected for call in installer.installPlan(
+        lib.LanguageGuidedSegInstallLogic._declaredDependencies("monai")))
+    # 5.12 and later use slicer.packaging, earlier releases the installer's own --no-deps installs.
+    chosen = lib.LanguageGuidedSegInstallLogic.forSlicer(str(requirements), ">=2.1").packaging
+    assert chosen is (sys.modules["slicer.packaging"] if name == "5.12.3" else None)
+    if name != "5.12.3":
+        return  # 5.8.1's and 5.10.0's i18n.translate import slicer.app (the application) for the message below
+    with pytest.raises(lib.DependencyError, match="numpy>=999"):
+        installer.installPlan(["numpy>=999"])
+
+
+def test_installer_asks_installs_and_checks_the_result(tmp_path):
+    """The install path of Slicer 5.8 and 5.10 (no slicer.packaging): ask, install each missing package with
+    --no-deps, then check: a package still missing afterwards (as in Slicer's testing mode, where nothing is
+    installed) is an error, not "ready". Declining installs nothing. An installed torch that is too old is an error
+    saying what to do. (On 5.12.3's layer: the messages need 5.12's i18n, which works without the application.)"""
+    pytest.importorskip("slicer")
+    if not (SLICER_PYTHON / "5.12.3" / "slicer").is_dir():
+        pytest.skip(f"Slicer 5.12.3's Python layer not found in {SLICER_PYTHON}")
+    try:
+        _load_release("5.12.3")
+        lib = _lib("InstallLogic")
+        requirements = tmp_path / "requirements.txt"
+        requirements.write_text("# engine packages\nmonai>=99\nsafetensors>=0.4\n")
+        asked, pip_calls = [], []
+        installer = lib.LanguageGuidedSegInstallLogic(
+            str(requirements), ">=2.1", pipInstall=pip_calls.append, confirm=lambda text: asked.append(text) or False)
+        assert installer.packaging is None
+        assert installer.ensure() is False and pip_calls == [] and not installer.ready
+        assert "monai>=99" in asked[0] and "safetensors" not in asked[0]
+
+        installer.confirm = lambda text: True
+        restarts = []
+        installer.offerRestart = lambda: restarts.append(True)
+        with pytest.raises(lib.DependencyError, match="still missing after the install: monai>=99"):
+            installer.ensure()
+        assert pip_calls == [["monai>=99", "--no-deps"]] and not installer.ready
+        assert installer.restartNeeded and restarts == [True]  # monai was already imported: a restart is offered
+
+        too_old = lib.LanguageGuidedSegInstallLogic(str(requirements), ">=99", pipInstall=pip_calls.append,
+                                                    confirm=lambda text: True)
+        with pytest.raises(lib.DependencyError, match="PyTorch Utils"):
+            too_old.ensure()
+    finally:
+        _unload_release()

@@ -461,7 +461,8 @@ def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
 
 
 def test_volume_node_from_the_engine_reader_matches_slicer_reader():
-    """The page reads files with the engine's reader; the volume node must equal what Slicer's own reader makes."""
+    """The page reads files with the engine's reader; the volume node must equal what Slicer's own reader makes,
+    and remember its file (as Slicer's loaders do) so that a PNG is known to carry no orientation."""
     import slicer
 
     from languageguidedseg import mrml
@@ -477,3 +478,6 @@ def test_volume_node_from_the_engine_reader_matches_slicer_reader():
     np.testing.assert_allclose(mrml.ijk_to_ras_matrix(ours), mrml.ijk_to_ras_matrix(theirs), atol=1e-6)
     np.testing.assert_array_equal(mrml.volume_array(ours)[0], mrml.volume_array(theirs)[0])
     assert ours.GetStorageNode().GetFileName() == str(path)
+    # A PNG carries no orientation: left and right follow the radiological display assumption, and say so.
+    png = _qata_image(APPROXIMATION_IMAGE)
+    assert mrml.volume_geometry(mrml.add_volume_node(scene, read_image(png), "xray", source=png)) is None

@@ -43,10 +43,13 @@ class LanguageGuidedSegInstallLogic:
     :param pipInstall: ``pip_install(args: list)``; default ``slicer.util.pip_install``.
     :param confirm: ``confirm(text) -> bool``; default ``slicer.util.confirmOkCancelDisplay``.
     :param packaging: the ``slicer.packaging`` module, or None before Slicer 5.12.
+    :param pyTorchUtils: the PyTorch extension's ``PyTorchUtils`` module, or None when it is not installed.
+    :param offerRestart: called when a package that was already imported was updated; default: ask the user and
+        restart Slicer.
     """
 
     def __init__(self, requirementsPath, torchRequirement, pipInstall=None, confirm=None, packaging=None,
-                 pyTorchUtils=None):
+                 pyTorchUtils=None, offerRestart=None):
         self.requirementsPath = requirementsPath
         self.torchRequirement = torchRequirement
         self.pipInstall = pipInstall or slicer.util.pip_install
@@ -54,6 +57,7 @@ class LanguageGuidedSegInstallLogic:
             text, windowTitle=_("LanguageGuidedSeg - Install Python packages")))
         self.packaging = packaging
         self.pyTorchUtils = pyTorchUtils
+        self.offerRestart = offerRestart or _offerRestart
         self.ready = False
         self.restartNeeded = False
 
@@ -208,8 +212,12 @@ class LanguageGuidedSegInstallLogic:
                      if _canonical(_requirementClass()(a[0]).name) not in done]
         installedNow = {_canonical(_requirementClass()(line).name) for line in missing}
         self.restartNeeded = bool(installedNow & imported)
-        if self.restartNeeded and slicer.util.confirmYesNoDisplay(_(
-            "Packages that were already loaded were updated; restart Slicer now so that the new versions are "
-            "used?")):
-            slicer.util.restart()
+        if self.restartNeeded:
+            self.offerRestart()
+
+
+def _offerRestart():
+    if slicer.util.confirmYesNoDisplay(_("Packages that were already loaded were updated; restart Slicer now so that "
+                                         "the new versions are used?")):
+        slicer.util.restart()
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 REPORT = "bilateral pulmonary infection, two infected areas, lower left lung and middle lower right lung."
+EDIT_VOLUME_SLICES = 20  # the live-refine figure: a 20 x 512 x 512 CT, like ../shared/data/ct-examples/ct-dicom
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -47,7 +48,8 @@ def _synthetic_volume(slices: int, size: int = 512) -> np.ndarray:
 
 
 def run_benchmark(device: str = "cpu", volume_slices: int = 100, repeats: int = 10) -> dict[str, float]:
-    """Measure ``slice_ms``, ``reference_slice_ms``, ``speedup``, ``volume_s`` and ``peak_rss_mb``."""
+    """Measure ``slice_ms``, ``reference_slice_ms``, ``speedup``, ``volume_s``, ``peak_rss_mb`` and
+    ``edit_to_mask_ms`` (with ``edit_to_mask_path``: "mrml" or "mask", see :func:`_edit_to_mask_ms`)."""
     import SimpleITK as sitk
 
     from .imageio import read_image, image_array, write_mask
@@ -76,6 +78,8 @@ def run_benchmark(device: str = "cpu", volume_slices: int = 100, repeats: int = 
         write_mask(result.mask, volume, tmp / "mask.nii.gz")
         volume_s = time.perf_counter() - start
         peak_rss_mb = _peak_rss_mb()
+        edit_to_mask_ms, edit_to_mask_path = _edit_to_mask_ms(segmenter, _synthetic_volume(EDIT_VOLUME_SLICES),
+                                                              max(repeats, 5))
 
     reference_slice_ms = _reference_slice_ms(resolve_device(device), repeats)
     return {
@@ -85,9 +89,74 @@ def run_benchmark(device: str = "cpu", volume_slices: int = 100, repeats: int = 
         "volume_s": round(volume_s, 2),
         "volume_slices": volume_slices,
         "peak_rss_mb": round(peak_rss_mb, 1),
+        "edit_to_mask_ms": round(edit_to_mask_ms, 2),
+        "edit_to_mask_path": edit_to_mask_path,
         "threads": torch.get_num_threads(),
         "device": str(resolve_device(device)),
     }
+
+
+def _edits(count: int) -> list[str]:
+    """``count`` different reports, as a user editing one report produces them."""
+    parts = ["bilateral pulmonary infection", "two infected areas", "lower left lung", "middle lower right lung",
+             "upper right lung", "small consolidation", "ground-glass opacity", "no pleural effusion"]
+    return [", ".join(parts[i % len(parts): i % len(parts) + 2 + i % 3]) + f" (edit {i})" for i in range(count)]
+
+
+def _edit_to_mask_ms(segmenter: object, volume: np.ndarray, repeats: int) -> tuple[float, str]:
+    """Median latency from a changed report to the updated result on one 512 x 512 slice, model loaded.
+
+    With slice-core's MRML ("mrml"): the report-loop controller that the Slicer module and the web page use, in slice
+    mode on a real volume node and slice node, from the edit (debounce set to 0) to the segment written into a real
+    segmentation node; the report is encoded anew each time (every edit differs). Without MRML ("mask"): the engine's
+    own steps from the report to the mask of that slice.
+    """
+    edits = _edits(repeats + 1)
+    middle = volume.shape[0] // 2
+    try:
+        import slicer
+
+        slicer.vtkMRMLScene  # noqa: B018 - the MRML library, not just any "slicer" package
+    except (ImportError, AttributeError):
+        times = []
+        for text in edits[1:]:
+            start = time.perf_counter()
+            segmenter.segment_array(volume, report=text, axis=2, slice_index=middle)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000.0, "mask"
+    import vtk
+    from vtk.util import numpy_support
+
+    from .controller import ReportLoopController, ReportLoopParameters
+
+    scene = slicer.vtkMRMLScene()
+    image = vtk.vtkImageData()
+    image.SetDimensions(volume.shape[2], volume.shape[1], volume.shape[0])
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = volume.ravel()
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "benchmark")
+    node.SetAndObserveImageData(image)
+    node.SetSpacing(0.8, 0.8, 2.5)
+    red = slicer.vtkMRMLSliceNode()
+    red.SetLayoutName("Red")
+    red.SetSingletonTag("Red")
+    scene.AddNode(red)
+    red.SetSliceToRASByNTP(0, 0, 1, 1, 0, 0, 0, 0, 0, 0)  # axial (the presets are the application's)
+    red.JumpSliceByCentering(0.4 * volume.shape[2], 0.4 * volume.shape[1], 2.5 * middle)
+    parameters = ReportLoopParameters(inputVolume=node, scope="slice", device=str(segmenter.device))
+    controller = ReportLoopController(parameters, load_segmenter=lambda model, device: segmenter, debounce_s=0.0)
+    times = []
+    for i, text in enumerate(edits):
+        start = time.perf_counter()
+        controller.set_report(text)
+        controller.wait()
+        if i:  # the first edit creates the segmentation node: warm-up
+            times.append(time.perf_counter() - start)
+        result = controller.last_result
+        if result is None or result.report != text or result.slice_index != middle:
+            raise RuntimeError("the benchmark's edit did not reach the segment")
+    scene.Clear(1)
+    return statistics.median(times) * 1000.0, "mrml"
 
 
 def _reference_slice_ms(device: torch.device, repeats: int) -> float:

@@ -185,19 +185,24 @@ def slice_axis_and_index(slice_node: Any, volume_node: Any) -> Tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def volume_array(volume_node: Any) -> Tuple[np.ndarray, bool]:
+def volume_array(volume_node: Any, axis: Optional[int] = None,
+                 slice_index: Optional[int] = None) -> Tuple[np.ndarray, bool]:
     """A copy of the volume's voxels in (k, j, i) order and whether it is RGB ((k, j, i, 3), alpha dropped).
 
-    A copy, so a worker thread never reads VTK memory that the scene may change or free meanwhile.
+    With ``axis`` and ``slice_index``, only that slice, as a one-voxel-thick (k, j, i) block. A copy, so a worker
+    thread never reads VTK memory that the scene may change or free meanwhile.
     """
     image = _image_data(volume_node)
     dims = image.GetDimensions()
     components = image.GetNumberOfScalarComponents()
     flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    index: tuple = (slice(None),) * 3
+    if slice_index is not None:
+        index = tuple(slice(slice_index, slice_index + 1) if a == 2 - axis else slice(None) for a in range(3))
     if components == 1:
-        return np.array(flat.reshape(dims[2], dims[1], dims[0]), copy=True), False
+        return np.array(flat.reshape(dims[2], dims[1], dims[0])[index], copy=True), False
     if components in (3, 4):
-        return np.array(flat.reshape(dims[2], dims[1], dims[0], components)[..., :3], copy=True), True
+        return np.array(flat.reshape(dims[2], dims[1], dims[0], components)[index][..., :3], copy=True), True
     raise LgsegError(
         f"volume '{volume_node.GetName()}' has {components} components per voxel; "
         "use a grayscale or RGB volume (Vector to Scalar Volume module)"
@@ -249,10 +254,16 @@ def _labelmap_from_mask(mask: np.ndarray, volume_node: Any, segmentation_node: A
     else:
         bounds = [(int(n[0]), int(n[-1])) for n in nonzero]
     (k0, k1), (j0, j1), (i0, i1) = bounds
+    return _labelmap(mask[k0: k1 + 1, j0: j1 + 1, i0: i1 + 1], (i0, i1, j0, j1, k0, k1), volume_node,
+                     segmentation_node)
+
+
+def _labelmap(region: np.ndarray, extent: Sequence[int], volume_node: Any, segmentation_node: Any) -> Any:
+    """A binary oriented image holding ``region`` ((k, j, i) voxels of ``extent`` (i0, i1, j0, j1, k0, k1) of the
+    volume's grid), placed in the segmentation's coordinate frame."""
     labelmap = slicer.vtkOrientedImageData()
-    labelmap.SetExtent(i0, i1, j0, j1, k0, k1)
+    labelmap.SetExtent(*extent)
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    region = mask[k0: k1 + 1, j0: j1 + 1, i0: i1 + 1]
     numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (region != 0).astype(np.uint8).ravel()
     labelmap.SetImageToWorldMatrix(_numpy_to_matrix(_ijk_to_segmentation(volume_node, segmentation_node)))
     return labelmap
@@ -304,18 +315,6 @@ def write_mask(
     segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     segmentation = segmentation_node.GetSegmentation()
     segment_id = find_segment(segmentation_node, segment_name, tag_value)
-    if slice_index is None:
-        merged = (mask != 0).astype(np.uint8)
-    else:
-        # Replacing a segment replaces all of it, so merge the new slice into the current content first.
-        merged = (
-            segment_mask(segmentation_node, segment_id, volume_node)
-            if segment_id is not None
-            else np.zeros(mask.shape, dtype=np.uint8)
-        )
-        index = [slice(None)] * 3
-        index[2 - axis] = int(slice_index)
-        merged[tuple(index)] = mask[tuple(index)] != 0
     if segment_id is None:
         segment_id = segmentation.AddEmptySegment("", segment_name, [float(c) for c in color[:3]])
         if not segment_id:
@@ -327,10 +326,26 @@ def write_mask(
         if tag_value:
             segment.SetTag(SEGMENT_TAG, tag_value)
 
-    labelmap = _labelmap_from_mask(merged, volume_node, segmentation_node)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE):
-        raise LgsegError(f"could not write segment '{segment_name}' into '{segmentation_node.GetName()}'")
+    if slice_index is None:
+        writes = [(_labelmap_from_mask(mask, volume_node, segmentation_node), logic.MODE_REPLACE, None)]
+    else:
+        # Only that slice changes, at the cost of one slice: clear it (minimum with zeros) and add the new slice
+        # (maximum), each restricted to the slice's extent; the rest of the segment is left as it is.
+        extent = [0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1]
+        extent[2 * axis] = extent[2 * axis + 1] = int(slice_index)
+        index = [slice(None)] * 3
+        index[2 - axis] = slice(int(slice_index), int(slice_index) + 1)
+        region = mask[tuple(index)]
+        writes = [(_labelmap(np.zeros_like(region), extent, volume_node, segmentation_node), logic.MODE_MERGE_MIN,
+                   extent)]
+        if region.any():
+            writes.append((_labelmap(region, extent, volume_node, segmentation_node), logic.MODE_MERGE_MAX, extent))
+    for labelmap, mode, modified in writes:
+        done = (logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, mode, modified)
+                if modified else logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, mode))
+        if not done:
+            raise LgsegError(f"could not write segment '{segment_name}' into '{segmentation_node.GetName()}'")
     return segment_id
 
 
@@ -433,7 +448,8 @@ class SegmentationJob:
         self.model = model
         self.threshold = threshold
         self.device = device
-        self.array, self.rgb = volume_array(volume_node)
+        # Slice mode copies only the slice (a keystroke in live refine must not copy the whole volume).
+        self.array, self.rgb = volume_array(volume_node, self.axis, self.slice_index)
         self.geometry = volume_geometry(volume_node)  # snapshot: compute() may run in a worker thread
         self.segmenter: Any = None
         self.result: Any = None
@@ -454,7 +470,7 @@ class SegmentationJob:
             rgb=self.rgb,
             report=self.report,
             axis=self.axis,
-            slice_index=self.slice_index,
+            slice_index=None if self.slice_index is None else 0,  # the snapshot holds only that slice
             threshold=self.threshold,
             progress=progress,
             cancel=cancel,
@@ -479,6 +495,12 @@ class SegmentationJob:
         mask = np.asarray(self.result.mask, dtype=np.uint8)
         if mask.ndim == 2:
             mask = mask[None]
+        if self.slice_index is not None:  # the slice's mask, placed in the volume
+            whole = np.zeros(self.dimensions[::-1], dtype=np.uint8)
+            index = [slice(None)] * 3
+            index[2 - self.axis] = slice(self.slice_index, self.slice_index + 1)
+            whole[tuple(index)] = mask
+            mask = whole
         segment_id = write_mask(
             segmentation_node,
             self.volume_node,
@@ -504,6 +526,33 @@ class SegmentationJob:
             orientation=self.result.orientation,
             sides_label=self.result.sides_label,
         )
+
+
+def add_volume_node(scene: Any, image: Any, name: str, source: Optional[Union[str, Path]] = None) -> Any:
+    """Add a volume node holding a SimpleITK image (e.g. :func:`languageguidedseg.imageio.read_image`'s DICOM
+    series, the reader ``lgseg`` uses), geometry kept: ITK's LPS becomes Slicer's RAS. RGB images become vector
+    volume nodes; a 2D image a one-slice volume, as Slicer loads it. ``source``: the file the image was read from,
+    recorded in a storage node as Slicer's loaders do (:func:`volume_geometry` uses it: a PNG has no orientation)."""
+    from .imageio import _ijk_to_lps, image_array, is_rgb
+
+    rgb = is_rgb(image)
+    voxels = np.ascontiguousarray(image_array(image))
+    if voxels.ndim == (3 if rgb else 2):
+        voxels = voxels[None]
+    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode" if rgb else "vtkMRMLScalarVolumeNode", name)
+    data = vtk.vtkImageData()
+    data.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
+    scalars = numpy_support.numpy_to_vtk(voxels.reshape(-1, 3) if rgb else voxels.ravel(), deep=True)
+    data.GetPointData().SetScalars(scalars)
+    node.SetAndObserveImageData(data)
+    node.SetIJKToRASMatrix(_numpy_to_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ _ijk_to_lps(image)))
+    if not rgb:
+        node.CreateDefaultDisplayNodes()
+    if source is not None and Path(source).is_file():
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(source))
+        node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
 
 
 def new_segmentation_node(volume_node: Any, name: Optional[str] = None) -> Any:
@@ -562,32 +611,3 @@ def segment_volume_node(
     if segmentation_node is None:
         segmentation_node = new_segmentation_node(volume_node)
     return job.write(segmentation_node)
-
-
-def add_volume_node(scene: Any, image: Any, name: str, source: Optional[Union[str, Path]] = None) -> Any:
-    """Add a SimpleITK image (from ``imageio.read_image``) to ``scene`` as a scalar or vector volume node.
-
-    The voxels and the geometry (spacing, origin, direction) are kept; a 2D image becomes a one-slice volume, as
-    Slicer loads it. ``source``: the file the image was read from, recorded in a storage node as Slicer's loaders
-    do (:func:`volume_geometry` uses it: a PNG carries no orientation).
-    """
-    from .imageio import _ijk_to_lps, image_array, is_rgb
-
-    rgb = is_rgb(image)
-    voxels = np.ascontiguousarray(image_array(image))
-    if image.GetDimension() == 2:
-        voxels = voxels[np.newaxis]
-    node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode" if rgb else "vtkMRMLScalarVolumeNode",
-                                   scene.GenerateUniqueName(name))
-    data = vtk.vtkImageData()
-    data.SetDimensions(voxels.shape[2], voxels.shape[1], voxels.shape[0])
-    flat = voxels.reshape(-1, 3) if rgb else voxels.reshape(-1)
-    data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(flat, deep=True))
-    node.SetAndObserveImageData(data)
-    node.SetIJKToRASMatrix(_numpy_to_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ _ijk_to_lps(image)))
-    node.CreateDefaultDisplayNodes()
-    if source is not None and Path(source).is_file():
-        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-        storage.SetFileName(str(source))
-        node.SetAndObserveStorageNodeID(storage.GetID())
-    return node

@@ -303,6 +303,8 @@ class WebApp(TrameApp):
         self.parameters.outputSegmentation = None
         stem = name[:-len(full_suffix(name))] if full_suffix(name) else name
         volume = mrml.add_volume_node(scene, image, stem or "image", source=path)
+        if volume.GetDisplayNode() is None:
+            volume.CreateDefaultDisplayNodes()  # RGB volumes: shown as colour, as Slicer shows them
         self._image, self._image_name = image, stem or "image"
         is_volume = len(spatial_shape(image)) == 3 and spatial_shape(image)[0] > 1
         self.layouts.set_layout("volume" if is_volume else "image")
