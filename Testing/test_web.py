@@ -421,6 +421,7 @@ def test_token_guards_page_websocket_and_uploads(serve, page, tmp_path):
     page.wait_for_function("(document.querySelector('#lg-status')?.innerText || '').includes('Open an image')",
                            timeout=60000)
     assert "token" not in page.url
+    assert "larger than this server's limit of 1 kB" in page.inner_text("#lg-error")  # the refused upload, in words
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -116,7 +116,10 @@ class WebApp(TrameApp):
             "trame__title": "LanguageGuidedSeg",
             "lg_files": [{"title": path.name, "value": index} for index, path in enumerate(self._files)],
             "lg_file": None,
-            "lg_models": [{"title": m["name"], "value": m["name"]} for m in models],
+            "lg_models": [{"title": m["name"], "value": m["name"]} for m in models] + (
+                # A model folder given with --model: offered under its folder name.
+                [{"title": f"{Path(selected).name} (folder)", "value": selected}]
+                if selected not in {m["name"] for m in models} else []),
             "lg_model": selected,
             "lg_model_info": self._model_info(selected),
             "lg_report": "",
@@ -227,7 +230,7 @@ class WebApp(TrameApp):
         app = web_server.app
         if self._token is not None:
             app.middlewares.append(token_middleware(self._token))
-        app.router.add_post("/upload", upload_handler(self._uploads, self._open_upload, self._show_error))
+        app.router.add_post("/upload", upload_handler(self._uploads, self._open_upload, self._report_error))
 
     def _on_ready(self, **_: Any) -> None:
         self._poller = asyncio.get_event_loop().create_task(self._poll())
@@ -252,8 +255,9 @@ class WebApp(TrameApp):
             try:
                 with self.state:
                     self.controller.poll()
-            except Exception:  # noqa: BLE001 - the page must keep working; the error is shown, not raised
+            except Exception as exc:  # noqa: BLE001 - the page must keep working: the error is shown and logged
                 logger.exception("report loop")
+                self._report_error(_one_line(exc))
             await asyncio.sleep(POLL_SECONDS)
 
     # Opening images -------------------------------------------------------------------------------------------
@@ -261,13 +265,8 @@ class WebApp(TrameApp):
     def _on_file(self, lg_file: Optional[int] = None, **_: Any) -> None:
         if lg_file is None or not 0 <= lg_file < len(self._files):
             return
-        asyncio.get_event_loop().create_task(self._open_and_show(self._files[lg_file]))
-
-    async def _open_and_show(self, path: Path) -> None:
-        error = await self.open_path(path, path.name)
-        if error is not None:
-            with self.state:
-                self._show_error(error)
+        path = self._files[lg_file]
+        asyncio.get_event_loop().create_task(self.open_path(path, path.name))  # shows its own errors
 
     async def _open_upload(self, files: list) -> Optional[str]:
         # One file, or the files of one DICOM folder (read as the series in their folder).
@@ -277,7 +276,11 @@ class WebApp(TrameApp):
     async def open_path(self, path: Path, name: str) -> Optional[str]:
         """Read ``path`` with the engine's reader (in a worker thread) and show it; the error message, or None."""
         if self.controller.running:
-            return "a segmentation is running; cancel it or wait, then open the image again"
+            message = "a segmentation is running; cancel it or wait for it, then open the image again"
+            with self.state:
+                self._show_error(message)
+            return message
+        previous = self.state.lg_status
         with self.state:
             self.state.lg_status = f"Reading {name}..."
         try:
@@ -285,7 +288,7 @@ class WebApp(TrameApp):
         except LgsegError as exc:
             with self.state:
                 self._show_error(str(exc))
-                self.state.lg_status = "Could not open the image." if self._image is None else self.state.lg_status
+                self.state.lg_status = previous  # the image shown before, if any, is still there
             return str(exc)
         with self.state:
             self._show_image(image, path, name)
@@ -400,6 +403,11 @@ class WebApp(TrameApp):
 
     def _show_error(self, message: str) -> None:
         self.state.lg_error = message
+
+    def _report_error(self, message: str) -> None:
+        """Show an error from outside trame's callbacks (the upload route): pushed to the page at once."""
+        with self.state:
+            self._show_error(message)
 
     def _show_sides_label(self) -> None:
         self.state.lg_sides_label = self.controller.sides_label()
