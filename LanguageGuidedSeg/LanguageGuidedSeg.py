@@ -111,7 +111,9 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if firstVolumeNode and not firstVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
                 parameterNode.inputVolume = firstVolumeNode
-        if parameterNode is not self._parameterNode:
+        # getParameterNode wraps the scene's node anew each time: compare the MRML nodes, so that re-entering the
+        # module keeps the controller and a run in progress.
+        if self._parameterNode is None or parameterNode.parameterNode is not self._parameterNode.parameterNode:
             self.setParameterNode(parameterNode)
         elif self.controller:
             self.controller.watch_slices()
@@ -127,7 +129,8 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode, self.controller = parameterNode, None
         if not parameterNode:
             return
-        self.controller = self.logic.createController(parameterNode)
+        # Live refine runs only once the dependencies are there (else the first Apply installs them, after asking).
+        self.controller = self.logic.createController(parameterNode, live_allowed=self.logic.installLogic().isReady)
         self.controller.add_observer(self.onControllerEvent)
         self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
         self._setChoiceLabels()

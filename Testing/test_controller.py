@@ -283,6 +283,11 @@ def test_live_refine_waits_for_a_pause_and_drops_stale_runs(scene, segmenter):
     parameters.liveUpdate, parameters.scope = True, "volume"
     controller.set_report("right middle lobe")
     assert not controller.live_pending
+    # ... and only where the front end allows it (the Slicer module: once the dependencies are installed).
+    parameters.scope = "slice"
+    gated = ReportLoopController(parameters, live_allowed=lambda: False)
+    gated.set_report("left upper lobe")
+    assert not gated.live_pending and parameters.report == "left upper lobe"
 
 
 def test_worker_progresses_while_the_gui_thread_is_idle(scene, segmenter):

@@ -625,7 +625,7 @@ def test_installer_never_touches_protected_packages(release, tmp_path):
     assert installer.requirements() and not any(
         lib._requirementClass()(r).name.lower() in protected for r in installer.requirements())
     assert installer.missingRequirements() == [] and installer.torchProblem() is None
-    assert installer.ensure() and installer.ready and pip_calls == []
+    assert installer.isReady() and installer.ensure() and installer.ready and pip_calls == []
 
     assert installer.installPlan(["monai>=99", "safetensors>=0.1"]) == [["monai>=99", "--no-deps"]]
     # monai's own dependencies (torch, numpy) are protected and satisfied: never planned.
@@ -656,7 +656,7 @@ def test_installer_asks_installs_and_checks_the_result(tmp_path):
         asked, pip_calls = [], []
         installer = lib.LanguageGuidedSegInstallLogic(
             str(requirements), ">=2.1", pipInstall=pip_calls.append, confirm=lambda text: asked.append(text) or False)
-        assert installer.packaging is None
+        assert installer.packaging is None and not installer.isReady()
         assert installer.ensure() is False and pip_calls == [] and not installer.ready
         assert "monai>=99" in asked[0] and "safetensors" not in asked[0]
 

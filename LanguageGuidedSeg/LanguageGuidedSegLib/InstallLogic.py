@@ -148,6 +148,12 @@ class LanguageGuidedSegInstallLogic:
         except metadata.PackageNotFoundError:
             return []
 
+    def isReady(self):
+        """Whether everything is installed already (no dialog, no install): checked once, then remembered."""
+        if not self.ready and self.torchProblem() is None and not self.missingRequirements():
+            self.ready = True
+        return self.ready
+
     # Installing ------------------------------------------------------------------------------------------------
 
     def ensure(self):

@@ -50,6 +50,18 @@ Observers: ``controller.add_observer(callback)``; ``callback(event, payload)`` w
 ``cancelled``  None (the scene was not changed)
 =============  =================================================================================
 
+What a front end calls (all from its GUI thread):
+
+* ``set_report(text)`` on every edit of the report box (stores it only when it differs; live: schedules a run),
+  ``clear_report()``, ``report_status()`` (what the box holds), ``sides_label()`` (the line beside the box);
+* ``apply()`` (the Apply button: run, or cancel a running Apply), ``run()``, ``cancel()``, ``can_run()``,
+  ``poll()`` from a timer while ``running`` or ``live_pending``, ``abandon()`` when the scene closes;
+* ``watch_slices()`` / ``unwatch_slices()``: follow the slice nodes (a moved slice re-approximates, see above);
+* ``available_models()``, ``default_model_name()``, ``select_model(name)``, ``import_model(folder)``,
+  ``user_models_folder()``, ``device_name()``;
+* state to read: ``running``, ``run_kind`` ("apply" | "live" | None), ``live_pending``, ``progress``,
+  ``last_result``, ``last_run_kind``, ``fell_back_to_cpu``.
+
 MRML comes through :mod:`languageguidedseg.mrml`, which imports ``slicer`` (3D Slicer, or ``pip install
 slicer-core``) on first use; importing this module needs neither ``slicer`` nor PyTorch.
 """
@@ -145,13 +157,17 @@ class ReportLoopController:
     :param load_segmenter: ``(model, device) -> Segmenter``; default :func:`languageguidedseg.mrml.load_segmenter`.
     :param debounce_s: pause in typing before a live run starts.
     :param clock: monotonic clock in seconds (tests pass their own).
+    :param live_allowed: ``() -> bool``: whether live runs may start at all (e.g. the Slicer module allows them once
+        the user has installed the dependencies with a first Apply); default always.
     :param run_button: what the front end calls its run button ("Apply" in Slicer, "Segment" in the web page).
     """
 
     def __init__(self, parameters: Any, *, slice_node_for: Optional[Callable[[str], Any]] = None,
                  load_segmenter: Optional[Callable[[Any, str], Any]] = None, debounce_s: float = DEBOUNCE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic, run_button: str = "Apply"):
+                 clock: Callable[[], float] = time.monotonic, live_allowed: Callable[[], bool] = lambda: True,
+                 run_button: str = "Apply"):
         self.parameters = parameters
+        self._live_allowed = live_allowed
         self.run_button = run_button  # the front end's name for its run button, used in messages
         self._slice_node_for = slice_node_for
         self._load_segmenter = load_segmenter or mrml.load_segmenter
@@ -239,7 +255,8 @@ class ReportLoopController:
 
     def live_enabled(self) -> bool:
         p = self.parameters
-        return bool(getattr(p, "liveUpdate", False)) and p.scope == "slice" and p.inputVolume is not None
+        return (bool(getattr(p, "liveUpdate", False)) and p.scope == "slice" and p.inputVolume is not None
+                and self._live_allowed())
 
     # Report box -----------------------------------------------------------------------------------------------
 
