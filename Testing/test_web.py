@@ -331,6 +331,12 @@ def test_bad_uploads_give_one_message_and_a_good_one_works(serve, page, tmp_path
     sitk.WriteImage(sitk.JoinSeries([sitk.Image([4, 5, 3], sitk.sitkInt16)] * 2), str(four_d))
     server = serve()
     open_page(page, server, "Open an image")
+    # Without a token, on loopback: other sites in the browser, and other names rebound to 127.0.0.1, get nothing.
+    ws = server.base.replace("http://", "ws://") + "ws"
+    assert _websocket(ws, origin="http://elsewhere.example") == 403
+    assert _get(server.base, headers={"Host": "elsewhere.example"}) == (403, b"")
+    assert _post(server.base + "upload", b"x", headers={"Origin": "http://elsewhere.example"})[0] == 403
+    assert list(server.uploads.iterdir()) == []
 
     for upload, message in ((not_an_image, "cannot read"), (four_d, "4D images are not supported")):
         page.set_input_files("#lg-upload", str(upload))
@@ -356,20 +362,22 @@ def test_bad_uploads_give_one_message_and_a_good_one_works(serve, page, tmp_path
     assert not server.uploads.exists(), "the upload folder was not removed at exit"
 
 
-def _get(url: str) -> tuple[int, bytes]:
+def _get(url: str, headers: Optional[dict] = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
 
 
-def _websocket(url: str, cookie: Optional[str] = None) -> int:
+def _websocket(url: str, cookie: Optional[str] = None, origin: Optional[str] = None) -> int:
     """HTTP status of a websocket handshake (101 = connected)."""
     import aiohttp
 
     async def connect() -> int:
         headers = {"Cookie": cookie} if cookie else {}
+        if origin:
+            headers["Origin"] = origin
         async with aiohttp.ClientSession() as session:
             try:
                 async with session.ws_connect(url, headers=headers) as socket:
@@ -383,12 +391,13 @@ def _websocket(url: str, cookie: Optional[str] = None) -> int:
         return pool.submit(asyncio.run, connect()).result()
 
 
-def _post(url: str, data: bytes) -> tuple[int, bytes]:
+def _post(url: str, data: bytes, headers: Optional[dict] = None) -> tuple[int, bytes]:
     boundary = "lgsegboundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
             f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
     request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read()
@@ -411,6 +420,9 @@ def test_token_guards_page_websocket_and_uploads(serve, page, tmp_path):
 
     assert _websocket(f"{ws}?token={token}") == 101
     assert _websocket(ws, cookie=f"lgseg_token={token}") == 101
+    # Another web site open in the same browser cannot use the cookie: its Origin is refused.
+    assert _websocket(ws, cookie=f"lgseg_token={token}", origin="http://elsewhere.example") == 403
+    assert _websocket(ws, cookie=f"lgseg_token={token}", origin=base.rstrip("/")) == 101
     code, body = _post(f"{base}upload?token={token}", b"x" * 4096)  # over --max-upload 1kB
     assert code == 413 and "larger than this server's limit of 1 kB" in json.loads(body)["error"]
     assert list(server.uploads.iterdir()) == []

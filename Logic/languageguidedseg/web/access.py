@@ -5,6 +5,10 @@ without it, for the page, a static file, the websocket or an upload, gets an emp
 the address the server prints (``?token=...``); the server answers that request with a cookie for the page's later
 requests (static files, websocket, uploads) and a redirect to the same address without the token, so the token does
 not stay in the browser's address bar or history.
+
+Other web sites open in the same browser must not drive the page either (browsers let any site open a websocket to
+127.0.0.1 or post a form to it): a request whose ``Origin`` is not the page's own host is refused, and a server on
+loopback without a token answers only to loopback host names (no DNS rebinding of another name onto 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import re
 import secrets
 from collections.abc import Awaitable
 from typing import Callable, Optional
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from ..errors import LgsegError
 
@@ -87,3 +91,26 @@ def token_middleware(token: str) -> Callable:
         return await handler(request)
 
     return check_token
+
+
+def same_origin_middleware(loopback_names_only: bool) -> Callable:
+    """aiohttp middleware: refuse cross-site requests (``Origin`` of another host) and, with
+    ``loopback_names_only``, any ``Host`` that is not a loopback name or address.
+
+    Behind a reverse proxy the page's host is what the proxy puts in ``X-Forwarded-Host`` (else ``Host``).
+    """
+    from aiohttp import web
+
+    @web.middleware
+    async def check_origin(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        host = request.headers.get("Host", "")
+        if loopback_names_only and not is_loopback(urlsplit(f"//{host}").hostname or ""):
+            return web.Response(status=403)
+        origin = request.headers.get("Origin")
+        page_host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+        if origin is not None and urlsplit(origin).netloc.lower() != page_host.lower():
+            return web.Response(status=403)
+        return await handler(request)
+
+    return check_origin
