@@ -243,11 +243,14 @@ def test_empty_report_is_approximated_and_the_segment_appears_and_downloads(serv
     assert int(np.count_nonzero(voxels)) == int(summary["voxels"])
     assert mask_digest(voxels) == summary["sha256"]
 
-    with page.expect_download() as download:
-        page.click("#lg-download-png")
-    png = tmp_path / download.value.suggested_filename
-    download.value.save_as(png)
-    assert mask_digest(sitk.GetArrayFromImage(sitk.ReadImage(str(png)))[np.newaxis]) == summary["sha256"]
+    for button, suffix in (("#lg-download-png", ".png"), ("#lg-download-nii-gz", ".nii.gz")):
+        with page.expect_download() as download:
+            page.click(button)
+        saved = tmp_path / download.value.suggested_filename
+        download.value.save_as(saved)
+        assert saved.name.endswith(suffix)
+        assert mask_digest(sitk.GetArrayFromImage(sitk.ReadImage(str(saved))).reshape(voxels.shape)) == \
+            summary["sha256"]
     print(f"approximation, overlay and downloads: {time.perf_counter() - started:.1f} s")
 
 
