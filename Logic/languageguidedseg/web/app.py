@@ -321,6 +321,7 @@ class WebApp(TrameApp):
         self.state.update({
             "lg_loaded": True, "lg_is_volume": is_volume, "lg_has_segment": False, "lg_segment": {},
             "lg_error": "", "lg_scope": self.parameters.scope if is_volume else "slice",
+            "lg_file": self._files.index(path) if path in self._files else None,  # an upload is not in the list
             "lg_status": f"{name}: {' x '.join(str(s) for s in reversed(spatial_shape(image)))} "
                          f"{'volume' if is_volume else 'image'}. Type a report or press Segment.",
         })
