@@ -301,7 +301,10 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
 
     def test_ParameterNodeDefaults(self):
         """The parameter node is created and holds the defaults before any heavy package is imported."""
-        parameterNode = LanguageGuidedSegLogic().getParameterNode()
+        moduleNode = LanguageGuidedSegLogic().getParameterNode().parameterNode
+        self.assertEqual(moduleNode.GetAttribute("ModuleName"), "LanguageGuidedSeg")
+        # A new node: the module's own one is a scene singleton, which keeps an earlier run's values.
+        parameterNode = LanguageGuidedSegParameterNode(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"))
         self.assertIsNone(parameterNode.inputVolume)
         self.assertEqual((parameterNode.scope, parameterNode.report, parameterNode.sides), ("slice", "", "patient"))
         self.assertTrue(parameterNode.liveUpdate)

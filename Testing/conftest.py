@@ -77,3 +77,20 @@ def tiny_model(tmp_path_factory) -> Path:
                          segment_color=(0.9, 0.2, 0.1), prototype_reports=[f"prototype report {i}" for i in range(6)],
                          report_sides="image")  # like qata-cxr: reports name the image's sides
     return save_package(tmp_path_factory.mktemp("models") / "tiny", network, config)
+
+
+@pytest.fixture(scope="session")
+def segmenter(tiny_model):
+    """The tiny model, loaded once on the CPU (loading traces the network: seconds)."""
+    from languageguidedseg.inference import Segmenter
+
+    return Segmenter(model=tiny_model, device="cpu")
+
+
+@pytest.fixture
+def scene():
+    """An empty MRML scene of slicer-core, cleared afterwards."""
+    slicer = pytest.importorskip("slicer", reason="MRML tests need the slicer-core package")
+    scene = slicer.vtkMRMLScene()
+    yield scene
+    scene.Clear(1)

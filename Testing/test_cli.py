@@ -26,7 +26,8 @@ from languageguidedseg.package import CONFIG_FILE, WEIGHTS_FILE, list_models
 
 # The folder that holds the package under test: the checkout's Logic/ or the environment's site-packages.
 PACKAGE_PARENT = Path(languageguidedseg.__file__).resolve().parents[1]
-SUMMARY_KEYS = {"report", "report_source", "seconds", "foreground_fraction", "output", "model", "device", "similarity"}
+SUMMARY_KEYS = {"report", "report_source", "seconds", "foreground_fraction", "output", "model", "device", "similarity",
+                "sides", "orientation"}
 
 
 @pytest.fixture
@@ -298,7 +299,7 @@ def test_slice_option_fills_only_that_slice(tiny_model, models_folder, out, tmp_
     k = 2
     code, stdout, stderr = run_main(capsys, "segment", tmp_path / "volume.nrrd", "--model", tiny_model,
                                     "--report", QATA_REPORT, "--slice", k, "--axis", axis, "--output",
-                                    out / "mask.nii.gz", "--json")
+                                    out / "mask.nii.gz", "--json", "--sides", "image")
     assert code == 0, stderr
     written = sitk.ReadImage(str(out / "mask.nii.gz"))
     assert written.GetSize() == reference.GetSize()
@@ -309,11 +310,12 @@ def test_slice_option_fills_only_that_slice(tiny_model, models_folder, out, tmp_
     assert inside.any() and not outside.any()
     assert json.loads(stdout)["foreground_fraction"] == pytest.approx(mask.mean(), abs=1e-6)
 
-    # The slice is segmented as the same 2D image would be.
+    # The slice is segmented as the same 2D image would be (with the report in image sides: the 2D copy has lost
+    # the volume's orientation, so patient sides could translate differently).
     plane = np.take(sitk.GetArrayFromImage(reference), k, axis=2 - axis)
     sitk.WriteImage(sitk.GetImageFromArray(plane), str(tmp_path / "plane.nrrd"))
     code, _, _ = run_main(capsys, "segment", tmp_path / "plane.nrrd", "--model", tiny_model, "--report",
-                          QATA_REPORT, "--output", out / "plane.nrrd")
+                          QATA_REPORT, "--output", out / "plane.nrrd", "--sides", "image")
     assert code == 0
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "plane.nrrd"))), inside)
 
@@ -376,6 +378,24 @@ def test_approximate(qata_image, tiny_model, models_folder, capsys):
     result = json.loads(stdout)
     assert result["report"].startswith("prototype report") and len(result["top"]) == 3
     assert result["top"][0]["report"] == result["report"]
+    assert result["sides"] == "patient" and result["orientation"] == "assumed: radiological display"
+    code, stdout, stderr = run_main(capsys, "approximate", qata_image[0], "--model", tiny_model, "--sides", "image")
+    assert code == 0 and stdout.splitlines()[0] == "Left/right: image (as displayed)"
+
+
+def test_segment_says_which_sides_and_whether_the_orientation_was_assumed(qata_image, tiny_model, models_folder, out,
+                                                                         tmp_path, capsys):
+    code, stdout, _ = run_main(capsys, "segment", qata_image[0], "--model", tiny_model, "--output", out / "mask.png")
+    assert code == 0 and stdout.strip().endswith("Left/right: patient (assumed: radiological display)")
+    _random_volume(tmp_path / "volume.nrrd")
+    code, stdout, _ = run_main(capsys, "segment", tmp_path / "volume.nrrd", "--model", tiny_model, "--output",
+                               out / "mask.nrrd", "--json", "--quiet")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["sides"] == "patient" and summary["orientation"] == "from the file"
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(qata_image[0]), "--output", str(out / "mask.png"), "--sides", "left"])
+    assert info.value.code == 2 and "--sides" in capsys.readouterr().err
 
 
 def test_version(capsys):

@@ -38,20 +38,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def segmenter(tiny_model):
-    from languageguidedseg.inference import Segmenter
-
-    return Segmenter(model=tiny_model, device="cpu")
-
-
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    yield scene
-    scene.Clear(1)
-
-
 def _volume(scene, dims=DIMS):
     voxels = np.zeros(dims[::-1], dtype=np.int16)
     voxels[:, 8:30, 10:40] = 900
@@ -164,6 +150,11 @@ def test_empty_box_approximates_unedited_approximates_again_edited_is_used(scene
     assert controller.last_result.segment_id == result.segment_id
     assert parameters.report == "bilateral infection, lower left lung" and parameters.reportSource == "given"
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+
+    # The box is synced by hand: the same text again writes nothing and tells nobody (no cursor reset in the box).
+    events.clear()
+    controller.set_report("bilateral infection, lower left lung")
+    assert events == []
 
     controller.clear_report()
     assert (parameters.report, parameters.reportSource, controller.report_status().kind) == ("", "", "empty")

@@ -26,7 +26,8 @@ def _segment_by_hand(qata: Path, model: Path, out: Path, with_reports: bool, cap
     intersection = predicted = target = 0
     per_image = []
     for sample in load_split(qata, "val")[:LIMIT]:
-        report = ["--report", sample.report] if with_reports and sample.report else []
+        # The data set's reports name image sides (its dataset.json), which evaluate keeps.
+        report = ["--report", sample.report, "--sides", "image"] if with_reports and sample.report else []
         output = out / f"{sample.id}.png"
         assert main(["segment", str(sample.image_path), "--model", str(model), "--output", str(output), *report]) == 0
         capsys.readouterr()
@@ -69,3 +70,36 @@ def test_evaluate_text_output_and_errors(qata, tiny_model, tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error:")
     assert main(["evaluate", str(qata), "--model", str(tiny_model), "--limit", "0"]) == 2
     assert "--limit" in capsys.readouterr().err
+
+
+def _copy_without_dataset_json(qata: Path, folder: Path, count: int = 2) -> Path:
+    """A data set in the project layout with the first val images of QaTa (linked) and no dataset.json."""
+    ids = json.loads((qata / "split.json").read_text())["val"][:count]
+    for sub, suffix in (("images", ".png"), ("masks", ".png"), ("reports", ".txt")):
+        (folder / sub).mkdir(parents=True)
+        for sample_id in ids:
+            (folder / sub / f"{sample_id}{suffix}").symlink_to(qata / sub / f"{sample_id}{suffix}")
+    (folder / "split.json").write_text(json.dumps({"val": ids}))
+    return folder
+
+
+def test_evaluate_reads_reports_in_the_data_sets_convention(qata, kvasir, tiny_model, tmp_path, capsys):
+    # Declared by the data set: no warning.
+    for root, sides in ((qata, "image"), (kvasir, "none")):
+        assert main(["evaluate", str(root), "--model", str(tiny_model), "--limit", "2", "--json", "--quiet"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["sides"] == sides and captured.err == ""
+    # Not declared: the model's own convention, said in one warning line.
+    bare = _copy_without_dataset_json(qata, tmp_path / "bare")
+    assert main(["evaluate", str(bare), "--model", str(tiny_model), "--json", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["sides"] == "image"
+    assert len(captured.err.splitlines()) == 1 and captured.err.startswith("warning:")
+    assert "dataset.json" in captured.err and "model's own convention" in captured.err
+    # --sides overrides both.
+    assert main(["evaluate", str(bare), "--model", str(tiny_model), "--json", "--quiet", "--sides", "patient"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["sides"] == "patient" and captured.err == ""
+    (bare / "dataset.json").write_text('{"report_sides": "sideways"}')
+    assert main(["evaluate", str(bare), "--model", str(tiny_model), "--quiet"]) == 2
+    assert "report_sides" in capsys.readouterr().err

@@ -105,20 +105,6 @@ def _ras_of_voxels(image: sitk.Image) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def segmenter(tiny_model):
-    from languageguidedseg.inference import Segmenter
-
-    return Segmenter(model=tiny_model, device="cpu")
-
-
-@pytest.fixture
-def scene():
-    scene = slicer.vtkMRMLScene()
-    yield scene
-    scene.Clear(1)
-
-
-@pytest.fixture(scope="module")
 def oblique_volume_file(qata, tmp_path_factory) -> Path:
     """Three QaTa validation images stacked into an anisotropic, rotated and flipped 3D volume (NRRD)."""
     slices = [sitk.GetArrayFromImage(sitk.ReadImage(str(qata / "images" / f"{i}.png"))) for i in _qata_ids(qata, 3)]

@@ -36,7 +36,7 @@ def _config(name: str = "roundtrip") -> ModelConfig:
     return ModelConfig(name=name, task="round trip test", licence="Apache-2.0", threshold=0.4,
                        preprocessing=PreprocessConfig(size=SIZE).to_dict(), segment_name="Lesion",
                        segment_color=(0.1, 0.8, 0.3), prototype_reports=[f"report {i}" for i in range(5)],
-                       metrics={"dice": 0.5})
+                       report_sides="patient", metrics={"dice": 0.5})
 
 
 @torch.inference_mode()
@@ -97,7 +97,7 @@ def test_round_trip_keeps_the_description(tmp_path):
     config = load_package(folder).config
     expected = _config()
     for key in ("name", "task", "licence", "threshold", "segment_name", "segment_color", "prototype_reports",
-                "preprocessing", "metrics", "text_encoder", "max_tokens"):
+                "report_sides", "preprocessing", "metrics", "text_encoder", "max_tokens"):
         assert getattr(config, key) == getattr(expected, key), key
     assert config.network.bank_size == 5 and config.network.decoder_channels == (64, 48, 32, 24, 16)
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]  # no temporary files left
@@ -207,3 +207,50 @@ def test_import_model_refuses_a_changed_package(tiny_model, own_models_folder, t
     with pytest.raises(LgsegError):
         import_model(folder)
     assert not (own_models_folder / "tiny").exists()
+
+
+# ---------------------------------------------------------------- what left and right mean in the reports
+
+
+def _without_report_sides(package: Path, target: Path, name: str) -> Path:
+    """A package as saved before ``report_sides`` existed: the key absent, both hashes consistent."""
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import save as save_safetensors
+
+    from languageguidedseg.package import FORMAT, _canonical, _json_file_text, _sha256
+
+    values = json.loads((package / CONFIG_FILE).read_text())
+    del values["config"]["report_sides"]
+    values["config"]["name"] = name
+    content = {k: v for k, v in values.items() if k != "weights"}
+    data = save_safetensors(load_safetensors((package / WEIGHTS_FILE).read_bytes()),
+                            metadata={"config_sha256": _sha256(_canonical(content)), "format": FORMAT})
+    values["weights"]["sha256"] = _sha256(data)
+    target.mkdir(parents=True)
+    (target / WEIGHTS_FILE).write_bytes(data)
+    (target / CONFIG_FILE).write_bytes(_json_file_text(values).encode())
+    return target
+
+
+def test_packages_declare_report_sides(tiny_model, tmp_path):
+    assert json.loads((tiny_model / CONFIG_FILE).read_text())["config"]["report_sides"] == "image"
+    assert load_package(tiny_model).config.report_sides == "image"
+    for sides in (None, "left"):
+        config = _config()
+        config.report_sides = sides
+        with pytest.raises(LgsegError, match="report_sides") as info:
+            save_package(tmp_path / "undeclared", _network(), config)
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "undeclared" / CONFIG_FILE).exists()
+
+
+def test_package_without_report_sides_is_read_as_shipped_or_refused(tiny_model, tmp_path):
+    # The shipped packages predate the key (their model.json is hash-locked): read as their training data declares.
+    assert load_package("qata-cxr").config.report_sides == "image"
+    assert load_package("kvasir-polyp").config.report_sides == "none"
+    listed = {m.name: m.report_sides for m in list_models() if m.source == "installed"}
+    assert listed["qata-cxr"] == "image" and listed["kvasir-polyp"] == "none"
+    legacy = load_package(_without_report_sides(tiny_model, tmp_path / "qata-cxr", "qata-cxr"))
+    assert legacy.config.report_sides == "image"
+    message = _refused(_without_report_sides(tiny_model, tmp_path / "other", "other"), "report_sides")
+    assert "does not declare" in message and "image, patient, none" in message

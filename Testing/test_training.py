@@ -56,6 +56,20 @@ def _train(output: Path, *extra: str, launcher: tuple[str, ...] = ()) -> subproc
     return result
 
 
+def test_data_set_without_report_sides_is_refused(qata, tmp_path):
+    """A data set must say what left and right mean in its reports: the model package declares it."""
+    data = tmp_path / "data"
+    for name in ("images", "masks", "reports", "split.json"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).symlink_to(qata / name)
+    output = tmp_path / "model"
+    result = subprocess.run([sys.executable, str(REPO / "Training" / "train.py"), "--config", str(CONFIG), "--data",
+                             str(data), "--output", str(output), *TINY], capture_output=True, text=True, env=_env(),
+                            timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "dataset.json" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not output.exists()
+
+
 @pytest.fixture(scope="module")
 def trained(qata, tmp_path_factory) -> Path:
     """An uninterrupted two-epoch run (the first epoch is the bank warm-up)."""
@@ -72,6 +86,7 @@ def test_single_process_run_writes_a_verified_package_with_bank_and_logs(trained
     assert config.network.bank_size > 0
     assert len(config.prototype_reports) == config.network.bank_size
     assert all("lung" in report for report in config.prototype_reports)
+    assert config.report_sides == "image"  # from the data set's dataset.json
     for mode in ("report", "prototype"):
         assert 0.0 <= config.metrics[f"val_{mode}_dice"] <= 1.0
     assert config.training["command"].startswith("python ") and "--limit 16" in config.training["command"]

@@ -36,7 +36,7 @@ import torch.distributed as dist
 import yaml
 from torch.nn import functional as F
 
-from languageguidedseg.data import Sample, apply_text_ratio, load_pair, load_split
+from languageguidedseg.data import Sample, apply_text_ratio, dataset_report_sides, load_pair, load_split
 from languageguidedseg.errors import LgsegError
 from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import available_cores
@@ -201,6 +201,11 @@ class Trainer:
         root = Path(c.data)
         root = root if root.is_absolute() else (REPO_ROOT / root)
         self.data_root = root.resolve()
+        # The model's reports mean what the data set's reports mean; the package declares it (sides.py).
+        self.report_sides = dataset_report_sides(self.data_root)
+        if self.report_sides is None:
+            raise LgsegError(f"'{self.data_root}' has no dataset.json declaring report_sides; add one, e.g. "
+                             '{"report_sides": "image"} when "left" in its reports is the image\'s left')
         train = load_split(self.data_root, c.train_split)
         val = load_split(self.data_root, c.val_split)
         rng = np.random.default_rng(c.seed)
@@ -467,7 +472,7 @@ class Trainer:
             text_encoder=self.text_encoder_name, text_encoder_version=encoder_version(self.text_encoder_name),
             preprocessing=self.preprocess.to_dict(), threshold=c.threshold, segment_name=c.segment_name,
             segment_color=tuple(c.segment_color), prototype_reports=prototype_reports,
-            report_parser=c.report_parser,
+            report_sides=self.report_sides, report_parser=c.report_parser,
             training={"command": self.command, "config": dataclasses.asdict(c), "epoch": epoch + 1,
                       "data": str(c.data), "data_citation": c.data_citation,
                       "train_images": len(self.train.samples),

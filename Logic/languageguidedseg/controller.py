@@ -290,9 +290,9 @@ class ReportLoopController:
 
     # Slices ---------------------------------------------------------------------------------------------------
 
-    def slice_node(self) -> Any:
-        """The slice node that slice mode follows (``sliceView``)."""
-        view = self.parameters.sliceView
+    def slice_node(self, view: Optional[str] = None) -> Any:
+        """The slice node of ``view`` (default: ``sliceView``, the one slice mode follows), or None."""
+        view = view or self.parameters.sliceView
         if self._slice_node_for is not None:
             return self._slice_node_for(view)
         volume = self.parameters.inputVolume
@@ -306,11 +306,11 @@ class ReportLoopController:
         return mrml.slice_axis_and_index(node, volume)
 
     def watch_slices(self) -> None:
-        """Follow the slice views (a VTK observer on each slice node): see :meth:`slice_changed`."""
+        """Follow the slice views (a VTK observer on each slice node): see :meth:`slice_changed`. Without a
+        ``slice_node_for``, the nodes are found in the input volume's scene: call again after changing the volume."""
         self.unwatch_slices()
         for view in SLICE_VIEWS:
-            node = (self._slice_node_for(view) if self._slice_node_for is not None else default_slice_node(
-                self.parameters.inputVolume.GetScene() if self.parameters.inputVolume is not None else None, view))
+            node = self.slice_node(view)
             if node is not None:
                 tag = node.AddObserver("ModifiedEvent", lambda caller, event: self.slice_changed())
                 self._watched.append((node, tag))
@@ -417,13 +417,15 @@ class ReportLoopController:
             device=p.device, sides=getattr(p, "sides", "patient"))
         if p.scope == "slice":
             self._last_slice = (job.axis, job.slice_index)
-        self._due = None if kind == "apply" else self._due
+        if kind == "apply":
+            self._due = None
         run = _Run(job, kind, self._generation, p.report or "")
         run.thread = threading.Thread(target=self._work, args=(run,), name="LanguageGuidedSeg", daemon=True)
         self._run = run
         self.progress = (0, job.dimensions[job.axis] if job.slice_index is None else 1)
         self._emit("running", True)
-        self._emit("status", "Loading the model..." if self._segmenter is None else "Segmenting...")
+        loaded = self._segmenter is not None and self._segmenter_key == (str(job.model or ""), job.device)
+        self._emit("status", "Segmenting..." if loaded else "Loading the model...")
         run.thread.start()
 
     def cancel(self) -> None:

@@ -7,6 +7,7 @@ case-insensitively; image and mask files may be .png, .jpg, .jpeg, .bmp, .tif or
 
        images/<id>.png|.jpg    masks/<id>.png    reports/<id>.txt (optional: no file = no report)
        split.json              {"train": [ids...], "val": [ids...], "test": [...] (optional)}
+       dataset.json            {"report_sides": "image" | "patient" | "none"} (optional; see dataset_report_sides)
 
    A split name missing from split.json also matches its aliases (``valid`` finds ``val``).
 
@@ -132,13 +133,7 @@ def dataset_report_sides(root: PathLike) -> Optional[str]:
     path = Path(root).expanduser() / "dataset.json"
     if not path.is_file():
         return None
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LgsegError(f"cannot read '{path}' ({exc.__class__.__name__}); fix it to be a JSON object") from None
-    if not isinstance(values, dict):
-        raise LgsegError(f"'{path}' is not a JSON object; write it as {{\"report_sides\": \"image\"}} or similar")
-    sides = values.get("report_sides")
+    sides = _json_object(path, 'such as {"report_sides": "image"}').get("report_sides")
     if sides is not None and sides not in REPORT_SIDES:
         raise LgsegError(f"'{path}' has report_sides {sides!r}; use one of {', '.join(REPORT_SIDES)}")
     return sides
@@ -190,13 +185,18 @@ def apply_text_ratio(samples: Sequence[Sample], ratio: float, seed: int) -> List
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _load_project_split(root: Path, split_json: Path, split: str) -> List[Sample]:
+def _json_object(path: Path, what: str) -> dict:
     try:
-        splits = json.loads(split_json.read_text(encoding="utf-8"))
+        values = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LgsegError(f"cannot read '{split_json}' ({exc.__class__.__name__}); fix it to be a JSON object") from None
-    if not isinstance(splits, dict):
-        raise LgsegError(f"'{split_json}' is not a JSON object of split name -> ids; fix its contents")
+        raise LgsegError(f"cannot read '{path}' ({exc.__class__.__name__}); fix it to be a JSON object") from None
+    if not isinstance(values, dict):
+        raise LgsegError(f"'{path}' is not a JSON object {what}; fix its contents")
+    return values
+
+
+def _load_project_split(root: Path, split_json: Path, split: str) -> List[Sample]:
+    splits = _json_object(split_json, "of split name -> ids")
     key = _project_split_key(splits, split)
     if key is None:
         raise LgsegError(

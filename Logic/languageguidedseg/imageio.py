@@ -54,7 +54,7 @@ def image_geometry(image: sitk.Image, path: PathLike) -> Optional[Geometry]:
     (PNG, JPEG, BMP, TIFF), which carry no orientation."""
     if Path(path).is_file() and is_raster_file(Path(path).name):
         return None
-    return Geometry.from_lps(_ijk_to_lps(image), source="image file")
+    return Geometry.from_lps(_ijk_to_lps(image), source="file")
 
 
 def spatial_shape(image: sitk.Image) -> Tuple[int, ...]:

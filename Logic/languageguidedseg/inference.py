@@ -15,8 +15,7 @@ from .errors import LgsegError
 from .network import fold_batchnorm, fuse_convolutions
 from .package import ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size
-from .sides import RADIOLOGICAL_DISPLAY, Geometry, Orientation, check_sides, result_sides, sides_label, \
-    translate_report
+from .sides import Geometry, Orientation, check_sides, orientation_of, result_sides, sides_label, translate_report
 from .text import TextEncoder, normalize_report
 
 ProgressCallback = Callable[[int, int], None]
@@ -204,9 +203,7 @@ class Segmenter:
 
     def orientation(self, array: np.ndarray, rgb: bool, axis: int, geometry: Optional[Geometry]) -> Orientation:
         """Which side of the slices along ``axis`` is the patient's left; without geometry, radiological display."""
-        if geometry is None:
-            return RADIOLOGICAL_DISPLAY
-        return geometry.orientation(axis if array.ndim - (1 if rgb else 0) == 3 else 2)
+        return orientation_of(geometry, axis if array.ndim - (1 if rgb else 0) == 3 else 2)
 
     def _sides(self, sides: str, orientation: Orientation) -> dict[str, str]:
         shown = result_sides(sides, self.report_sides)

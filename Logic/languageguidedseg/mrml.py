@@ -25,7 +25,7 @@ import importlib
 import numpy as np
 
 from .errors import LgsegError
-from .sides import Geometry, check_sides, is_raster_file
+from .sides import Geometry, check_sides, is_raster_file, orientation_of, result_sides, sides_label
 
 
 class _Lazy:
@@ -143,6 +143,13 @@ def volume_geometry(volume_node: Any) -> Optional[Geometry]:
     if storage is not None and storage.GetFileName() and is_raster_file(storage.GetFileName()):
         return None
     return Geometry(ijk_to_world_matrix(volume_node), source="volume")
+
+
+def volume_sides_label(volume_node: Any, report_sides: str, sides: str = "patient", axis: Optional[int] = None) -> str:
+    """The label a run on ``volume_node`` will return as ``sides_label``, before running it (e.g. beside an empty
+    report box); ``report_sides`` is the model's (``ModelInfo.report_sides``), ``axis`` the slicing axis."""
+    orientation = orientation_of(volume_geometry(volume_node), default_axis(volume_node) if axis is None else axis)
+    return sides_label(result_sides(check_sides(sides), report_sides), orientation)
 
 
 def default_axis(volume_node: Any) -> int:

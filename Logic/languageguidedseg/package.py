@@ -2,9 +2,8 @@
 
 ``model.json`` holds the architecture, text encoder, preprocessing, threshold, segment name and colour, the
 prototype reports and what left and right mean in them (``report_sides``), training provenance, metrics and licence,
-plus the SHA-256 of the weights. The weights file's
-metadata holds the SHA-256 of the JSON's content, so a changed byte in either file is refused. Weights are read
-with safetensors only: nothing is ever unpickled.
+plus the SHA-256 of the weights. The weights file's metadata holds the SHA-256 of the JSON's content, so a changed
+byte in either file is refused. Weights are read with safetensors only: nothing is ever unpickled.
 
 Models are found by name among those installed with the package (``languageguidedseg/models``), in the user's
 models folder (``LGSEG_MODELS`` or the platform's user data folder), or by path.
@@ -103,6 +102,7 @@ class ModelInfo:
     path: Path
     source: str
     threshold: float = 0.5
+    report_sides: Optional[str] = None  # None: undeclared, the package will be refused on load
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -205,8 +205,15 @@ def list_models() -> list[ModelInfo]:
                                           licence=str(config.get("licence", "")),
                                           version=str(config.get("version", "")),
                                           size_mb=round(size, 2), path=entry, source=source,
-                                          threshold=_threshold(config.get("threshold")))
+                                          threshold=_threshold(config.get("threshold")),
+                                          report_sides=_report_sides(config))
     return list(found.values())
+
+
+def _report_sides(config: dict[str, Any]) -> Optional[str]:
+    """A listed model's report_sides, as load_package reads it (shipped packages predate the key)."""
+    value = config.get("report_sides", LEGACY_REPORT_SIDES.get(str(config.get("name"))))
+    return value if value in REPORT_SIDES else None
 
 
 def _threshold(value: object) -> float:
@@ -288,7 +295,8 @@ def load_package(model: Union[str, os.PathLike, None] = None) -> ModelPackage:
         raise LgsegError(f"model '{path.name}' has an invalid name {config.name!r}; re-export it with a plain name")
     if "report_sides" not in content["config"] and config.name in LEGACY_REPORT_SIDES:
         config.report_sides = LEGACY_REPORT_SIDES[config.name]  # shipped before the key existed; hash-locked
-    _check_report_sides(config, f"model '{config.name}'", "re-save it with report_sides set (Training/train.py takes it from the data set's dataset.json)")
+    _check_report_sides(config, f"model '{config.name}'", "re-save it with report_sides set (Training/train.py "
+                        "takes it from the data set's dataset.json)")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     return ModelPackage(path=path, config=config, state_dict=state, weights_sha256=expected)
 

@@ -32,7 +32,7 @@ LEGACY_REPORT_SIDES = {"qata-cxr": "image", "kvasir-polyp": "none"}
 # "left"/"right" as a word or word start ("left-sided", "leftmost", "rightward"), or a pair that names both sides
 # ("left and right", "right or left", "left/right"), which reads the same in either convention and stays as written.
 _SIDE_WORDS = re.compile(
-    r"\b(?P<pair>(?:left|right)\s*(?:and|or|&|/|,)\s*(?:left|right)\b)"
+    r"\b(?P<pair>left\s*(?:and|or|&|/)\s*right|right\s*(?:and|or|&|/)\s*left)\b"
     r"|\b(?P<side>left|right)(?=(?:most|wards?)?\b)",
     re.IGNORECASE,
 )
@@ -71,7 +71,7 @@ class Orientation:
 
     ``patient_left``: "right" (radiological display), "left", or None when the slice's columns do not run
     left-right (e.g. a sagittal slice). ``assumed``: no geometry, taken as radiological display.
-    ``source``: what the geometry came from, for messages ("volume", "image file").
+    ``source``: what the geometry came from, for messages ("volume", "file").
     """
 
     patient_left: Optional[str]
@@ -99,7 +99,7 @@ class Geometry:
     source: str = "image"
 
     @classmethod
-    def from_lps(cls, ijk_to_lps: np.ndarray, source: str = "image file") -> "Geometry":
+    def from_lps(cls, ijk_to_lps: np.ndarray, source: str = "file") -> "Geometry":
         """From an ITK (LPS) IJK-to-physical matrix, e.g. a SimpleITK image's direction, spacing and origin."""
         return cls(np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_lps, dtype=float), source)
 
@@ -115,6 +115,11 @@ class Geometry:
             return Orientation(None, source=self.source)
         # RAS: +x is the patient's right, so columns that run towards -x put the patient's left on the image's right.
         return Orientation("right" if unit[0] < 0 else "left", source=self.source)
+
+
+def orientation_of(geometry: Optional[Geometry], axis: int = 2) -> Orientation:
+    """The orientation of slices along ``axis``; without geometry, radiological display is assumed."""
+    return RADIOLOGICAL_DISPLAY if geometry is None else geometry.orientation(axis)
 
 
 def column_axis(axis: int) -> int:
