@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def serve_command(args: argparse.Namespace) -> int:
         app = WebApp(paths, model=args.model, device=args.device, uploads=uploads, token=token)
 
         def announce(**_: object) -> None:
-            host = f"[{args.host}]" if ":" in args.host else args.host
+            # Listening on every address: the machine's name is what other machines can open.
+            host = socket.gethostname() if args.host in ("0.0.0.0", "::", "") else args.host
+            host = f"[{host}]" if ":" in host else host
             address = f"http://{host}:{app.server.port}/"
             if token is not None:
                 address += f"?token={token}"
