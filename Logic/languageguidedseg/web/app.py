@@ -83,8 +83,8 @@ class WebApp(TrameApp):
         # be opened) before the browser lays them out, and a fit at the wrong size leaves the image cropped.
         self._fit_pending: set = set()
         for view in self.slicer.view_manager.get_slice_views():
-            view.interactor().AddObserver(vtkCommand.WindowResizeEvent,
-                                          lambda *_, view=view: self._fit_after_resize(view))
+            view.render_window().AddObserver(vtkCommand.WindowResizeEvent,
+                                             lambda *_, view=view: self._fit_after_resize(view))
 
         self.parameters = ReportLoopParameters(model=model or "", device=device, scope="slice", sliceView="Red")
         self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node, run_button="Segment")
