@@ -226,6 +226,13 @@ def test_empty_report_is_approximated_and_the_segment_appears_and_downloads(serv
     wait_until(lambda: overlay(views(page, tmp_path)).sum() > 500, 60, "the segment overlay in the view", server)
     if os.environ.get("LGSEG_WEB_SCREENSHOT"):
         page.screenshot(path=os.environ["LGSEG_WEB_SCREENSHOT"])
+    # Segment opacity 0 hides the overlay, 1 brings it back (the slider, moved with the keyboard).
+    thumb = page.locator(".v-slider:has(#lg-opacity) [role=slider]")
+    thumb.focus()
+    page.keyboard.press("Home")
+    wait_until(lambda: overlay(views(page, tmp_path)).sum() < 50, 60, "the overlay to vanish at opacity 0", server)
+    page.keyboard.press("End")
+    wait_until(lambda: overlay(views(page, tmp_path)).sum() > 500, 60, "the overlay at opacity 1", server)
 
     # Download through the page and read it back with slicerio: name, colour and voxels of the server's node.
     import slicerio
