@@ -317,6 +317,16 @@ def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
     page.click("#lg-scope-slice")
     page.click("#lg-segment")
     page.wait_for_selector("#lg-segment-summary", timeout=RUN_TIMEOUT)
+    first_slice = re.search(r"of slice (\d+) ", status(page)).group(1)
+    # Scrolling the axial view with the box holding the approximation approximates again for the new slice.
+    box = page.locator("#lg-views img").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    for _ in range(3):
+        page.mouse.wheel(0, 120)
+    page.wait_for_function("(first) => /^Done.* of slice (\\d+) /.test(document.querySelector('#lg-status').innerText)"
+                           " && !document.querySelector('#lg-status').innerText.includes(`of slice ${first} `)",
+                           arg=first_slice, timeout=RUN_TIMEOUT)
+    assert page.inner_text("#lg-report-status").startswith("Approximated from the image")
     before = segment_summary(page)
 
     page.click("#lg-scope-volume")

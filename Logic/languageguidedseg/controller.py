@@ -498,6 +498,8 @@ class ReportLoopController:
                 break
         if self._run is None and self._due is not None and self._clock() >= self._due:
             self._due = None
+            if not self.live_enabled():  # switched off (or to whole-volume scope) since it was scheduled
+                return False
             try:
                 self.run(kind="live")
             except LgsegError as exc:

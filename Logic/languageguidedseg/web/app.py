@@ -60,6 +60,7 @@ class WebApp(TrameApp):
         self._image_name = ""
         self._poller: Optional[asyncio.Task] = None
         self._preloading = False
+        self._segment_requested = False  # Segment pressed while a live run was running
 
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
@@ -202,7 +203,9 @@ class WebApp(TrameApp):
                 v3.VRadio(label="Current slice", value="slice", id="lg-scope-slice")
                 v3.VRadio(label="Whole volume", value="volume", id="lg-scope-volume")
             with html.Div(classes="d-flex ga-2"):
-                v3.VBtn("Segment", id="lg-segment", color="primary", click=self._on_segment,
+                # The click carries what the page shows: trame may send a pending state change after the click.
+                v3.VBtn("Segment", id="lg-segment", color="primary",
+                        click=(self._on_segment, "[lg_report || '', lg_scope, lg_sides]"),
                         disabled=("!lg_loaded || lg_busy",))
                 v3.VBtn("Cancel", id="lg-cancel", v_if="lg_long_run", color="error", variant="tonal",
                         click=self._on_cancel)
@@ -255,7 +258,10 @@ class WebApp(TrameApp):
         while True:
             try:
                 with self.state:
-                    self.controller.poll()
+                    busy = self.controller.poll()
+                    if self._segment_requested and not busy:
+                        self._segment_requested = False
+                        self._on_segment()
             except Exception as exc:  # noqa: BLE001 - the page must keep working: the error is shown and logged
                 logger.exception("report loop")
                 self._report_error(_one_line(exc))
@@ -298,6 +304,7 @@ class WebApp(TrameApp):
     def _show_image(self, image: Any, path: Path, name: str) -> None:
         scene = self.slicer.scene
         self.controller.abandon()
+        self._segment_requested = False
         for node in (self.parameters.outputSegmentation, self.parameters.inputVolume):
             if node is not None and scene.IsNodePresent(node):
                 storage = node.GetStorageNode()
@@ -366,9 +373,18 @@ class WebApp(TrameApp):
         if node is not None and node.GetDisplayNode() is not None:
             node.GetDisplayNode().SetOpacity(float(lg_opacity))
 
-    def _on_segment(self) -> None:
-        if self.controller.running and self.controller.run_kind == "live":
-            return  # the live run already segments the text in the box
+    def _on_segment(self, report: Optional[str] = None, scope: Optional[str] = None,
+                    sides: Optional[str] = None) -> None:
+        """The Segment button, with the report, scope and sides the page shows when it was pressed."""
+        if scope is not None:
+            self._on_scope(scope)
+            self._on_sides(sides or self.parameters.sides)
+            self.controller.set_report(report or "")
+        if self.controller.running:
+            # A live run (the button is disabled during any other): Segment starts once it has ended (see _poll).
+            # A live run that is only scheduled is replaced by this one.
+            self._segment_requested = True
+            return
         try:
             self.controller.run()
         except LgsegError as exc:
