@@ -9,7 +9,11 @@ import vtk
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 from LanguageGuidedSegLib import DependencyError, LanguageGuidedSegLogic, LanguageGuidedSegParameterNode, importEngine
@@ -70,8 +74,9 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = LanguageGuidedSegLogic()
         self.ui.progressBar.setVisible(False)
 
-        # The worker never touches Qt or MRML; this timer runs only while a run is running or pending and hands its
-        # news to the widgets. No sleeping on the GUI thread.
+        # The model runs in a worker process (the logic's workerProcess), which never touches Qt or MRML; this timer
+        # runs only while a run is running or pending and hands its news to the widgets. No sleeping on the GUI
+        # thread.
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPoll)
@@ -89,6 +94,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def cleanup(self):
         self.setParameterNode(None)
         self.removeObservers()
+        self.logic.close()
 
     def enter(self):
         self.initializeParameterNode()
@@ -121,7 +127,8 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def setParameterNode(self, parameterNode):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
+            self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent,
+                                self.onParameterChanged)
         if self.controller:
             self.controller.abandon()  # its scene is going away: drop the run and its result
             self._pollTimer.stop()
@@ -338,6 +345,7 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
         logic = LanguageGuidedSegLogic()
         parameterNode = logic.getParameterNode()
         with tempfile.TemporaryDirectory() as folder:
+            self.addCleanup(logic.close)  # the worker process, inside Slicer
             parameterNode.inputVolume = volumeNode
             parameterNode.model = self._tinyModel(folder)
             parameterNode.scope = "volume"

@@ -344,7 +344,11 @@ def test_sides_reach_the_engine_and_the_label(scene, segmenter):
     volume = _volume(scene)
     parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", report="left lower lobe")
     controller, _ = _controller(parameters, segmenter)
+    # Before any run, from the volume's geometry and the (default) model's convention.
+    assert controller.sides_label() == "Left/right: patient (image orientation from the volume)"
+    parameters.inputVolume = None
     assert controller.sides_label() == "Left/right: patient's sides"
+    parameters.inputVolume = volume
     controller.run()
     controller.wait(120)
     assert controller.last_result.sides == "patient"
@@ -368,3 +372,80 @@ def test_models_are_listed_and_selected_with_their_threshold(tiny_model, own_mod
     assert parameters.model == "mine" and parameters.threshold == pytest.approx(listed["mine"]["threshold"])
     imported = controller.import_model(str(tiny_model))
     assert parameters.model == imported["name"] == "tiny"
+
+
+def test_benchmark_measures_edit_to_mask_through_the_controller(segmenter):
+    """``lgseg benchmark``'s edit_to_mask_ms: every edit reaches the segment on the real MRML path."""
+    from languageguidedseg import benchmark
+
+    volume = benchmark._synthetic_volume(4, size=96)
+    milliseconds, path = benchmark._edit_to_mask_ms(segmenter, volume, repeats=2)
+    assert path == "mrml" and milliseconds > 0
+    edits = benchmark._edits(6)
+    assert len(set(edits)) == 6  # each edit is new text: the report is encoded every time
+
+
+@pytest.fixture(scope="module")
+def process_worker():
+    from languageguidedseg.worker import ProcessWorker
+
+    worker = ProcessWorker()
+    yield worker
+    worker.close()
+
+
+def _hold_the_gil(seconds: float) -> None:
+    """Keep this thread inside one C call that holds the GIL, as the GUI thread of 3D Slicer does while Qt's event
+    loop waits (PythonQt holds the GIL there): no other Python thread of this process runs meanwhile."""
+    import time
+
+    start = time.perf_counter()
+    sum(range(2_000_000))
+    per_million = (time.perf_counter() - start) / 2.0
+    sum(range(int(seconds / max(per_million, 1e-9) * 1_000_000)))
+
+
+def test_report_loop_in_a_worker_process_runs_while_the_gui_thread_holds_the_gil(scene, tiny_model, process_worker):
+    """In Slicer the model runs in a worker process: it computes while the GUI thread is busy in native code
+    holding the GIL, and the loop behaves as with a thread (approximation, edited text, cancel, failure)."""
+    volume = _volume(scene, dims=(48, 40, 12))
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", model=str(tiny_model))
+    controller = ReportLoopController(parameters, worker=process_worker)
+    events = []
+    controller.add_observer(lambda event, payload: events.append((event, payload)))
+    controller.run()  # the first run starts the process and loads the model
+    controller.wait(180)
+    result = controller.last_result
+    assert result.report_source == "prototype" and parameters.report == result.report
+    assert controller.report_status().kind == "approximated" and ("progress", (12, 12)) in events
+    assert result.segmentation_node.GetSegmentation().GetSegment(result.segment_id).GetName() == "Infection"
+    np.testing.assert_array_equal(mrml.segment_mask(parameters.outputSegmentation, result.segment_id, volume),
+                                  result.mask)
+
+    _red_slice_node(scene, volume, 3)
+    parameters.scope = "slice"
+    controller.set_report("right lower lobe")
+    controller.run()
+    _hold_the_gil(4.0)  # the GUI thread is busy the whole time: the worker process is not
+    assert not controller.poll()  # one poll: the run had finished meanwhile, the segment is written now
+    assert controller.last_result.report == "right lower lobe" and controller.last_result.report_source == "given"
+
+    parameters.scope = "volume"
+    before = _scene_state(scene, parameters)
+    events.clear()
+    controller.set_report("left upper lobe")
+    controller.run()
+    controller.cancel()
+    controller.wait(60)
+    assert "cancelled" in _names(events) and "result" not in _names(events)
+    ids, mask = _scene_state(scene, parameters)
+    assert ids == before[0]
+    np.testing.assert_array_equal(mask, before[1])
+
+    events.clear()
+    parameters.model = str(scene.GetURL() or "/no/such/model-folder")
+    controller.run()
+    controller.wait(60)
+    errors = [payload for event, payload in events if event == "error"]
+    assert len(errors) == 1 and isinstance(errors[0], LgsegError) and "does not exist" in str(errors[0])
+    assert _scene_state(scene, parameters)[0] == before[0]

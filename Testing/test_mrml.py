@@ -555,3 +555,25 @@ def test_cli_segments_the_dicom_series_onto_the_label_maps_grid(ct_examples, tin
     corners = np.array([[0, 0, 0, 1], [511, 511, 19, 1]]).T
     mapped = np.rint(mapping @ corners)[:3]
     assert sorted(mapped[0]) == [0, 511] and sorted(mapped[1]) == [0, 511] and sorted(mapped[2]) == [0, 19]
+
+
+def test_slice_write_keeps_the_segments_other_slices_and_other_segments(scene):
+    """A slice write touches only that slice of that segment, also when another segment overlaps it."""
+    volume = _synthetic_volume(scene, dims=(10, 8, 5))
+    segmentation = mrml.new_segmentation_node(volume)
+    everywhere = np.ones((5, 8, 10), dtype=np.uint8)
+    other = mrml.write_mask(segmentation, volume, everywhere, segment_name="Other")
+    target = mrml.write_mask(segmentation, volume, everywhere, segment_name="Target")
+    new = np.zeros_like(everywhere)
+    new[2, 1:3, 1:4] = 1
+    for axis, index in ((2, 2), (1, 3), (0, 0)):
+        region = [slice(None)] * 3
+        region[2 - axis] = index
+        expected = mrml.segment_mask(segmentation, target, volume)
+        expected[tuple(region)] = new[tuple(region)]
+        assert mrml.write_mask(segmentation, volume, new, segment_name="Target", axis=axis, slice_index=index) == target
+        np.testing.assert_array_equal(mrml.segment_mask(segmentation, target, volume), expected)
+        np.testing.assert_array_equal(mrml.segment_mask(segmentation, other, volume), everywhere)
+    # A new segment written one slice at a time holds just that slice.
+    single = mrml.write_mask(segmentation, volume, new, segment_name="Single", axis=2, slice_index=2)
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation, single, volume), new)

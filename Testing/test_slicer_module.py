@@ -18,9 +18,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
-import re
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -640,37 +639,31 @@ def test_installer_never_touches_protected_packages(release, tmp_path):
         installer.installPlan(["numpy>=999"])
 
 
-def test_installer_asks_installs_and_checks_the_result(tmp_path):
+@pytest.mark.parametrize("release", ["5.12.3"], indirect=True)
+def test_installer_asks_installs_and_checks_the_result(release, tmp_path):
     """The install path of Slicer 5.8 and 5.10 (no slicer.packaging): ask, install each missing package with
     --no-deps, then check: a package still missing afterwards (as in Slicer's testing mode, where nothing is
     installed) is an error, not "ready". Declining installs nothing. An installed torch that is too old is an error
     saying what to do. (On 5.12.3's layer: the messages need 5.12's i18n, which works without the application.)"""
-    pytest.importorskip("slicer")
-    if not (SLICER_PYTHON / "5.12.3" / "slicer").is_dir():
-        pytest.skip(f"Slicer 5.12.3's Python layer not found in {SLICER_PYTHON}")
-    try:
-        _load_release("5.12.3")
-        lib = _lib("InstallLogic")
-        requirements = tmp_path / "requirements.txt"
-        requirements.write_text("# engine packages\nmonai>=99\nsafetensors>=0.4\n")
-        asked, pip_calls = [], []
-        installer = lib.LanguageGuidedSegInstallLogic(
-            str(requirements), ">=2.1", pipInstall=pip_calls.append, confirm=lambda text: asked.append(text) or False)
-        assert installer.packaging is None and not installer.isReady()
-        assert installer.ensure() is False and pip_calls == [] and not installer.ready
-        assert "monai>=99" in asked[0] and "safetensors" not in asked[0]
+    lib = _lib("InstallLogic")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# engine packages\nmonai>=99\nsafetensors>=0.4\n")
+    asked, pip_calls = [], []
+    installer = lib.LanguageGuidedSegInstallLogic(
+        str(requirements), ">=2.1", pipInstall=pip_calls.append, confirm=lambda text: asked.append(text) or False)
+    assert installer.packaging is None and not installer.isReady()
+    assert installer.ensure() is False and pip_calls == [] and not installer.ready
+    assert "monai>=99" in asked[0] and "safetensors" not in asked[0]
 
-        installer.confirm = lambda text: True
-        restarts = []
-        installer.offerRestart = lambda: restarts.append(True)
-        with pytest.raises(lib.DependencyError, match="still missing after the install: monai>=99"):
-            installer.ensure()
-        assert pip_calls == [["monai>=99", "--no-deps"]] and not installer.ready
-        assert installer.restartNeeded and restarts == [True]  # monai was already imported: a restart is offered
+    installer.confirm = lambda text: True
+    restarts = []
+    installer.offerRestart = lambda: restarts.append(True)
+    with pytest.raises(lib.DependencyError, match="still missing after the install: monai>=99"):
+        installer.ensure()
+    assert pip_calls == [["monai>=99", "--no-deps"]] and not installer.ready
+    assert installer.restartNeeded and restarts == [True]  # monai was already imported: a restart is offered
 
-        too_old = lib.LanguageGuidedSegInstallLogic(str(requirements), ">=99", pipInstall=pip_calls.append,
-                                                    confirm=lambda text: True)
-        with pytest.raises(lib.DependencyError, match="PyTorch Utils"):
-            too_old.ensure()
-    finally:
-        _unload_release()
+    too_old = lib.LanguageGuidedSegInstallLogic(str(requirements), ">=99", pipInstall=pip_calls.append,
+                                                confirm=lambda text: True)
+    with pytest.raises(lib.DependencyError, match="PyTorch Utils"):
+        too_old.ensure()

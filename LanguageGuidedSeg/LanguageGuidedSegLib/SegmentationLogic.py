@@ -1,5 +1,7 @@
 import importlib
+import logging
 import os
+import shutil
 import sys
 
 import slicer
@@ -56,6 +58,7 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         self.installer = None
+        self.worker = None
 
     def getParameterNode(self):
         return LanguageGuidedSegParameterNode(super().getParameterNode())
@@ -87,10 +90,32 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
             missing.append(f"languageguidedseg: {exc}")
         return missing
 
+    def workerProcess(self):
+        """The process that runs the model inside the Slicer application, started on the first run; None elsewhere.
+
+        Slicer's GUI thread holds Python's GIL while Qt's event loop waits, so a worker thread would only run while
+        the GUI thread runs Python; a process (Slicer's own PythonSlicer interpreter) computes while the GUI is idle.
+        """
+        if self.worker is None and hasattr(slicer, "app"):
+            executable = shutil.which("PythonSlicer")
+            if executable:
+                self.worker = importEngine("worker").ProcessWorker(executable)
+            else:
+                logging.warning("LanguageGuidedSeg: PythonSlicer not found; the model runs in a thread")
+        return self.worker
+
     def createController(self, parameters, sliceNodeFor=sliceNodeForView, **kwargs):
-        """The report-loop controller (``languageguidedseg.controller``) over ``parameters``."""
+        """The report-loop controller (``languageguidedseg.controller``) over ``parameters``; inside the Slicer
+        application the model runs in :meth:`workerProcess`."""
         controller = importEngine("controller")
+        kwargs.setdefault("worker", self.workerProcess())
         return controller.ReportLoopController(parameters, slice_node_for=sliceNodeFor, **kwargs)
+
+    def close(self):
+        """Stop the worker process, if one was started."""
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
 
     def process(self, inputVolume, outputSegmentation=None, report="", model="", scope="volume", sliceView="Red",
                 threshold=0.5, device="auto", sides="patient", timeout=600.0):
@@ -103,7 +128,7 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
         parameters = controllerModule.ReportLoopParameters(
             inputVolume=inputVolume, outputSegmentation=outputSegmentation, report=report or "", model=model or "",
             scope=scope, sliceView=sliceView, threshold=threshold, device=device, sides=sides, liveUpdate=False)
-        controller = self.createController(parameters)
+        controller = self.createController(parameters, worker=None)  # this call blocks: a thread is enough
         errors = []
         controller.add_observer(lambda event, payload: errors.append(payload) if event == "error" else None)
         controller.run()

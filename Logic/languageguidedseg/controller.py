@@ -32,7 +32,9 @@ parameter node has them, camelCase as Slicer names them; a web app can use :clas
 =====================  ===============================================================================
 
 Threading: call every method from one thread, the GUI thread. :meth:`run` snapshots the volume (a copy of the
-voxels) and starts a worker thread that loads the model and segments; the worker touches no MRML node. The front
+voxels) and starts a worker thread that loads the model and segments, or hands the snapshot to a worker process
+(``worker``, see :mod:`languageguidedseg.worker`; 3D Slicer's GUI thread holds the GIL while idle, which would stall
+a thread); the worker touches no MRML node. The front
 end calls :meth:`poll` regularly (a ``QTimer``, a trame periodic callback; no sleeping): it hands the worker's
 progress to the observers, starts a due live run, and writes a finished result into MRML on the calling thread.
 A cancelled or failed run leaves the scene as it was. :meth:`wait` (poll until idle) is for scripts and tests.
@@ -146,6 +148,7 @@ class _Run:
         self.events: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
         self.cancel_event = threading.Event()
         self.thread: Optional[threading.Thread] = None
+        self.request_id: Optional[int] = None  # in a worker process
         self.fell_back_to_cpu = False
 
 
@@ -159,16 +162,21 @@ class ReportLoopController:
     :param clock: monotonic clock in seconds (tests pass their own).
     :param live_allowed: ``() -> bool``: whether live runs may start at all (e.g. the Slicer module allows them once
         the user has installed the dependencies with a first Apply); default always.
+    :param worker: a :class:`languageguidedseg.worker.ProcessWorker` to run the model in (3D Slicer, whose GUI thread
+        holds the GIL while idle); None: a worker thread in this process (``load_segmenter`` applies only then).
     :param run_button: what the front end calls its run button ("Apply" in Slicer, "Segment" in the web page).
     """
 
     def __init__(self, parameters: Any, *, slice_node_for: Optional[Callable[[str], Any]] = None,
                  load_segmenter: Optional[Callable[[Any, str], Any]] = None, debounce_s: float = DEBOUNCE_SECONDS,
                  clock: Callable[[], float] = time.monotonic, live_allowed: Callable[[], bool] = lambda: True,
-                 run_button: str = "Apply"):
+                 worker: Any = None, run_button: str = "Apply"):
         self.parameters = parameters
         self._live_allowed = live_allowed
         self.run_button = run_button  # the front end's name for its run button, used in messages
+        self._worker = worker
+        self._worker_loaded: Optional[tuple] = None  # (model, device) the worker process has loaded
+        self._worker_device = "CPU"
         self._slice_node_for = slice_node_for
         self._load_segmenter = load_segmenter or mrml.load_segmenter
         self.debounce_s = debounce_s
@@ -185,6 +193,7 @@ class ReportLoopController:
         self._last_slice: Optional[tuple[int, int]] = None
         self.fell_back_to_cpu = False
         self.last_result: Any = None
+        self._models: Optional[dict[str, dict]] = None  # the last model listing, by name
         self.last_run_kind: Optional[str] = None  # "apply" or "live": the kind of the last finished run
         self.progress: tuple[int, int] = (0, 0)
 
@@ -285,7 +294,7 @@ class ReportLoopController:
         if run is not None and run.kind == "live":
             # A newer edit makes the running live run stale: stop it if it has not started its batch, and drop its
             # result in any case (the generation check in _finish).
-            run.cancel_event.set()
+            self._cancel_run(run)
             self._generation += 1
 
     # Slices ---------------------------------------------------------------------------------------------------
@@ -338,20 +347,36 @@ class ReportLoopController:
             self._schedule_live()
 
     def sides_label(self) -> str:
-        """The line shown beside the report box: what left and right mean, and where the orientation came from
-        (e.g. "Left/right: patient (image orientation from the volume)"), from the last result when it used the
-        current convention."""
-        sides = getattr(self.parameters, "sides", "patient")
+        """The line shown beside the report box: what left and right mean and where the image orientation comes from,
+        e.g. "Left/right: patient (image orientation from the volume)", as the next run will report it."""
+        p = self.parameters
+        sides = getattr(p, "sides", "patient")
+        info = self._model_info(p.model)
+        if p.inputVolume is not None and info is not None and info.get("report_sides"):
+            try:
+                where = self.current_slice() if p.scope == "slice" else None
+                return mrml.volume_sides_label(p.inputVolume, info["report_sides"], sides, where[0] if where else None)
+            except LgsegError:
+                pass
         result = self.last_result
         if result is not None and getattr(result, "sides_label", "") and result.sides in (sides, "none"):
             return result.sides_label
         return "Left/right: patient's sides" if sides == "patient" else "Left/right: image (as displayed)"
 
+    def _model_info(self, model: str) -> Optional[dict]:
+        """The listing of an installed model ("" = the default), or None (e.g. a model folder)."""
+        if self._models is None:
+            self.available_models()
+        return self._models.get(model or self.default_model_name())
+
     # Models and device ----------------------------------------------------------------------------------------
 
     def available_models(self) -> list[dict]:
-        """Installed model packages as dicts (name, task, licence, version, size_mb, path, source, threshold)."""
-        return [info.to_dict() for info in package.list_models()]
+        """Installed model packages as dicts (name, task, licence, version, size_mb, path, source, threshold,
+        report_sides), read afresh."""
+        models = [info.to_dict() for info in package.list_models()]
+        self._models = {info["name"]: info for info in models}
+        return models
 
     def default_model_name(self) -> str:
         return package.DEFAULT_MODEL
@@ -384,6 +409,8 @@ class ReportLoopController:
 
     def device_name(self) -> str:
         """Where the loaded model runs: "CPU" or "GPU (name)"."""
+        if self._worker is not None:
+            return self._worker_device
         device = getattr(self._segmenter, "device", None)
         if device is None or getattr(device, "type", "cpu") != "cuda":
             return "CPU"
@@ -420,27 +447,38 @@ class ReportLoopController:
         if kind == "apply":
             self._due = None
         run = _Run(job, kind, self._generation, p.report or "")
-        run.thread = threading.Thread(target=self._work, args=(run,), name="LanguageGuidedSeg", daemon=True)
+        key = (str(job.model or ""), job.device)
+        if self._worker is not None:
+            loaded = self._worker_loaded == key
+            run.request_id = self._worker.submit(job.model, job.device, job.array, job.segment_options())
+        else:
+            loaded = self._segmenter is not None and self._segmenter_key == key
+            run.thread = threading.Thread(target=self._work, args=(run,), name="LanguageGuidedSeg", daemon=True)
         self._run = run
         self.progress = (0, job.dimensions[job.axis] if job.slice_index is None else 1)
         self._emit("running", True)
-        loaded = self._segmenter is not None and self._segmenter_key == (str(job.model or ""), job.device)
         self._emit("status", "Segmenting..." if loaded else "Loading the model...")
-        run.thread.start()
+        if run.thread is not None:
+            run.thread.start()
 
     def cancel(self) -> None:
         """Stop the running run after its current batch; its result is dropped and the scene stays as it was."""
         self._due = None
         if self._run is not None:
-            self._run.cancel_event.set()
+            self._cancel_run(self._run)
             self._emit("status", "Cancelling after the current batch...")
+
+    def _cancel_run(self, run: _Run) -> None:
+        run.cancel_event.set()
+        if run.request_id is not None:
+            self._worker.cancel(run.request_id)
 
     def abandon(self) -> None:
         """Cancel and forget the running run at once (its scene is closing); no event is emitted for it."""
         self._due = None
         self.unwatch_slices()
         if self._run is not None:
-            self._run.cancel_event.set()
+            self._cancel_run(self._run)
             self._run = None
 
     def _work(self, run: _Run) -> None:
@@ -481,6 +519,8 @@ class ReportLoopController:
         """Call regularly from the GUI thread: deliver the worker's news, finish a run (writing its result into
         MRML here), start a due live run. Returns True while a run is running or pending. Never blocks."""
         run = self._run
+        if self._worker is not None:
+            self._pump_worker(run)
         if run is not None:
             while True:
                 try:
@@ -505,6 +545,21 @@ class ReportLoopController:
             except LgsegError as exc:
                 self._emit("status", str(exc))
         return self._run is not None or self._due is not None
+
+    def _pump_worker(self, run: Optional[_Run]) -> None:
+        """Move the worker process's replies for the current run into its events (replies to abandoned runs are
+        dropped)."""
+        for request_id, kind, payload in self._worker.poll():
+            if run is None or request_id not in (run.request_id, -1):
+                continue
+            if kind == "done":
+                run.job.result = payload.result
+                run.job.style = (payload.segment_name, payload.segment_color, payload.package_name)
+                run.fell_back_to_cpu = payload.fell_back_to_cpu
+                self._worker_device = payload.device
+                self._worker_loaded = (str(run.job.model or ""), "cpu" if payload.fell_back_to_cpu else run.job.device)
+                payload = None
+            run.events.put((kind, payload))
 
     def _finish(self, run: _Run, event: str, payload: Any) -> None:
         self._run = None
@@ -573,5 +628,8 @@ class ReportLoopController:
         while self.poll():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the segmentation did not finish within {timeout:.0f} s")
-            self._wake.wait(0.02)
-            self._wake.clear()
+            if self._worker is not None and self._run is not None:
+                self._worker.wait(0.02)
+            else:
+                self._wake.wait(0.02)
+                self._wake.clear()

@@ -460,6 +460,8 @@ class SegmentationJob:
         self.geometry = volume_geometry(volume_node)  # snapshot: compute() may run in a worker thread
         self.segmenter: Any = None
         self.result: Any = None
+        # Segment name, colour and tag when the model ran elsewhere (a worker process): see segment_style().
+        self.style: Optional[Tuple[str, Tuple[float, float, float], str]] = None
 
     def compute(
         self,
@@ -472,22 +474,27 @@ class SegmentationJob:
         """
         if self.segmenter is None:
             self.segmenter = load_segmenter(self.model, self.device)
-        self.result = self.segmenter.segment_array(
-            self.array,
+        self.result = self.segmenter.segment_array(self.array, progress=progress, cancel=cancel,
+                                                   **self.segment_options())
+        return self.result
+
+    def segment_options(self) -> dict:
+        """The keyword arguments of ``Segmenter.segment_array`` for the snapshot ``self.array`` (e.g. to run the job
+        in another process)."""
+        return dict(
             rgb=self.rgb,
             report=self.report,
             axis=self.axis,
             slice_index=None if self.slice_index is None else 0,  # the snapshot holds only that slice
             threshold=self.threshold,
-            progress=progress,
-            cancel=cancel,
             sides=self.sides,
             geometry=self.geometry,
         )
-        return self.result
 
     def segment_style(self) -> Tuple[str, Tuple[float, float, float], str]:
         """Segment name, colour and tag value from the model package."""
+        if self.style is not None:
+            return self.style
         package = self.segmenter.package
         config = getattr(package, "config", None)
         name = getattr(config, "segment_name", None) or getattr(package, "name", None) or "Segment"
