@@ -6,10 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Optional
 
 from ..errors import LgsegError
 from .access import format_size, is_loopback, parse_size, resolve_token
@@ -50,12 +53,28 @@ def serve_command(args: argparse.Namespace) -> int:
 
     find_model(args.model)  # an unknown model is an error now, not later in the page
 
-    # This process is the server: its rendering and trame's argument parsing are ours to set. Rendering is off-screen
-    # (EGL, no display, no GPU needed) unless the user chose another VTK window class; trame would otherwise parse
-    # lgseg's own command line as its own options.
+    with _server_environment():
+        return _run_server(args, paths, token, max_upload)
+
+
+@contextlib.contextmanager
+def _server_environment() -> Iterator[None]:
+    """While the server runs: off-screen rendering (EGL: no display, no GPU needed) unless the user chose another
+    VTK window class, and no trame option parsing of lgseg's own command line. Restored afterwards."""
+    saved = {name: os.environ.get(name) for name in ("VTK_DEFAULT_OPENGL_WINDOW", "TRAME_ARGS")}
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     os.environ["TRAME_ARGS"] = ""
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
+
+def _run_server(args: argparse.Namespace, paths: list[Path], token: Optional[str], max_upload: int) -> int:
     from .app import WebApp
     from .uploads import UploadFolder
 
