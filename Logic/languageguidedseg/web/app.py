@@ -58,7 +58,7 @@ class WebApp(TrameApp):
         self._files = [Path(path) for path in paths]
         self._image: Any = None  # the SimpleITK image shown: the reference grid for downloads
         self._image_name = ""
-        self._poller: Optional[asyncio.Task] = None
+        self._tasks: set = set()  # running asyncio tasks: referenced, so that none is garbage-collected mid-way
         self._preloading = False
         self._segment_requested = False  # Segment pressed while a live run was running
 
@@ -237,7 +237,7 @@ class WebApp(TrameApp):
         app.router.add_post("/upload", upload_handler(self._uploads, self._open_upload, self._report_error))
 
     def _on_ready(self, **_: Any) -> None:
-        self._poller = asyncio.get_event_loop().create_task(self._poll())
+        self._start(self._poll())
         if self._files:
             with self.state:
                 self.state.lg_file = 0  # opens it (see _on_file)
@@ -245,8 +245,13 @@ class WebApp(TrameApp):
     def _load_model(self) -> None:
         try:
             self.controller.segmenter(self.parameters.model or None, self.parameters.device)
-        except Exception:  # noqa: BLE001 - see _on_ready
+        except Exception:  # noqa: BLE001 - the first run loads it again and reports the error in the page
             logger.debug("model preload failed", exc_info=True)
+
+    def _start(self, coroutine: Any) -> None:
+        task = asyncio.get_event_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _render_all(self, **_: Any) -> None:
         # Renders requested before the page connected reached no one: draw every view again for the new page.
@@ -273,7 +278,7 @@ class WebApp(TrameApp):
         if lg_file is None or not 0 <= lg_file < len(self._files):
             return
         path = self._files[lg_file]
-        asyncio.get_event_loop().create_task(self.open_path(path, path.name))  # shows its own errors
+        self._start(self.open_path(path, path.name))  # shows its own errors
 
     async def _open_upload(self, files: list) -> Optional[str]:
         # One file, or the files of one DICOM folder (read as the series in their folder).
