@@ -447,6 +447,11 @@ def test_token_guards_page_websocket_and_uploads(serve, page, tmp_path):
     assert code == 413 and "larger than this server's limit of 1 kB" in json.loads(body)["error"]
     assert list(server.uploads.iterdir()) == []
 
+    with urllib.request.urlopen(urllib.request.Request(base + "index.html",
+                                                       headers={"Cookie": f"lgseg_token={token}"})) as served:
+        assert served.status == 200 and served.headers["X-Frame-Options"] == "DENY"  # no framing by other sites
+        assert served.headers["Referrer-Policy"] == "no-referrer"
+
     response = page.goto(base)
     assert response.status == 403 and page.inner_text("body") == ""
     page.goto(server.url)  # the printed address: token traded for a cookie, then dropped from the address bar

@@ -37,7 +37,7 @@ from ..controller import ReportLoopController, ReportLoopParameters
 from ..errors import LgsegError
 from ..fileio import full_suffix
 from ..imageio import read_image, spatial_shape, write_mask
-from .access import same_origin_middleware, token_middleware
+from .access import add_security_headers, same_origin_middleware, token_middleware
 from .uploads import UploadFolder, upload_handler
 
 logger = logging.getLogger(__name__)
@@ -231,6 +231,7 @@ class WebApp(TrameApp):
     def _bind_http(self, web_server: Any) -> None:
         """Same-origin and token checks on every request, and the upload route (before wslink's static routes)."""
         app = web_server.app
+        add_security_headers(app)
         app.middlewares.append(same_origin_middleware(loopback_names_only=self._token is None))
         if self._token is not None:
             app.middlewares.append(token_middleware(self._token))
