@@ -400,15 +400,17 @@ def process_worker():
     worker.close()
 
 
-def _hold_the_gil(seconds: float) -> None:
-    """Keep this thread inside one C call that holds the GIL, as the GUI thread of 3D Slicer does while Qt's event
-    loop waits (PythonQt holds the GIL there): no other Python thread of this process runs meanwhile."""
+def _hold_the_gil_until(ready, timeout: float) -> None:
+    """Keep this thread inside C calls that hold the GIL (about 0.2 s each, no other thread of this process runs
+    meanwhile), as the GUI thread of 3D Slicer does while Qt's event loop waits, until ``ready()`` or ``timeout``."""
     import time
 
     start = time.perf_counter()
-    sum(range(2_000_000))
-    per_million = (time.perf_counter() - start) / 2.0
-    sum(range(int(seconds / max(per_million, 1e-9) * 1_000_000)))
+    sum(range(1_000_000))
+    count = int(1_000_000 * 0.2 / max(time.perf_counter() - start, 1e-6))
+    deadline = time.perf_counter() + timeout
+    while not ready() and time.perf_counter() < deadline:
+        sum(range(count))
 
 
 def test_report_loop_in_a_worker_process_runs_while_the_gui_thread_holds_the_gil(scene, tiny_model, process_worker):
@@ -432,8 +434,9 @@ def test_report_loop_in_a_worker_process_runs_while_the_gui_thread_holds_the_gil
     parameters.scope = "slice"
     controller.set_report("right lower lobe")
     controller.run()
-    _hold_the_gil(4.0)  # the GUI thread is busy the whole time: the worker process is not
-    assert not controller.poll()  # one poll: the run had finished meanwhile, the segment is written now
+    # The GUI thread is busy in native code the whole time: the worker process is not.
+    _hold_the_gil_until(lambda: process_worker.wait(0), 60)
+    controller.wait(60)
     assert controller.last_result.report == "right lower lobe" and controller.last_result.report_source == "given"
 
     parameters.scope = "volume"
