@@ -191,6 +191,17 @@ def test_cancel_and_failure_leave_the_scene_unchanged(scene, segmenter, tmp_path
     assert failing.outputSegmentation is None and failing.report == ""
     assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before[0]
 
+    # A write that fails (the volume lost its voxels while the model ran) leaves no new node behind.
+    emptied = _volume(scene)
+    nodes = scene.GetNumberOfNodes()
+    lost, lost_events = _controller(ReportLoopParameters(inputVolume=emptied, scope="volume", device="cpu"), segmenter)
+    lost.run()
+    emptied.SetAndObserveImageData(None)
+    lost.wait(60)
+    errors = [payload for event, payload in lost_events if event == "error"]
+    assert len(errors) == 1 and "has no voxels" in str(errors[0])
+    assert scene.GetNumberOfNodes() == nodes and lost.parameters.outputSegmentation is None
+
     # A run that cannot start says why, and starts nothing.
     with pytest.raises(LgsegError, match="Select an input volume"):
         ReportLoopController(ReportLoopParameters()).run()

@@ -582,12 +582,18 @@ class ReportLoopController:
 
     def _write(self, run: _Run) -> None:
         p = self.parameters
-        segmentation = p.outputSegmentation
-        if segmentation is None:
-            segmentation = mrml.new_segmentation_node(run.job.volume_node)
+        segmentation = created = None
         try:
+            segmentation = p.outputSegmentation
+            if segmentation is None:
+                segmentation = created = mrml.new_segmentation_node(run.job.volume_node)
             result = run.job.write(segmentation)
         except Exception as exc:
+            if created is not None and created.GetScene() is not None:  # leave the scene as it was
+                scene = created.GetScene()
+                for display in [created.GetNthDisplayNode(i) for i in range(created.GetNumberOfDisplayNodes())]:
+                    scene.RemoveNode(display)
+                scene.RemoveNode(created)
             self._emit("status", "Could not write the segment.")
             self._emit("error", exc)
             return
