@@ -214,6 +214,8 @@ def test_empty_report_is_approximated_and_the_segment_appears_and_downloads(serv
     wait_until(lambda: views(page, tmp_path).std() > 20, 60, "the X-ray in the slice view", server)
     assert page.input_value("#lg-report") == ""
     assert overlay(views(page, tmp_path)).sum() < 50
+    # A PNG carries no orientation: the page says what it assumes about left and right.
+    assert page.inner_text("#lg-sides-label") == "Left/right: patient (assumed: radiological display)"
 
     page.click("#lg-segment")
     page.wait_for_selector("#lg-segment-summary", timeout=RUN_TIMEOUT)
@@ -313,6 +315,7 @@ def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
     started = time.perf_counter()
     open_page(page, server, "122 x 101 x 240 volume")
     wait_until(lambda: page.locator("#lg-views img").count() == 3, 60, "three slice views", server)
+    assert page.inner_text("#lg-sides-label") == "Left/right: patient (image orientation from the volume)"
 
     page.click("#lg-scope-slice")
     page.click("#lg-segment")

@@ -331,6 +331,7 @@ class WebApp(TrameApp):
         self.parameters.inputVolume = volume
         self.controller.clear_report()
         self.controller.watch_slices()
+        self._show_sides_label()  # from the new image's geometry
         self.state.update({
             "lg_loaded": True, "lg_is_volume": is_volume, "lg_has_segment": False, "lg_segment": {},
             "lg_error": "", "lg_scope": self.parameters.scope if is_volume else "slice",
@@ -363,6 +364,7 @@ class WebApp(TrameApp):
     def _on_model(self, lg_model: str = "", **_: Any) -> None:
         self.controller.select_model(lg_model or "")
         self.state.lg_model_info = self._model_info(lg_model)
+        self._show_sides_label()  # models differ in what left and right mean in their reports
 
     def _on_scope(self, lg_scope: str = "slice", **_: Any) -> None:
         self.parameters.scope = lg_scope
