@@ -290,6 +290,12 @@ def test_live_refine_waits_for_a_pause_and_drops_stale_runs(scene, segmenter):
     gated = ReportLoopController(parameters, live_allowed=lambda: False)
     gated.set_report("left upper lobe")
     assert not gated.live_pending and parameters.report == "left upper lobe"
+    # A live run scheduled before the user switched to the whole volume does not start (it would segment it all).
+    controller.set_report("left lower lobe, again")
+    assert controller.live_pending
+    parameters.scope = "volume"
+    clock.now = 10.0
+    assert not controller.poll() and not controller.running and not controller.live_pending
 
 
 def test_worker_progresses_while_the_gui_thread_is_idle(scene, segmenter):

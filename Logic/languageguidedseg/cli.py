@@ -310,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=10)
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=_benchmark)
+
+    from .web.command import add_serve_command  # the web page: needs the [web] extra only when it runs
+
+    add_serve_command(sub)
     return parser
 
 

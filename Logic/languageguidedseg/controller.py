@@ -164,14 +164,16 @@ class ReportLoopController:
         the user has installed the dependencies with a first Apply); default always.
     :param worker: a :class:`languageguidedseg.worker.ProcessWorker` to run the model in (3D Slicer, whose GUI thread
         holds the GIL while idle); None: a worker thread in this process (``load_segmenter`` applies only then).
+    :param run_button: what the front end calls its run button ("Apply" in Slicer, "Segment" in the web page).
     """
 
     def __init__(self, parameters: Any, *, slice_node_for: Optional[Callable[[str], Any]] = None,
                  load_segmenter: Optional[Callable[[Any, str], Any]] = None, debounce_s: float = DEBOUNCE_SECONDS,
                  clock: Callable[[], float] = time.monotonic, live_allowed: Callable[[], bool] = lambda: True,
-                 worker: Any = None):
+                 worker: Any = None, run_button: str = "Apply"):
         self.parameters = parameters
         self._live_allowed = live_allowed
+        self.run_button = run_button  # the front end's name for its run button, used in messages
         self._worker = worker
         self._worker_loaded: Optional[tuple] = None  # (model, device) the worker process has loaded
         self._worker_device = "CPU"
@@ -240,13 +242,13 @@ class ReportLoopController:
         text = p.report or ""
         if not text.strip():
             return ReportStatus("empty", text, 0.0,
-                                "No report: Apply approximates one from the image and shows it here.")
+                                f"No report: {self.run_button} approximates one from the image and shows it here.")
         if self._holds_approximation():
             return ReportStatus(
                 "approximated", text, float(p.reportSimilarity),
                 f"Approximated from the image (similarity {float(p.reportSimilarity):.2f}), not written by a "
                 "person. Accept it, or edit it to segment with your text.")
-        return ReportStatus("given", text, 0.0, "Apply uses this report as written.")
+        return ReportStatus("given", text, 0.0, f"{self.run_button} uses this report as written.")
 
     def _holds_approximation(self) -> bool:
         p = self.parameters
@@ -536,6 +538,8 @@ class ReportLoopController:
                 break
         if self._run is None and self._due is not None and self._clock() >= self._due:
             self._due = None
+            if not self.live_enabled():  # switched off (or to whole-volume scope) since it was scheduled
+                return False
             try:
                 self.run(kind="live")
             except LgsegError as exc:

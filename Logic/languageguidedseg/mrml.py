@@ -542,10 +542,11 @@ class SegmentationJob:
         )
 
 
-def add_volume_node(scene: Any, image: Any, name: str) -> Any:
+def add_volume_node(scene: Any, image: Any, name: str, source: Optional[Union[str, Path]] = None) -> Any:
     """Add a volume node holding a SimpleITK image (e.g. :func:`languageguidedseg.imageio.read_image`'s DICOM
     series, the reader ``lgseg`` uses), geometry kept: ITK's LPS becomes Slicer's RAS. RGB images become vector
-    volume nodes."""
+    volume nodes; a 2D image a one-slice volume, as Slicer loads it. ``source``: the file the image was read from,
+    recorded in a storage node as Slicer's loaders do (:func:`volume_geometry` uses it: a PNG has no orientation)."""
     from .imageio import _ijk_to_lps, image_array, is_rgb
 
     rgb = is_rgb(image)
@@ -561,6 +562,10 @@ def add_volume_node(scene: Any, image: Any, name: str) -> Any:
     node.SetIJKToRASMatrix(_numpy_to_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ _ijk_to_lps(image)))
     if not rgb:
         node.CreateDefaultDisplayNodes()
+    if source is not None and Path(source).is_file():
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(str(source))
+        node.SetAndObserveStorageNodeID(storage.GetID())
     return node
 
 

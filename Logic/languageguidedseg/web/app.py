@@ -1,0 +1,486 @@
+"""The web page: Slicer's slice views (trame-slicer) around the report loop of :mod:`languageguidedseg.controller`.
+
+The page only wires widgets to the controller, as the Slicer module's widget does: the controller owns the loop
+(approximate, fill and mark the box, live refine, run / cancel / progress, writing the segment into MRML). Rendering
+happens on the server (off-screen); the page receives images of the views.
+
+Everything runs on the server's event loop thread, which plays the part of Slicer's GUI thread: trame's state
+callbacks, the upload handler, and the task that polls the controller. Only image reading (and the controller's
+worker) run elsewhere, and they touch no MRML node.
+"""
+
+# trame and trame-slicer ship no type information.
+# mypy: disable-error-code="import-untyped"
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from trame.app import TrameApp
+from trame.widgets import client, html
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition
+from trame_vuetify.ui.vuetify3 import SinglePageWithDrawerLayout
+from trame_vuetify.widgets import vuetify3 as v3
+from vtkmodules.vtkCommonCore import vtkCommand, vtkObject
+
+from .. import mrml
+from ..controller import ReportLoopController, ReportLoopParameters
+from ..errors import LgsegError
+from ..fileio import full_suffix
+from ..imageio import read_image, spatial_shape, write_mask
+from .access import add_security_headers, same_origin_middleware, token_middleware
+from .uploads import UploadFolder, upload_handler
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+STATIC = Path(__file__).resolve().parent / "static"
+DOWNLOADS = {"seg.nrrd": ".seg.nrrd", "nii.gz": ".nii.gz", "png": ".png"}
+
+
+class WebApp(TrameApp):
+    """One page, one scene: the image or volume being read, its segmentation, the report loop."""
+
+    def __init__(self, paths: Sequence[Path], *, model: Optional[str] = None, device: str = "auto",
+                 uploads: UploadFolder, token: Optional[str] = None, server: Any = None):
+        super().__init__(server)
+        self._uploads = uploads
+        self._token = token
+        self._files = [Path(path) for path in paths]
+        self._image: Any = None  # the SimpleITK image shown: the reference grid for downloads
+        self._image_name = ""
+        self._tasks: set = set()  # running asyncio tasks: referenced, so that none is garbage-collected mid-way
+        self._preloading = False
+        self._segment_requested = False  # Segment pressed while a live run was running
+
+        self.slicer = SlicerApp()
+        register_rca_factories(self.slicer.view_manager, self.server)
+        self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
+        axial, coronal, sagittal = (ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
+                                    ViewLayoutDefinition.sagittal_view())
+        # Creating the views warns, once per view, that VTK 9.6 deprecates an event trame-slicer 2.0 listens to;
+        # nothing a user can act on, so VTK's warnings are off while they are created (and restored after).
+        warnings_shown = vtkObject.GetGlobalWarningDisplay()
+        vtkObject.GlobalWarningDisplayOff()
+        try:
+            self.layouts.register_layout_dict({
+                "image": Layout(LayoutDirection.Vertical, [axial]),
+                "volume": Layout(LayoutDirection.Horizontal,
+                                 [axial, Layout(LayoutDirection.Vertical, [coronal, sagittal])]),
+            })
+        finally:
+            vtkObject.SetGlobalWarningDisplay(warnings_shown)
+        self.layouts.set_layout("image")
+        # A view is fitted to the image when the page has given it its size: views are created (and an image may
+        # be opened) before the browser lays them out, and a fit at the wrong size leaves the image cropped.
+        self._fit_pending: set = set()
+        for view in self.slicer.view_manager.get_slice_views():
+            view.render_window().AddObserver(vtkCommand.WindowResizeEvent,
+                                             lambda *_, view=view: self._fit_after_resize(view))
+
+        self.parameters = ReportLoopParameters(model=model or "", device=device, scope="slice", sliceView="Red")
+        self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node, run_button="Segment")
+        if model:
+            self.controller.select_model(model)
+        self.controller.add_observer(self._on_controller_event)
+
+        self.server.enable_module({"serve": {"__lgseg": str(STATIC)}, "scripts": ["__lgseg/upload.js"]})
+        self._initial_state()
+        self._build_ui()
+        ctrl = self.server.controller
+        ctrl.on_server_bind.add(self._bind_http)
+        ctrl.on_server_ready.add(self._on_ready)
+        ctrl.on_client_connected.add(self._render_all)
+        self.state.change("lg_report")(self._on_report)
+        self.state.change("lg_model")(self._on_model)
+        self.state.change("lg_scope")(self._on_scope)
+        self.state.change("lg_live")(self._on_live)
+        self.state.change("lg_sides")(self._on_sides)
+        self.state.change("lg_opacity")(self._on_opacity)
+        self.state.change("lg_file")(self._on_file)
+
+    # State and page -----------------------------------------------------------------------------------------
+
+    def _initial_state(self) -> None:
+        models = self.controller.available_models()
+        selected = self.parameters.model or self.controller.default_model_name()
+        self.state.update({
+            "trame__title": "LanguageGuidedSeg",
+            "lg_files": [{"title": path.name, "value": index} for index, path in enumerate(self._files)],
+            "lg_file": None,
+            "lg_models": [{"title": m["name"], "value": m["name"]} for m in models] + (
+                # A model folder given with --model: offered under its folder name.
+                [{"title": f"{Path(selected).name} (folder)", "value": selected}]
+                if selected not in {m["name"] for m in models} else []),
+            "lg_model": selected,
+            "lg_model_info": self._model_info(selected),
+            "lg_report": "",
+            "lg_report_kind": "empty",
+            "lg_report_message": self.controller.report_status().message,
+            "lg_live": True,
+            "lg_scope": "slice",
+            "lg_sides": self.parameters.sides,
+            "lg_sides_label": self.controller.sides_label(),
+            "lg_is_volume": False,
+            "lg_loaded": False,
+            "lg_busy": False,
+            "lg_long_run": False,
+            "lg_progress": 0,
+            "lg_status": "Open an image or a volume.",
+            "lg_error": "",
+            "lg_opacity": 0.5,
+            "lg_has_segment": False,
+            "lg_segment": {},
+            "lg_uploading": False,
+        })
+
+    def _model_info(self, name: str) -> str:
+        info = {m["name"]: m for m in self.controller.available_models()}.get(name)
+        if info is None:
+            return ""
+        return f"{info['task']} · licence: {info['licence'] or 'not stated'}"
+
+    def _build_ui(self) -> None:
+        with SinglePageWithDrawerLayout(self.server, width=400) as layout:
+            self.ui = layout
+            layout.title.set_text("LanguageGuidedSeg")
+            layout.footer.hide()  # trame's footer: links and version details a reader does not need
+            client.Style("html { overflow-y: hidden; } .lg-report textarea { font-size: 0.95rem; }")
+            with layout.toolbar:
+                v3.VSpacer()
+                html.Span("{{ lg_status }}", id="lg-status", classes="text-body-2 mx-4")
+            with layout.drawer:
+                self._build_controls()
+            with layout.content:
+                with html.Div(id="lg-views", style="height: calc(100vh - 64px); width: 100%;"):
+                    self.layouts.initialize_layout_grid(layout)
+
+    def _build_controls(self) -> None:
+        with html.Div(classes="pa-3 d-flex flex-column ga-2"):
+            v3.VAlert(v_if="lg_error", id="lg-error", text=("lg_error",), type="error", density="compact",
+                      closable=True, click_close="lg_error = ''")
+            # Open: one of the files given on the command line, or an upload (a file, or a DICOM folder).
+            v3.VSelect(v_if="lg_files.length", label="Image", items=("lg_files",), v_model=("lg_file",),
+                       id="lg-file", density="compact", hide_details=True, disabled=("lg_busy",))
+            with html.Div(classes="d-flex ga-2"):
+                html.Input(type="file", id="lg-upload", style="display: none",
+                           change="window.lgsegUpload($event.target.files); $event.target.value = ''")
+                html.Input(type="file", id="lg-upload-folder", style="display: none", raw_attrs=["webkitdirectory"],
+                           change="window.lgsegUpload($event.target.files); $event.target.value = ''")
+                v3.VBtn("Upload image", prepend_icon="mdi-file-upload", size="small", variant="tonal",
+                        click="document.getElementById('lg-upload').click()", loading=("lg_uploading",),
+                        disabled=("lg_busy",))
+                v3.VBtn("DICOM folder", prepend_icon="mdi-folder-upload", size="small", variant="tonal",
+                        click="document.getElementById('lg-upload-folder').click()", disabled=("lg_busy",))
+            v3.VSelect(label="Model", items=("lg_models",), v_model=("lg_model",), id="lg-model",
+                       density="compact", hide_details=True, disabled=("lg_busy",))
+            html.Div("{{ lg_model_info }}", id="lg-model-info", classes="text-caption text-medium-emphasis")
+            v3.VTextarea(label="Report", v_model=("lg_report",), id="lg-report", rows=4, auto_grow=True,
+                         hide_details=True, classes="lg-report", disabled=("lg_long_run",),
+                         placeholder="Type or paste the report; leave empty to approximate it from the image")
+            html.Div("{{ lg_report_message }}", id="lg-report-status",
+                     classes=("lg_report_kind === 'approximated' ? 'text-caption text-warning font-italic' "
+                              ": 'text-caption text-medium-emphasis'",))
+            with html.Div(classes="d-flex align-center ga-2"):
+                with v3.VBtnToggle(v_model=("lg_sides",), id="lg-sides", mandatory=True, density="compact",
+                                   variant="outlined", divided=True, disabled=("lg_busy",)):
+                    v3.VBtn("Patient's sides", value="patient", size="small", id="lg-sides-patient")
+                    v3.VBtn("Image sides", value="image", size="small", id="lg-sides-image")
+            html.Div("{{ lg_sides_label }}", id="lg-sides-label", classes="text-caption text-medium-emphasis")
+            v3.VSwitch(label="Update while typing", v_model=("lg_live",), id="lg-live", density="compact",
+                       hide_details=True, color="primary", disabled=("lg_scope !== 'slice'",))
+            with v3.VRadioGroup(v_if="lg_is_volume", v_model=("lg_scope",), id="lg-scope", inline=True,
+                                density="compact", hide_details=True, disabled=("lg_busy",)):
+                v3.VRadio(label="Current slice", value="slice", id="lg-scope-slice")
+                v3.VRadio(label="Whole volume", value="volume", id="lg-scope-volume")
+            with html.Div(classes="d-flex ga-2"):
+                # The click carries what the page shows: trame may send a pending state change after the click.
+                v3.VBtn("Segment", id="lg-segment", color="primary",
+                        click=(self._on_segment, "[lg_report || '', lg_scope, lg_sides]"),
+                        disabled=("!lg_loaded || lg_busy",))
+                v3.VBtn("Cancel", id="lg-cancel", v_if="lg_long_run", color="error", variant="tonal",
+                        click=self._on_cancel)
+            v3.VProgressLinear(v_if="lg_long_run", model_value=("lg_progress",), id="lg-progress", height=8,
+                               color="primary", rounded=True)
+            v3.VSlider(label="Segment opacity", v_model=("lg_opacity",), min=0, max=1, step=0.05, id="lg-opacity",
+                       density="compact", hide_details=True, disabled=("!lg_has_segment",))
+            html.Div("{{ lg_segment.text }}", v_if="lg_has_segment", id="lg-segment-summary",
+                     classes="text-caption",
+                     # The segment as the server's node holds it, for scripts and tests that read the page.
+                     raw_attrs=[f':data-{key}="lg_segment.{key}"' for key in ("name", "color", "voxels", "sha256")])
+            with html.Div(classes="d-flex flex-wrap ga-2"):
+                trigger = self.server.controller.trigger_name(self._download)
+                for fmt, label in (("seg.nrrd", "Download .seg.nrrd"), ("nii.gz", "NIfTI"), ("png", "PNG")):
+                    v3.VBtn(label, id=f"lg-download-{fmt.replace('.', '-')}", size="small", variant="tonal",
+                            prepend_icon="mdi-download", disabled=("!lg_has_segment || lg_busy",),
+                            v_show="!lg_is_volume" if fmt == "png" else "true",
+                            click=(f"utils.download(lg_segment.stem + '{DOWNLOADS[fmt]}', "
+                                   f"trigger('{trigger}', ['{fmt}']), 'application/octet-stream')"))
+
+    # Server life cycle ---------------------------------------------------------------------------------------
+
+    def _bind_http(self, web_server: Any) -> None:
+        """Same-origin and token checks on every request, and the upload route (before wslink's static routes)."""
+        app = web_server.app
+        add_security_headers(app)
+        app.middlewares.append(same_origin_middleware(loopback_names_only=self._token is None))
+        if self._token is not None:
+            app.middlewares.append(token_middleware(self._token))
+        app.router.add_post("/upload", upload_handler(self._uploads, self._open_upload, self._report_error))
+
+    def _on_ready(self, **_: Any) -> None:
+        self._start(self._poll())
+        if self._files:
+            with self.state:
+                self.state.lg_file = 0  # opens it (see _on_file)
+
+    def _load_model(self) -> None:
+        try:
+            self.controller.segmenter(self.parameters.model or None, self.parameters.device)
+        except Exception:  # noqa: BLE001 - the first run loads it again and reports the error in the page
+            logger.debug("model preload failed", exc_info=True)
+
+    def _start(self, coroutine: Any) -> None:
+        task = asyncio.get_event_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _render_all(self, **_: Any) -> None:
+        # Renders requested before the page connected reached no one: draw every view again for the new page.
+        for view in self.slicer.view_manager.get_views():
+            view.schedule_render()
+
+    async def _poll(self) -> None:
+        """The controller's clock: deliver the worker's news and start due live runs, on this (the GUI) thread."""
+        while True:
+            try:
+                with self.state:
+                    busy = self.controller.poll()
+                    if self._segment_requested and not busy:
+                        self._segment_requested = False
+                        self._on_segment()
+            except Exception as exc:  # noqa: BLE001 - the page must keep working: the error is shown and logged
+                logger.exception("report loop")
+                self._report_error(_one_line(exc))
+            await asyncio.sleep(POLL_SECONDS)
+
+    # Opening images -------------------------------------------------------------------------------------------
+
+    def _on_file(self, lg_file: Optional[int] = None, **_: Any) -> None:
+        if lg_file is None or not 0 <= lg_file < len(self._files):
+            return
+        path = self._files[lg_file]
+        self._start(self.open_path(path, path.name))  # shows its own errors
+
+    async def _open_upload(self, files: list) -> Optional[str]:
+        # One file, or the files of one DICOM folder (read as the series in their folder).
+        target = files[0] if len(files) == 1 else files[0].parent
+        return await self.open_path(target, files[0].name if len(files) == 1 else "DICOM series")
+
+    async def open_path(self, path: Path, name: str) -> Optional[str]:
+        """Read ``path`` with the engine's reader (in a worker thread) and show it; the error message, or None."""
+        if self.controller.running:
+            message = "a segmentation is running; cancel it or wait for it, then open the image again"
+            with self.state:
+                self._show_error(message)
+            return message
+        previous = self.state.lg_status
+        with self.state:
+            self.state.lg_status = f"Reading {name}..."
+        try:
+            image = await asyncio.get_event_loop().run_in_executor(None, read_image, path)
+        except LgsegError as exc:
+            with self.state:
+                self._show_error(str(exc))
+                self.state.lg_status = previous  # the image shown before, if any, is still there
+            return str(exc)
+        with self.state:
+            self._show_image(image, path, name)
+        return None
+
+    def _show_image(self, image: Any, path: Path, name: str) -> None:
+        scene = self.slicer.scene
+        self.controller.abandon()
+        self._segment_requested = False
+        for node in (self.parameters.outputSegmentation, self.parameters.inputVolume):
+            if node is not None and scene.IsNodePresent(node):
+                storage = node.GetStorageNode()
+                scene.RemoveNode(node)
+                if storage is not None:
+                    scene.RemoveNode(storage)
+        self.parameters.outputSegmentation = None
+        stem = name[:-len(full_suffix(name))] if full_suffix(name) else name
+        volume = mrml.add_volume_node(scene, image, stem or "image", source=path)
+        if volume.GetDisplayNode() is None:
+            volume.CreateDefaultDisplayNodes()  # RGB volumes: shown as colour, as Slicer shows them
+        self._image, self._image_name = image, stem or "image"
+        is_volume = len(spatial_shape(image)) == 3 and spatial_shape(image)[0] > 1
+        self.layouts.set_layout("volume" if is_volume else "image")
+        self.slicer.display_manager.show_volume_in_slice_background(volume)
+        self.slicer.display_manager.reset_views()
+        self._fit_pending = {view.get_singleton_tag() for view in self.slicer.view_manager.get_slice_views()}
+        self.parameters.inputVolume = volume
+        self.controller.clear_report()
+        self.controller.watch_slices()
+        self._show_sides_label()  # from the new image's geometry
+        self.state.update({
+            "lg_loaded": True, "lg_is_volume": is_volume, "lg_has_segment": False, "lg_segment": {},
+            "lg_error": "", "lg_scope": self.parameters.scope if is_volume else "slice",
+            "lg_file": self._files.index(path) if path in self._files else None,  # an upload is not in the list
+            "lg_status": f"{name}: {' x '.join(str(s) for s in reversed(spatial_shape(image)))} "
+                         f"{'volume' if is_volume else 'image'}. Type a report or press Segment.",
+        })
+        self._render_all()
+        if not self._preloading:
+            # Load the model while the user reads the image, so that the first Segment does not wait for it; into
+            # the controller's own cache. A failure here is reported by the first run, which loads it again.
+            self._preloading = True
+            threading.Thread(target=self._load_model, name="LanguageGuidedSeg model", daemon=True).start()
+
+    def _fit_after_resize(self, view: Any) -> None:
+        if view.get_singleton_tag() in self._fit_pending:
+            self._fit_pending.discard(view.get_singleton_tag())
+            view.reset_view()
+            view.schedule_render()
+
+    def _slice_node(self, view: str) -> Any:
+        slice_view = self.slicer.view_manager.get_view(view)
+        return None if slice_view is None else self.slicer.scene.GetNodeByID(slice_view.get_view_node_id())
+
+    # Widgets -> controller ------------------------------------------------------------------------------------
+
+    def _on_report(self, lg_report: str = "", **_: Any) -> None:
+        self.controller.set_report(lg_report or "")
+
+    def _on_model(self, lg_model: str = "", **_: Any) -> None:
+        self.controller.select_model(lg_model or "")
+        self.state.lg_model_info = self._model_info(lg_model)
+        self._show_sides_label()  # models differ in what left and right mean in their reports
+
+    def _on_scope(self, lg_scope: str = "slice", **_: Any) -> None:
+        self.parameters.scope = lg_scope
+
+    def _on_live(self, lg_live: bool = True, **_: Any) -> None:
+        self.parameters.liveUpdate = bool(lg_live)
+
+    def _on_sides(self, lg_sides: str = "patient", **_: Any) -> None:
+        self.parameters.sides = lg_sides
+        self._show_sides_label()
+
+    def _on_opacity(self, lg_opacity: float = 0.5, **_: Any) -> None:
+        node = self.parameters.outputSegmentation
+        if node is not None and node.GetDisplayNode() is not None:
+            node.GetDisplayNode().SetOpacity(float(lg_opacity))
+
+    def _on_segment(self, report: Optional[str] = None, scope: Optional[str] = None,
+                    sides: Optional[str] = None) -> None:
+        """The Segment button, with the report, scope and sides the page shows when it was pressed."""
+        if scope is not None:
+            self._on_scope(scope)
+            self._on_sides(sides or self.parameters.sides)
+            self.controller.set_report(report or "")
+        if self.controller.running:
+            # A live run (the button is disabled during any other): Segment starts once it has ended (see _poll).
+            # A live run that is only scheduled is replaced by this one.
+            self._segment_requested = True
+            return
+        try:
+            self.controller.run()
+        except LgsegError as exc:
+            self._show_error(str(exc))
+
+    def _on_cancel(self) -> None:
+        self.controller.cancel()
+
+    # Controller -> widgets ------------------------------------------------------------------------------------
+
+    def _on_controller_event(self, event: str, payload: Any) -> None:
+        state = self.state
+        if event == "running":
+            state.lg_busy = bool(payload)
+            state.lg_long_run = bool(payload) and self.parameters.scope == "volume" and state.lg_is_volume
+            state.lg_progress = 0
+            if payload:
+                state.lg_error = ""
+        elif event == "progress":
+            done, total = payload
+            state.lg_progress = round(100 * done / max(total, 1))
+        elif event == "status":
+            state.lg_status = payload
+        elif event == "report":
+            if (state.lg_report or "") != payload.text:
+                state.lg_report = payload.text  # only when the controller changed the text
+            state.lg_report_kind = payload.kind
+            state.lg_report_message = payload.message
+        elif event == "result":
+            self._show_segment(payload)
+            self._show_sides_label()
+        elif event == "error":
+            self._show_error(_one_line(payload))
+
+    def _show_error(self, message: str) -> None:
+        self.state.lg_error = message
+
+    def _report_error(self, message: str) -> None:
+        """Show an error from outside trame's callbacks (the upload route): pushed to the page at once."""
+        with self.state:
+            self._show_error(message)
+
+    def _show_sides_label(self) -> None:
+        self.state.lg_sides_label = self.controller.sides_label()
+
+    def _show_segment(self, result: Any) -> None:
+        """Summarise the segment as the scene holds it (read back from the node, not from the run's mask)."""
+        node, segment_id = result.segmentation_node, result.segment_id
+        display = node.GetDisplayNode()
+        if display is not None:
+            display.SetOpacity(float(self.state.lg_opacity))
+        mask = mrml.segment_mask(node, segment_id, self.parameters.inputVolume)
+        segment = node.GetSegmentation().GetSegment(segment_id)
+        color = "#" + "".join(f"{round(255 * c):02x}" for c in segment.GetColor())
+        voxels = int(np.count_nonzero(mask))
+        self.state.lg_has_segment = True
+        self.state.lg_segment = {
+            "name": segment.GetName(), "color": color, "voxels": voxels,
+            "sha256": hashlib.sha256(np.ascontiguousarray(mask != 0, dtype=np.uint8).tobytes()).hexdigest(),
+            "text": f"Segment '{segment.GetName()}': {voxels} voxels ({voxels / max(mask.size, 1):.1%})",
+            "stem": f"{self._image_name}-{segment.GetName()}".replace(" ", "_"),
+        }
+
+    # Downloads ------------------------------------------------------------------------------------------------
+
+    async def _download(self, fmt: str) -> Any:
+        """The segment as a file (written in the private folder, read, removed), or None with a message."""
+        node = self.parameters.outputSegmentation
+        result = self.controller.last_result
+        if node is None or result is None or fmt not in DOWNLOADS:
+            return None
+        mask = mrml.segment_mask(node, result.segment_id, self.parameters.inputVolume)
+        segment = node.GetSegmentation().GetSegment(result.segment_id)
+        folder = self._uploads.new_folder()
+        target = folder / f"segment{DOWNLOADS[fmt]}"
+        try:
+            write_mask(mask.reshape(spatial_shape(self._image)), self._image, target,
+                       segment_name=segment.GetName(), color=tuple(segment.GetColor()))
+            return self.server.protocol.addAttachment(target.read_bytes())
+        except LgsegError as exc:
+            self._show_error(str(exc))
+            return None
+        finally:
+            target.unlink(missing_ok=True)
+            folder.rmdir()
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, LgsegError):
+        return " ".join(str(exc).split())
+    return f"unexpected {exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"
