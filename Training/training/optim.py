@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from languageguidedseg.network import LanguageGuidedSegNet
@@ -37,13 +35,11 @@ def replace_parameter(optimizer: torch.optim.Optimizer, old: torch.nn.Parameter,
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, config: OptimisationConfig,
                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over ``warmup_steps`` (at most a tenth of the run), then cosine decay to 0; step per batch."""
+    """MONAI's linear warm-up over ``warmup_steps`` (at most a tenth of the run), then cosine decay to 0 at the
+    run's last step; stepped once per batch. Warm-up starts at 1/warmup of the learning rate, not at 0, so that
+    no step is spent without learning."""
+    from monai.optimizers import WarmupCosineSchedule
+
     total = max(1, steps_per_epoch * config.epochs)
     warmup = min(config.warmup_steps, total // 10 + 1)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total, warmup_multiplier=1 / warmup)
