@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +13,7 @@ import torch
 from languageguidedseg.fileio import atomic_path
 from languageguidedseg.network import LanguageGuidedSegNet
 from languageguidedseg.package import ModelConfig, save_package
-from languageguidedseg.preprocess import PreprocessConfig
+from languageguidedseg.preprocess import PreprocessConfig, scale_intensity
 from languageguidedseg.text import encoder_version
 
 from .config import TrainConfig
@@ -20,21 +21,28 @@ from .data import Preloaded, Reports
 from .runtime import Runtime
 
 
+def model_config(config: TrainConfig) -> ModelConfig:
+    """What the run's model package says about the model, before training adds its bank and provenance."""
+    package = config.package
+    return ModelConfig(
+        name=config.name, network=config.network, task=package.task, description=package.description,
+        licence=package.licence, text_encoder=config.text_encoder,
+        text_encoder_version=encoder_version(config.text_encoder), preprocessing=config.preprocessing.to_dict(),
+        threshold=package.threshold, segment_name=package.segment_name, segment_color=package.segment_color,
+        report_parser=config.data.report_parser,
+    )
+
+
 def save_model(output: Path, network: LanguageGuidedSegNet, config: TrainConfig, *, reports: Reports,
                train: Preloaded, val_images: int, representatives: list[int], metrics: dict[str, Any], epoch: int,
                command: str, runtime: Runtime) -> None:
     """The model package: weights, the bank's representative reports, provenance and validation metrics."""
     text_of = {row: report for report, row in reports.index.items()}
-    package = config.package
-    model = ModelConfig(
-        name=config.name, task=package.task, description=package.description, licence=package.licence,
-        text_encoder=config.text_encoder, text_encoder_version=encoder_version(config.text_encoder),
-        preprocessing=config.preprocessing.to_dict(), threshold=package.threshold,
-        segment_name=package.segment_name, segment_color=package.segment_color,
+    model = dataclasses.replace(
+        model_config(config),
         prototype_reports=[text_of[int(train.report_index[i])] for i in representatives],
-        report_parser=config.data.report_parser,
         training={"command": command, "config": config.to_dict(), "epoch": epoch + 1, "data": config.data.path,
-                  "data_citation": package.data_citation, "train_images": len(train),
+                  "data_citation": config.package.data_citation, "train_images": len(train),
                   "train_reports": int((train.report_index >= 0).sum()), "val_images": val_images,
                   "world_size": runtime.world, "device": runtime.device.type, "torch": torch.__version__},
         metrics={k: round(v, 4) for k, v in metrics.items() if k.startswith("val_")},
@@ -82,23 +90,22 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_cases(images: torch.Tensor, masks: torch.Tensor, with_report: Optional[torch.Tensor],
-               without_report: Optional[torch.Tensor], preprocess: PreprocessConfig, path: Path) -> None:
-    """Rows of validation cases: image, ground truth, mask with report, mask without report."""
+def plot_cases(images: list[np.ndarray], masks: list[np.ndarray], with_report: Optional[list[np.ndarray]],
+               without_report: Optional[list[np.ndarray]], preprocess: PreprocessConfig, path: Path) -> None:
+    """Rows of validation cases: image, ground truth, mask with report, mask without report (each on the image's
+    own grid)."""
     plt = _pyplot()
     n = len(images)
     columns = [("image", None), ("ground truth", masks), ("with report", with_report),
                ("without report", without_report)]
-    fig, axes = plt.subplots(n, 4, figsize=(10, 2.5 * n), squeeze=False)
-    mean = torch.tensor(preprocess.mean).view(3, 1, 1)
-    std = torch.tensor(preprocess.std).view(3, 1, 1)
+    fig, axes = plt.subplots(max(n, 1), 4, figsize=(10, 2.5 * max(n, 1)), squeeze=False)
     for i in range(n):
-        picture = (images[i].float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        picture = scale_intensity(images[i][None], preprocess)[0]  # as the network sees it, before resizing
         for j, (title, overlay) in enumerate(columns):
             ax = axes[i, j]
-            ax.imshow(picture)
+            ax.imshow(picture, cmap="gray", vmin=0, vmax=1)
             if overlay is not None and i < len(overlay):
-                m = overlay[i].squeeze().numpy().astype(float)
+                m = np.asarray(overlay[i], dtype=float)
                 ax.imshow(np.ma.masked_where(m < 0.5, m), cmap="autumn", alpha=0.5, vmin=0, vmax=1)
             ax.set_axis_off()
             if i == 0:

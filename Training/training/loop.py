@@ -16,7 +16,9 @@ import torch
 from languageguidedseg.errors import LgsegError
 from languageguidedseg.fileio import atomic_path
 from languageguidedseg.losses import SegmentationLoss, pseudo_label_positives
-from languageguidedseg.metrics import ScoreAccumulator
+from languageguidedseg.data import load_pair
+from languageguidedseg.evaluation import evaluate
+from languageguidedseg.inference import Segmenter
 from languageguidedseg.network import LanguageGuidedSegNet
 from languageguidedseg.reports import get_parser
 from languageguidedseg.text import TextEncoder
@@ -24,9 +26,11 @@ from languageguidedseg.text import TextEncoder
 from . import export
 from .bank import BankMembers, fill_bank, refresh_bank_keys
 from .config import NOT_SHAPING_RESULTS, TrainConfig, flatten
-from .data import Preloaded, Reports, augmenter, epoch_loader, load_samples, preload
+from .data import Reports, augmenter, epoch_loader, load_samples, preload
 from .optim import build_optimizer, replace_parameter, warmup_cosine
 from .runtime import Runtime
+
+CASES = 6  # validation cases in val_cases.png
 
 
 class TrainStep(torch.nn.Module):
@@ -51,13 +55,18 @@ class Trainer:
 
     # -- data and model ------------------------------------------------------------------------------------------
     def load_data(self) -> None:
+        from tqdm import tqdm
+
         c, show = self.config, self.runtime.show_progress
         train, val = load_samples(c.data, c.seed)
-        encoder = TextEncoder(c.text_encoder)
-        self.reports = Reports.encode([s.report for s in train + val if s.report], encoder,
+        self.text_encoder = TextEncoder(c.text_encoder)
+        self.reports = Reports.encode([s.report for s in train + val if s.report], self.text_encoder,
                                       get_parser(c.data.report_parser))
         self.train = preload(train, c.preprocessing, self.reports, "loading train", show)
-        self.val = preload(val, c.preprocessing, self.reports, "loading val", show)
+        # Validation reads the images as lgseg evaluate does (scored on their own grid), kept in memory.
+        self.val = val
+        self.val_pairs = {s: load_pair(s) for s in tqdm(val, desc="loading val", disable=not show, file=sys.stderr,
+                                                          leave=False)}
         self.runtime.log(f"{len(train)} training images ({sum(s.report is not None for s in train)} with reports), "
                          f"{len(val)} validation images, {len(self.reports.index)} distinct reports")
 
@@ -101,7 +110,7 @@ class Trainer:
         bank_ready = epoch >= c.bank.warmup_epochs
         loader = epoch_loader(self.train, epoch, c.seed, c.optimisation.batch_size, c.optimisation.report_dropout,
                               augmenter(c.augmentation, c.preprocessing.size), bank_ready, runtime,
-                              c.data.workers)
+                              runtime.loader_workers(c.data.workers))
         self.network.train()
         totals: dict[str, float] = {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.optimisation.epochs}{'' if bank_ready else ' (bank warm-up)'}",
@@ -138,37 +147,28 @@ class Trainer:
         self.scheduler.step()
         return float(loss.detach()), terms
 
-    @torch.no_grad()
-    def validate(self, keep_predictions: int = 0) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        """Micro Dice/IoU on the validation split with reports and without (prototype bank)."""
+    def validate(self, keep: int = 0) -> tuple[dict[str, float], dict[str, list[np.ndarray]]]:
+        """Micro Dice/IoU on the validation split with reports and without (prototype bank), with the engine's
+        evaluation (the same as ``lgseg evaluate``); the first ``keep`` predictions of each mode for the figure."""
+        config = dataclasses.replace(export.model_config(self.config), network=self.network.config)
+        segmenter = Segmenter.from_network(self.network, config, self.runtime.device, self.text_encoder)
+        # Before the bank exists, only the images with a report can be segmented.
+        has_bank = self.network.bank.size > 0
+        samples = self.val if has_bank else [s for s in self.val if s.report]
+        results: dict[str, float] = {}
+        kept: dict[str, list[np.ndarray]] = {}
         self.network.eval()
-        results, kept = {}, {}
-        device = self.runtime.device
-        modes = ["report", "prototype"] if self.network.bank.size else ["report"]
-        for mode in modes:
-            scores = ScoreAccumulator()
-            predictions = []
-            for start in range(0, len(self.val), 32):
-                sl = slice(start, start + 32)
-                images = self.val.images[sl].float().to(device, memory_format=torch.channels_last)
-                index = self.val.report_index[sl]
-                with self.runtime.autocast():
-                    if mode == "report":
-                        tokens, token_mask = self.reports.guidance(index)
-                        logits = self.network(images, tokens.to(device), token_mask.to(device),
-                                              use_bank=(index < 0).to(device) if self.network.bank.size else None)
-                    else:
-                        logits = self.network(images)
-                prediction = (torch.sigmoid(logits.float()) > self.config.package.threshold).cpu()
-                scores.update(prediction[:, 0], self.val.masks[sl][:, 0])
-                if len(predictions) * 32 < keep_predictions:
-                    predictions.append(prediction)
-            s = scores.compute()
-            results.update({f"val_{mode}_dice": s.dice, f"val_{mode}_iou": s.iou,
-                            f"val_{mode}_mean_dice": s.mean_dice, f"val_{mode}_mean_iou": s.mean_iou})
-            if keep_predictions:
-                kept[mode] = torch.cat(predictions)[:keep_predictions]
-        self.network.train()
+        try:
+            for mode, guidance in (("report", "given"), ("prototype", "none")):
+                if not samples or (guidance == "none" and not has_bank):
+                    continue
+                evaluation = evaluate(segmenter, samples, guidance, keep=keep, load=self.val_pairs.__getitem__)
+                s = evaluation.scores
+                results.update({f"val_{mode}_dice": s.dice, f"val_{mode}_iou": s.iou,
+                                f"val_{mode}_mean_dice": s.mean_dice, f"val_{mode}_mean_iou": s.mean_iou})
+                kept[mode] = evaluation.predictions
+        finally:
+            self.network.train()
         return results, kept
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ class Trainer:
             if epoch == epochs - 1 and self.network.bank.size == 0:
                 self.build_bank()  # a run shorter than the warm-up still ships a bank
             refresh_bank_keys(self.network, self.train, self.bank, runtime)
-            metrics, kept = self.validate(keep_predictions=6) if runtime.main else ({}, {})
+            metrics, kept = self.validate(keep=CASES) if runtime.main else ({}, {})
             row.update(metrics)
             row["lr"] = self.scheduler.get_last_lr()[-1]
             row["seconds"] = round(time.perf_counter() - started, 1)
@@ -239,7 +239,7 @@ class Trainer:
         return history[-1] if history else {}
 
     def _report_epoch(self, epoch: int, row: dict[str, Any], metrics: dict[str, float],
-                      kept: dict[str, torch.Tensor], history: list[dict[str, Any]], best: float) -> float:
+                      kept: dict[str, list[np.ndarray]], history: list[dict[str, Any]], best: float) -> float:
         """Keep the best model (by the mean micro Dice of both modes), write the log and figures; the new best."""
         score = float(np.mean([v for k, v in metrics.items() if k.endswith("_dice") and "mean" not in k]))
         if score > best and self.network.bank.size:
@@ -248,9 +248,9 @@ class Trainer:
                               val_images=len(self.val), representatives=self.bank.representatives, metrics=row,
                               epoch=epoch, command=self.command, runtime=self.runtime)
         export.write_log(history, self.run_dir)
-        n = min(len(self.val), 6)
-        export.plot_cases(self.val.images[:n], self.val.masks[:n], kept.get("report"), kept.get("prototype"),
-                          self.config.preprocessing, self.run_dir / "val_cases.png")
+        cases = [self.val_pairs[s] for s in self.val[:CASES]]
+        export.plot_cases([image for image, _ in cases], [mask for _, mask in cases], kept.get("report"),
+                          kept.get("prototype"), self.config.preprocessing, self.run_dir / "val_cases.png")
         self.runtime.log(f"epoch {epoch + 1}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_") and "mean" not in k)
             + f" ({row['seconds']:.0f} s)")

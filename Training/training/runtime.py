@@ -47,6 +47,13 @@ class Runtime:
         """The process that writes files and logs."""
         return self.rank == 0
 
+    def loader_workers(self, requested: Optional[int]) -> int:
+        """DataLoader workers: as requested, else 4 per process on a GPU (whose CPU cores would otherwise idle)
+        and none on a CPU, where the training step already keeps every core busy."""
+        if requested is not None:
+            return requested
+        return min(4, available_cores() // self.world) if self.device.type == "cuda" else 0
+
     def log(self, message: str) -> None:
         if self.main:
             print(message, file=sys.stderr, flush=True)
