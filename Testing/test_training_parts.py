@@ -195,3 +195,15 @@ def test_samples_without_a_report_and_dropped_reports_use_the_bank():
             assert 0 < use_bank[report >= 0].sum() < (report >= 0).sum()
         else:
             assert not use_bank.any()
+
+
+def test_train_py_reports_a_config_typo_in_one_line(tmp_path, capsys):
+    import train
+
+    path = tmp_path / "typo.yaml"
+    path.write_text((REPO / "Training" / "configs" / "kvasir-polyp.yaml").read_text()
+                    .replace("  decoder_channels:", "  decoder_chanels:"))
+    assert train.main(["--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: config '{path}': unknown key 'decoder_chanels' in "
+                                                   "network; known keys: encoder, text_dim, decoder_channels")
