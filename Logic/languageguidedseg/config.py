@@ -17,6 +17,7 @@ from typing import Any, Mapping, TypeVar, Union
 from .errors import LgsegError
 
 C = TypeVar("C", bound="Config")
+T = TypeVar("T")
 _UNIONS = (Union, getattr(types, "UnionType", Union))  # ``X | None`` is a types.UnionType from Python 3.10
 
 
@@ -33,7 +34,7 @@ class Config:
         return _plain(dataclasses.asdict(self))  # type: ignore[call-overload]
 
 
-def from_dict(cls: type[C], values: Mapping[str, Any], where: str = "") -> C:
+def from_dict(cls: type[T], values: Mapping[str, Any], where: str = "") -> T:
     """The dataclass ``cls`` from ``values``; unknown keys, missing required keys and wrong types are errors."""
     section = where or cls.__name__
     if not isinstance(values, Mapping):

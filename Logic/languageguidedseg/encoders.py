@@ -10,7 +10,7 @@ training, ``fold_batchnorm()`` folds its BatchNorms into the convolutions for in
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Union, cast
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 def _fold(conv: nn.Module, bn: nn.Module) -> tuple[nn.Module, nn.Module]:
     """``(conv with bn folded in, Identity)``; an already folded pair stays as it is."""
-    if not isinstance(bn, nn.BatchNorm2d):
+    if not isinstance(bn, nn.BatchNorm2d) or not isinstance(conv, nn.Conv2d):
         return conv, bn
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -50,14 +50,21 @@ class _MBConv(nn.Module):
         super().__init__()
         mid = cin * expansion
         self.expand = expansion != 1
+        # Typed as modules: fold_batchnorm replaces each convolution and BatchNorm pair.
         if self.expand:
-            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = _bn(mid)
-        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
-        self._bn1 = _bn(mid)
-        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = _bn(cout)
+            self._expand_conv: nn.Module = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0: nn.Module = _bn(mid)
+        self._depthwise_conv: nn.Module = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self._bn1: nn.Module = _bn(mid)
+        self._project_conv: nn.Module = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2: nn.Module = _bn(cout)
         self.residual = stride == 1 and cin == cout
+
+    def fold_batchnorm(self) -> None:
+        if self.expand:
+            self._expand_conv, self._bn0 = _fold(self._expand_conv, self._bn0)
+        self._depthwise_conv, self._bn1 = _fold(self._depthwise_conv, self._bn1)
+        self._project_conv, self._bn2 = _fold(self._project_conv, self._bn2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
@@ -76,8 +83,8 @@ class EfficientNetLite0(nn.Module):
 
     def __init__(self, pretrained: bool = True):
         super().__init__()
-        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
-        self._bn0 = _bn(32)
+        self._conv_stem: nn.Module = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0: nn.Module = _bn(32)
         blocks, taps = [], []
         for kernel, stride, expansion, cin, cout, repeats in _LITE0_STAGES:
             for r in range(repeats):
@@ -112,10 +119,7 @@ class EfficientNetLite0(nn.Module):
         """Fold every eval-mode BatchNorm into the convolution before it (inference only; same outputs)."""
         self._conv_stem, self._bn0 = _fold(self._conv_stem, self._bn0)
         for block in self._blocks:
-            if block.expand:
-                block._expand_conv, block._bn0 = _fold(block._expand_conv, block._bn0)
-            block._depthwise_conv, block._bn1 = _fold(block._depthwise_conv, block._bn1)
-            block._project_conv, block._bn2 = _fold(block._project_conv, block._bn2)
+            cast(_MBConv, block).fold_batchnorm()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
@@ -149,13 +153,14 @@ class ConvNeXtTiny(nn.Module):
         """Keep the stem and the first ``count`` ConvNeXt blocks (with the down-sampling before them) fixed."""
         self.model.embeddings.requires_grad_(False)
         remaining = count
-        for stage in self.model.encoder.stages:
+        for stage in cast(nn.ModuleList, self.model.encoder.stages):
             if remaining <= 0:
                 break
-            stage.downsampling_layer.requires_grad_(False)
-            for layer in stage.layers[:remaining]:
+            layers = cast(nn.ModuleList, stage.layers)
+            cast(nn.Module, stage.downsampling_layer).requires_grad_(False)
+            for layer in layers[:remaining]:
                 layer.requires_grad_(False)
-            remaining -= len(stage.layers)
+            remaining -= len(layers)
 
     def fold_batchnorm(self) -> None:
         """Nothing to fold: ConvNeXt normalises with LayerNorm, which depends on each input."""
