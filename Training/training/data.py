@@ -141,7 +141,7 @@ class EpochDraws:
         return cls(drop, torch.randint(0, 2**31 - 1, (count,), generator=generator))
 
 
-class TrainingSet(Dataset):
+class TrainingSet(Dataset[dict[str, Any]]):
     """One epoch's training samples (``pool``: indices into ``data``), augmented with their own seeds."""
 
     def __init__(self, data: Preloaded, pool: torch.Tensor, draws: EpochDraws, transform: Optional[Any],
@@ -176,8 +176,9 @@ def epoch_loader(data: Preloaded, epoch: int, seed: int, batch_size: int, report
     dataset = TrainingSet(data, pool, draws, transform, bank_ready)
     # Whole steps only, over all processes; a pool smaller than one step still trains one (smaller) step.
     whole_steps = len(pool) >= batch_size * runtime.world
-    sampler = DistributedSampler(dataset, num_replicas=runtime.world, rank=runtime.rank, shuffle=True,
-                                 seed=SEED_STRIDE * seed, drop_last=whole_steps)
+    sampler: DistributedSampler[dict[str, Any]] = DistributedSampler(
+        dataset, num_replicas=runtime.world, rank=runtime.rank, shuffle=True, seed=SEED_STRIDE * seed,
+        drop_last=whole_steps)
     sampler.set_epoch(epoch)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=whole_steps, num_workers=workers,
                       pin_memory=runtime.device.type == "cuda")
