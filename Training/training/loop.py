@@ -13,12 +13,12 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from languageguidedseg.data import Sample, load_pair
 from languageguidedseg.errors import LgsegError
-from languageguidedseg.fileio import atomic_path
-from languageguidedseg.losses import SegmentationLoss, pseudo_label_positives
-from languageguidedseg.data import load_pair
 from languageguidedseg.evaluation import evaluate
+from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import Segmenter
+from languageguidedseg.losses import SegmentationLoss, pseudo_label_positives
 from languageguidedseg.network import LanguageGuidedSegNet
 from languageguidedseg.reports import get_parser
 from languageguidedseg.text import TextEncoder
@@ -52,6 +52,7 @@ class Trainer:
         self.config, self.output, self.command, self.runtime = config, output, command, runtime
         self.run_dir = output.parent / f"{output.name}-training"
         self.bank = BankMembers()
+        self.val_cases: list[Sample] = []
 
     # -- data and model ------------------------------------------------------------------------------------------
     def load_data(self) -> None:
@@ -157,6 +158,7 @@ class Trainer:
         samples = self.val if has_bank else [s for s in self.val if s.report]
         results: dict[str, float] = {}
         kept: dict[str, list[np.ndarray]] = {}
+        self.val_cases = samples[:keep]  # the images of the kept predictions
         self.network.eval()
         try:
             for mode, guidance in (("report", "given"), ("prototype", "none")):
@@ -241,14 +243,15 @@ class Trainer:
     def _report_epoch(self, epoch: int, row: dict[str, Any], metrics: dict[str, float],
                       kept: dict[str, list[np.ndarray]], history: list[dict[str, Any]], best: float) -> float:
         """Keep the best model (by the mean micro Dice of both modes), write the log and figures; the new best."""
-        score = float(np.mean([v for k, v in metrics.items() if k.endswith("_dice") and "mean" not in k]))
+        dice = [v for k, v in metrics.items() if k.endswith("_dice") and "mean" not in k]
+        score = float(np.mean(dice)) if dice else -1.0
         if score > best and self.network.bank.size:
             best = score
             export.save_model(self.output, self.network, self.config, reports=self.reports, train=self.train,
                               val_images=len(self.val), representatives=self.bank.representatives, metrics=row,
                               epoch=epoch, command=self.command, runtime=self.runtime)
         export.write_log(history, self.run_dir)
-        cases = [self.val_pairs[s] for s in self.val[:CASES]]
+        cases = [self.val_pairs[s] for s in self.val_cases]
         export.plot_cases([image for image, _ in cases], [mask for _, mask in cases], kept.get("report"),
                           kept.get("prototype"), self.config.preprocessing, self.run_dir / "val_cases.png")
         self.runtime.log(f"epoch {epoch + 1}: " + ", ".join(
