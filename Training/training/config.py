@@ -134,8 +134,13 @@ def load_config(path: Path, overrides: Optional[dict[str, Any]] = None) -> Train
     for dotted, value in (overrides or {}).items():
         *sections, key = dotted.split(".")
         target = values
-        for section in sections:
-            target = target.setdefault(section, {})
+        for depth, section in enumerate(sections):
+            if target.get(section) is None:
+                target[section] = {}
+            target = target[section]
+            if not isinstance(target, dict):
+                raise LgsegError(f"config '{path}': {'.'.join(sections[:depth + 1])} must be a mapping of keys to "
+                                 f"values (e.g. data: {{path: ...}}), not {target!r}")
         target[key] = value
     try:
         return TrainConfig.from_dict(values)
