@@ -48,8 +48,8 @@ class DataConfig(Config):
     report_parser: Optional[str] = None  # pseudo-labels for the bank: qata, kvasir or none
     limit: Optional[int] = None  # a seeded subset of N training images (and of at most N validation images)
     val_limit: Optional[int] = None
-    # DataLoader worker processes that augment the next batches; 0 = in the training process; none = 4 per GPU,
-    # 0 on a CPU (where the training step already keeps every core busy). Results do not depend on it.
+    # DataLoader worker processes that augment the next batches; 0 = in the training process; none = 4 per GPU, and
+    # on a CPU 1 where a process has two cores or more (see Runtime.loader_workers). Results do not depend on it.
     workers: Optional[int] = None
 
     def root(self) -> Path:

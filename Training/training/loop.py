@@ -109,9 +109,10 @@ class Trainer:
 
         c, runtime = self.config, self.runtime
         bank_ready = epoch >= c.bank.warmup_epochs
+        transform = augmenter(c.augmentation, c.preprocessing.size)
+        workers = runtime.loader_workers(c.data.workers, augmenting=transform is not None)
         loader = epoch_loader(self.train, epoch, c.seed, c.optimisation.batch_size, c.optimisation.report_dropout,
-                              augmenter(c.augmentation, c.preprocessing.size), bank_ready, runtime,
-                              runtime.loader_workers(c.data.workers))
+                              transform, bank_ready, runtime, workers)
         self.network.train()
         totals: dict[str, float] = {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.optimisation.epochs}{'' if bank_ready else ' (bank warm-up)'}",

@@ -47,12 +47,16 @@ class Runtime:
         """The process that writes files and logs."""
         return self.rank == 0
 
-    def loader_workers(self, requested: Optional[int]) -> int:
-        """DataLoader workers: as requested, else 4 per process on a GPU (whose CPU cores would otherwise idle)
-        and none on a CPU, where the training step already keeps every core busy."""
+    def loader_workers(self, requested: Optional[int], augmenting: bool) -> int:
+        """DataLoader workers: as requested; else 4 per process on a GPU (whose CPU cores would otherwise idle), and
+        on a CPU one worker that augments the next batch while the step runs, where the process has two cores or
+        more (measured here: 8.1 s against 11.5 s per step of 16 on a busy 2-core machine; median of 3, interleaved)."""
         if requested is not None:
             return requested
-        return min(4, available_cores() // self.world) if self.device.type == "cuda" else 0
+        cores = available_cores() // self.world
+        if self.device.type == "cuda":
+            return min(4, cores)
+        return 1 if augmenting and cores >= 2 else 0
 
     def log(self, message: str) -> None:
         if self.main:
