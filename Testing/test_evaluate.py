@@ -103,3 +103,28 @@ def test_evaluate_reads_reports_in_the_data_sets_convention(qata, kvasir, tiny_m
     (bare / "dataset.json").write_text('{"report_sides": "sideways"}')
     assert main(["evaluate", str(bare), "--model", str(tiny_model), "--quiet"]) == 2
     assert "report_sides" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reports", ["given", "none"])
+def test_training_validation_scores_like_lgseg_evaluate(qata, tiny_model, reports):
+    """The training's validation runs the same evaluation over the network in memory (not folded or compiled)."""
+    import torch
+
+    from languageguidedseg.data import load_pair
+    from languageguidedseg.evaluation import evaluate
+    from languageguidedseg.inference import Segmenter
+    from languageguidedseg.package import load_package
+
+    samples = load_split(qata, "val")[:LIMIT]
+    cache = {s: load_pair(s) for s in samples}
+    installed = evaluate(Segmenter(tiny_model, device="cpu"), samples, reports)
+    package = load_package(tiny_model)
+    in_memory = Segmenter.from_network(package.build_network(), package.config, torch.device("cpu"))
+    training = evaluate(in_memory, samples, reports, keep=2, load=cache.__getitem__)
+    assert training.scores.n == installed.scores.n == LIMIT
+    assert training.without_report == installed.without_report == (LIMIT if reports == "none" else 0)
+    assert training.scores.dice == pytest.approx(installed.scores.dice, abs=2e-3)
+    assert training.scores.mean_iou == pytest.approx(installed.scores.mean_iou, abs=2e-3)
+    # The first predictions come back on each image's own grid, for the training's figure.
+    assert [p.shape for p in training.predictions] == [cache[s][1].shape for s in samples[:2]]
+    assert all(p.dtype == bool for p in training.predictions)

@@ -6,14 +6,15 @@ import collections
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .errors import LgsegError
-from .network import fold_batchnorm, fuse_convolutions
-from .package import ModelPackage, load_package
+from .network import LanguageGuidedSegNet, fold_batchnorm, fuse_convolutions
+from .package import ModelConfig, ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size
 from .sides import Geometry, Orientation, check_sides, orientation_of, result_sides, sides_label, translate_report
 from .text import TextEncoder, normalize_report
@@ -103,12 +104,26 @@ class Segmenter:
         # torch.set_num_threads.
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
         self.device = resolve_device(device)
-        self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing)
+        self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing, "preprocessing")
         self.network = fold_batchnorm(self.package.build_network(self.device)).to(memory_format=torch.channels_last)
         if self.device.type == "cpu":
             self.network = fuse_convolutions(self.network, self.preprocess.size)
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self._text_encoder: Optional[TextEncoder] = None
+
+    @classmethod
+    def from_network(cls, network: LanguageGuidedSegNet, config: ModelConfig, device: torch.device,
+                     text_encoder: Optional[TextEncoder] = None, batch_size: int = 32) -> "Segmenter":
+        """A segmenter over a network in memory, e.g. one being trained: used as it is (no folding or fusion, its
+        weights shared), so that validation during training runs the same code as ``lgseg evaluate``."""
+        segmenter = cls.__new__(cls)
+        segmenter.package = ModelPackage(path=Path(), config=config, state_dict={}, weights_sha256="")
+        segmenter.device = device
+        segmenter.preprocess = PreprocessConfig.from_dict(config.preprocessing, "preprocessing")
+        segmenter.network = network
+        segmenter.batch_size = batch_size
+        segmenter._text_encoder = text_encoder
+        return segmenter
 
     @property
     def text_encoder(self) -> TextEncoder:
