@@ -22,8 +22,14 @@ from languageguidedseg.imageio import image_array, image_geometry, read_image, r
 from languageguidedseg.inference import slices_of
 from languageguidedseg.package import installed_models_folder
 from languageguidedseg.reports import KVASIR_LOCATIONS, ZONES, parse_kvasir_locations, parse_qata_report
-from languageguidedseg.sides import (RADIOLOGICAL_DISPLAY, Geometry, Orientation, sides_label, swap_sides,
-                                     translate_report)
+from languageguidedseg.sides import (
+    RADIOLOGICAL_DISPLAY,
+    Geometry,
+    Orientation,
+    sides_label,
+    swap_sides,
+    translate_report,
+)
 
 # A QaTa validation image whose report is unilateral, lower left lung in image sides (the patient's right).
 XRAY_ID = "cxr_s11236-e25185-r1"

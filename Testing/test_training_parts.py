@@ -12,12 +12,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Training"))
 
+from languageguidedseg.errors import LgsegError  # noqa: E402
 from training.config import AugmentationConfig, OptimisationConfig, TrainConfig, load_config  # noqa: E402
 from training.data import Preloaded, epoch_loader  # noqa: E402
 from training.optim import warmup_cosine  # noqa: E402
 from training.runtime import Runtime  # noqa: E402
-
-from languageguidedseg.errors import LgsegError  # noqa: E402
 
 CONFIGS = sorted((REPO / "Training" / "configs").glob("*.yaml"))
 

@@ -53,7 +53,7 @@ def run_benchmark(device: str = "cpu", volume_slices: int = 100, repeats: int = 
     ``edit_to_mask_process_ms``: the same with the model in a worker process, as in the 3D Slicer module."""
     import SimpleITK as sitk
 
-    from .imageio import read_image, image_array, write_mask
+    from .imageio import image_array, read_image, write_mask
     from .inference import Segmenter, resolve_device
     from .network import LanguageGuidedSegNet, NetworkConfig
     from .package import ModelConfig, save_package

@@ -11,8 +11,9 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from . import __version__
 from .errors import LgsegError
@@ -69,7 +70,7 @@ def _segment(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     shape = spatial_shape(image)
     if suffix == ".png" and len(shape) == 3 and shape[0] != 1:
-        raise LgsegError(f"cannot write the mask of a 3D volume as PNG (2D only); use an output ending in "
+        raise LgsegError("cannot write the mask of a 3D volume as PNG (2D only); use an output ending in "
                          ".nii.gz, .nrrd, .mha or .seg.nrrd")
 
     from .inference import Segmenter  # imports torch: only once the inputs are known to be usable

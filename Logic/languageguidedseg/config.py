@@ -12,7 +12,8 @@ import dataclasses
 import sys
 import types
 import typing
-from typing import Any, Mapping, TypeVar, Union
+from collections.abc import Mapping
+from typing import Any, TypeVar, Union
 
 from .errors import LgsegError
 

@@ -145,7 +145,7 @@ class _Run:
         self.kind = kind  # "apply" | "live"
         self.generation = generation
         self.report_text = report_text  # the box's text when the run started
-        self.events: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self.cancel_event = threading.Event()
         self.thread: Optional[threading.Thread] = None
         self.request_id: Optional[int] = None  # in a worker process

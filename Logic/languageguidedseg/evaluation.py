@@ -8,8 +8,9 @@ the GuideDecoder / ProLearn papers, plus per-image means (see :mod:`metrics`).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 

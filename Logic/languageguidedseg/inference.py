@@ -5,9 +5,10 @@ from __future__ import annotations
 import collections
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -113,7 +114,7 @@ class Segmenter:
 
     @classmethod
     def from_network(cls, network: LanguageGuidedSegNet, config: ModelConfig, device: torch.device,
-                     text_encoder: Optional[TextEncoder] = None, batch_size: int = 32) -> "Segmenter":
+                     text_encoder: Optional[TextEncoder] = None, batch_size: int = 32) -> Segmenter:
         """A segmenter over a network in memory, e.g. one being trained: used as it is (no folding or fusion, its
         weights shared), so that validation during training runs the same code as ``lgseg evaluate``."""
         segmenter = cls.__new__(cls)

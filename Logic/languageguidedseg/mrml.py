@@ -15,13 +15,14 @@ segment (main thread). :func:`segment_volume_node` runs all three in a row.
 
 from __future__ import annotations
 
+import importlib
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
-import importlib
 import numpy as np
 
 from .errors import LgsegError
@@ -83,11 +84,11 @@ class NodeSegmentationResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _matrix_to_numpy(matrix: "vtk.vtkMatrix4x4") -> np.ndarray:
+def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
 
 
-def _numpy_to_matrix(array: np.ndarray) -> "vtk.vtkMatrix4x4":
+def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
@@ -104,7 +105,7 @@ def _image_data(volume_node: Any):
     return image
 
 
-def volume_dimensions(volume_node: Any) -> Tuple[int, int, int]:
+def volume_dimensions(volume_node: Any) -> tuple[int, int, int]:
     """Voxel counts along (i, j, k)."""
     return tuple(int(d) for d in _image_data(volume_node).GetDimensions())
 
@@ -161,7 +162,7 @@ def default_axis(volume_node: Any) -> int:
     return ones[0] if ones else 2
 
 
-def slice_axis_and_index(slice_node: Any, volume_node: Any) -> Tuple[int, int]:
+def slice_axis_and_index(slice_node: Any, volume_node: Any) -> tuple[int, int]:
     """IJK axis and slice index of ``volume_node`` shown by ``slice_node`` (a ``vtkMRMLSliceNode``).
 
     The axis is the volume axis whose direction is most aligned with the slice normal (the third column of
@@ -193,7 +194,7 @@ def slice_axis_and_index(slice_node: Any, volume_node: Any) -> Tuple[int, int]:
 
 
 def volume_array(volume_node: Any, axis: Optional[int] = None,
-                 slice_index: Optional[int] = None) -> Tuple[np.ndarray, bool]:
+                 slice_index: Optional[int] = None) -> tuple[np.ndarray, bool]:
     """A copy of the volume's voxels in (k, j, i) order and whether it is RGB ((k, j, i, 3), alpha dropped).
 
     With ``axis`` and ``slice_index``, only that slice, as a one-voxel-thick (k, j, i) block. A copy, so a worker
@@ -461,7 +462,7 @@ class SegmentationJob:
         self.segmenter: Any = None
         self.result: Any = None
         # Segment name, colour and tag when the model ran elsewhere (a worker process): see segment_style().
-        self.style: Optional[Tuple[str, Tuple[float, float, float], str]] = None
+        self.style: Optional[tuple[str, tuple[float, float, float], str]] = None
 
     def compute(
         self,
@@ -491,7 +492,7 @@ class SegmentationJob:
             geometry=self.geometry,
         )
 
-    def segment_style(self) -> Tuple[str, Tuple[float, float, float], str]:
+    def segment_style(self) -> tuple[str, tuple[float, float, float], str]:
         """Segment name, colour and tag value from the model package."""
         if self.style is not None:
             return self.style

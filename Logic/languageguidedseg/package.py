@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 # the list before PyTorch is installed) and refusing a damaged model stays fast.
 
 
-def _default_network_config() -> "NetworkConfig":
+def _default_network_config() -> NetworkConfig:
     from .network import NetworkConfig
 
     return NetworkConfig()

@@ -99,7 +99,7 @@ class Geometry:
     source: str = "image"
 
     @classmethod
-    def from_lps(cls, ijk_to_lps: np.ndarray, source: str = "file") -> "Geometry":
+    def from_lps(cls, ijk_to_lps: np.ndarray, source: str = "file") -> Geometry:
         """From an ITK (LPS) IJK-to-physical matrix, e.g. a SimpleITK image's direction, spacing and origin."""
         return cls(np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_lps, dtype=float), source)
 

@@ -171,7 +171,7 @@ def main(argv: Optional[list] = None) -> int:
     from . import inference  # noqa: F401
 
     connection = Client((host, int(port)), authkey=key)
-    requests: "queue.Queue" = queue.Queue()
+    requests: queue.Queue = queue.Queue()
     cancelled = [-1]
 
     def read() -> None:  # a thread: cancels must arrive while the main thread computes
@@ -194,7 +194,7 @@ def main(argv: Optional[list] = None) -> int:
     return 0
 
 
-def _serve(connection: Any, requests: "queue.Queue", is_cancelled: Any) -> None:
+def _serve(connection: Any, requests: queue.Queue, is_cancelled: Any) -> None:
     """Load models on demand (one at a time), segment, reply; until the request queue yields None."""
     from .inference import SegmentationCancelled, Segmenter
 

@@ -53,7 +53,7 @@ class Reports:
     dim: int
 
     @classmethod
-    def encode(cls, reports: list[str], encoder: TextEncoder, parser: Optional[ReportParser]) -> "Reports":
+    def encode(cls, reports: list[str], encoder: TextEncoder, parser: Optional[ReportParser]) -> Reports:
         unique = sorted(set(reports))
         index = {r: i for i, r in enumerate(unique)}
         if unique:
@@ -132,7 +132,7 @@ class EpochDraws:
     augmentation_seeds: torch.Tensor  # [N] int64
 
     @classmethod
-    def draw(cls, seed: int, epoch: int, pool_size: int, count: int, report_dropout: float) -> "EpochDraws":
+    def draw(cls, seed: int, epoch: int, pool_size: int, count: int, report_dropout: float) -> EpochDraws:
         generator = torch.Generator().manual_seed(SEED_STRIDE * seed + epoch)
         # The sampler's shuffle of the pool comes first in this stream (DistributedSampler draws it from the same
         # seed); drawing it here too keeps the draws those of the published runs.

@@ -25,7 +25,7 @@ class Runtime:
     show_progress: bool
 
     @classmethod
-    def from_environment(cls, amp: str, threads: Optional[int], show_progress: bool = True) -> "Runtime":
+    def from_environment(cls, amp: str, threads: Optional[int], show_progress: bool = True) -> Runtime:
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
             else torch.device("cpu")
