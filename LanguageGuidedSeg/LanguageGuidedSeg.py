@@ -10,11 +10,12 @@ import time
 from typing import Annotated, Union
 
 import qt
-import vtk
-
 import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLVectorVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -22,9 +23,6 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
-
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLVectorVolumeNode
 
 # Heavy packages (torch, monai, transformers, the engine itself) are imported inside functions only: the module must
 # load with no PyTorch, no network and no GPU, and install nothing until the user presses Apply and agrees.
@@ -715,7 +713,7 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
             return "CPU"
         import torch
 
-        return "GPU ({name})".format(name=torch.cuda.get_device_name(device))
+        return f"GPU ({torch.cuda.get_device_name(device)})"
 
     def createJob(self, inputVolume, report=None, model=None, scope="volume", sliceNode=None, sliceIndex=None,
                   axis=None, threshold=None, device="auto"):

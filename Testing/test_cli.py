@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import QATA_REPORT
 
 import languageguidedseg
+from conftest import QATA_REPORT
 from languageguidedseg.cli import main
 from languageguidedseg.imageio import read_mask
 from languageguidedseg.package import CONFIG_FILE, WEIGHTS_FILE, list_models

@@ -7,7 +7,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -26,11 +25,11 @@ needs_kvasir = pytest.mark.skipif(
 )
 
 
-def _split_ids(root: Path, split: str) -> List[str]:
+def _split_ids(root: Path, split: str) -> list[str]:
     return json.loads((root / "split.json").read_text())[split]
 
 
-def _qata_ids(count: int) -> List[str]:
+def _qata_ids(count: int) -> list[str]:
     return _split_ids(QATA, "train")[:count]
 
 
@@ -43,7 +42,7 @@ def _write_png(array: np.ndarray, path: Path, is_vector: bool = False) -> None:
     sitk.WriteImage(sitk.GetImageFromArray(array, isVector=is_vector), str(path))
 
 
-def _project_copy(tmp_path: Path, ids: List[str]) -> Path:
+def _project_copy(tmp_path: Path, ids: list[str]) -> Path:
     """A project-layout dataset with the given QaTa ids, all in split 'train'."""
     root = tmp_path / "project"
     for folder, suffix in (("images", ".png"), ("masks", ".png"), ("reports", ".txt")):
@@ -106,7 +105,7 @@ def test_load_pair_drops_alpha_and_reads_01_masks(tmp_path: Path) -> None:
 # --- LViT and GuideDecoder layouts ----------------------------------------------------------------------------
 
 
-def _write_xlsx(path: Path, rows: List[List[object]]) -> None:
+def _write_xlsx(path: Path, rows: list[list[object]]) -> None:
     openpyxl = pytest.importorskip("openpyxl")
     workbook = openpyxl.Workbook()
     for row in rows:
@@ -124,7 +123,7 @@ def test_lvit_layout(tmp_path: Path) -> None:
             _copy_pair(sample_id, root / folder / "img" / f"{sample_id}.png",
                        root / folder / "labelcol" / f"{sample_id}.png")
         # pandas.to_excel writes an unnamed index column first, as in LViT's files.
-        rows: List[List[object]] = [[None, "Image", "Description"]]
+        rows: list[list[object]] = [[None, "Image", "Description"]]
         rows += [[i, f"{sample_id}.png", _report(sample_id)] for i, sample_id in enumerate(split_ids)]
         _write_xlsx(root / folder / f"{folder.split('_')[0]}_text.xlsx", rows)
     for split, folder in (("train", "Train_Folder"), ("val", "Val_Folder"), ("test", "Test_Folder")):
@@ -262,7 +261,7 @@ def test_annotation_row_without_image(tmp_path: Path) -> None:
 # --- limited text ---------------------------------------------------------------------------------------------
 
 
-def _fake_samples(count: int, with_report: int) -> List[Sample]:
+def _fake_samples(count: int, with_report: int) -> list[Sample]:
     return [Sample(f"s{i}", Path(f"s{i}.png"), Path(f"m{i}.png"), "text" if i < with_report else None)
             for i in range(count)]
 
@@ -270,7 +269,7 @@ def _fake_samples(count: int, with_report: int) -> List[Sample]:
 @needs_qata
 def test_text_ratio_counts_on_qata_train() -> None:
     samples = load_split(QATA, "train", validate=False)
-    counts: Dict[float, int] = {}
+    counts: dict[float, int] = {}
     for ratio in (0.0, 0.01, 0.25, 1.0):
         kept = apply_text_ratio(samples, ratio, seed=0)
         assert [s.id for s in kept] == [s.id for s in samples]

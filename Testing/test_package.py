@@ -12,8 +12,17 @@ import torch
 from languageguidedseg.cli import main
 from languageguidedseg.errors import LgsegError
 from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig
-from languageguidedseg.package import (CONFIG_FILE, WEIGHTS_FILE, ModelConfig, find_model, import_model, list_models,
-                                       load_package, save_package, user_models_folder)
+from languageguidedseg.package import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ModelConfig,
+    find_model,
+    import_model,
+    list_models,
+    load_package,
+    save_package,
+    user_models_folder,
+)
 from languageguidedseg.preprocess import PreprocessConfig
 
 SIZE = 128

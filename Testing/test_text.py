@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import QATA_REPORT
 
+from conftest import QATA_REPORT
 from languageguidedseg.errors import LgsegError
 from languageguidedseg.text import MAX_TOKENS, TextEncoder, encoder_version, normalize_report, pooled
 

@@ -89,7 +89,7 @@ class TrainConfig:
     augmentation: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, path: Path) -> "TrainConfig":
+    def load(cls, path: Path) -> TrainConfig:
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as exc:
@@ -530,7 +530,7 @@ class Trainer:
                     self.save_model(row, epoch)
                 self.write_log(history)
                 self.write_cases(kept)
-                self.log("epoch {epoch}: ".format(epoch=epoch + 1) + ", ".join(
+                self.log(f"epoch {epoch + 1}: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_") and "mean" not in k)
                     + f" ({row['seconds']:.0f} s)")
             self.save_checkpoint(epoch, best, history)

@@ -50,7 +50,7 @@ def run_benchmark(device: str = "cpu", volume_slices: int = 100, repeats: int = 
     """Measure ``slice_ms``, ``reference_slice_ms``, ``speedup``, ``volume_s`` and ``peak_rss_mb``."""
     import SimpleITK as sitk
 
-    from .imageio import read_image, image_array, write_mask
+    from .imageio import image_array, read_image, write_mask
     from .inference import Segmenter, resolve_device
     from .network import LanguageGuidedSegNet, NetworkConfig
     from .package import ModelConfig, save_package

@@ -12,8 +12,9 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from . import __version__
 from .errors import LgsegError
@@ -55,7 +56,7 @@ class _Progress:
 
 def _segment(args: argparse.Namespace) -> int:
     from .fileio import check_writable, full_suffix
-    from .imageio import is_rgb, image_array, read_image, spatial_shape, write_mask
+    from .imageio import image_array, is_rgb, read_image, spatial_shape, write_mask
 
     # Everything that can be checked cheaply is checked before the model is loaded and the image segmented.
     report = _read_report(args)
@@ -70,7 +71,7 @@ def _segment(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     shape = spatial_shape(image)
     if suffix == ".png" and len(shape) == 3 and shape[0] != 1:
-        raise LgsegError(f"cannot write the mask of a 3D volume as PNG (2D only); use an output ending in "
+        raise LgsegError("cannot write the mask of a 3D volume as PNG (2D only); use an output ending in "
                          ".nii.gz, .nrrd, .mha or .seg.nrrd")
 
     from .inference import Segmenter  # imports torch: only once the inputs are known to be usable
@@ -123,7 +124,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _approximate(args: argparse.Namespace) -> int:
-    from .imageio import is_rgb, image_array, read_image
+    from .imageio import image_array, is_rgb, read_image
     from .inference import Segmenter
 
     image = read_image(args.image)

@@ -44,9 +44,10 @@ import math
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -57,7 +58,7 @@ PathLike = Union[str, os.PathLike]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ANNOTATION_SUFFIXES = (".csv", ".xlsx", ".xls")
-SPLIT_ALIASES: Dict[str, Tuple[str, ...]] = {
+SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "train": ("train", "training"),
     "val": ("val", "valid", "validation"),
     "test": ("test", "testing"),
@@ -91,8 +92,8 @@ class Sample:
 class _AnnotationLayout:
     """Where the splits of an LViT / GuideDecoder dataset live."""
 
-    split_folders: Dict[str, Path]  # canonical split -> folder holding the image and mask folders
-    annotation_files: Dict[str, Path]  # canonical split -> CSV/XLSX
+    split_folders: dict[str, Path]  # canonical split -> folder holding the image and mask folders
+    annotation_files: dict[str, Path]  # canonical split -> CSV/XLSX
     data_root: Optional[Path]  # root itself when it holds the image and mask folders
 
 
@@ -101,7 +102,7 @@ class _AnnotationLayout:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def load_split(root: PathLike, split: str, validate: bool = True) -> List[Sample]:
+def load_split(root: PathLike, split: str, validate: bool = True) -> list[Sample]:
     """Samples of ``split`` under ``root`` (layout auto-detected, see the module docstring).
 
     Image and mask existence is always checked; ``validate`` also reads every image and mask header to check that
@@ -125,7 +126,7 @@ def load_split(root: PathLike, split: str, validate: bool = True) -> List[Sample
     return samples
 
 
-def load_pair(sample: Sample) -> Tuple[np.ndarray, np.ndarray]:
+def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
     """The image as uint8/uint16 (H, W) or (H, W, 3) array and the mask as bool (H, W)."""
     image = _read_pixels(sample.image_path, "image")
     if image.ndim == 3:
@@ -146,7 +147,7 @@ def load_pair(sample: Sample) -> Tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(image), _binarize_mask(mask)
 
 
-def apply_text_ratio(samples: Sequence[Sample], ratio: float, seed: int) -> List[Sample]:
+def apply_text_ratio(samples: Sequence[Sample], ratio: float, seed: int) -> list[Sample]:
     """ProLearn's limited-text protocol: a seeded random ``ratio`` of the samples with a report keep it.
 
     round(ratio * n_with_report) samples (half up; at least 1 when ratio > 0) keep their report, the others get
@@ -171,7 +172,7 @@ def apply_text_ratio(samples: Sequence[Sample], ratio: float, seed: int) -> List
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _load_project_split(root: Path, split_json: Path, split: str) -> List[Sample]:
+def _load_project_split(root: Path, split_json: Path, split: str) -> list[Sample]:
     try:
         splits = json.loads(split_json.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -234,7 +235,7 @@ def _read_report(path: Path) -> Optional[str]:
 
 
 def _detect_annotation_layout(root: Path) -> Optional[_AnnotationLayout]:
-    split_folders: Dict[str, Path] = {}
+    split_folders: dict[str, Path] = {}
     for child in _sorted_children(root):
         if child.is_dir():
             split = _split_of_folder(child.name)
@@ -247,7 +248,7 @@ def _detect_annotation_layout(root: Path) -> Optional[_AnnotationLayout]:
     search = list(split_folders.values()) + [root]
     search += [c for c in _sorted_children(root) if c.is_dir() and c not in split_folders.values()
                and _normalize(c.name) not in IMAGE_DIRS + MASK_DIRS]
-    annotation_files: Dict[str, Path] = {}
+    annotation_files: dict[str, Path] = {}
     for folder in search:
         for candidate in _sorted_children(folder):
             split = _split_of_annotation(candidate)
@@ -256,7 +257,7 @@ def _detect_annotation_layout(root: Path) -> Optional[_AnnotationLayout]:
     return _AnnotationLayout(split_folders, annotation_files, data_root)
 
 
-def _load_annotation_split(root: Path, layout: _AnnotationLayout, split: str) -> List[Sample]:
+def _load_annotation_split(root: Path, layout: _AnnotationLayout, split: str) -> list[Sample]:
     if not layout.annotation_files:
         raise LgsegError(
             f"'{root}' has image and mask folders but no annotation file such as train.csv or Train_text.xlsx with "
@@ -290,7 +291,7 @@ def _load_annotation_split(root: Path, layout: _AnnotationLayout, split: str) ->
     assert dirs is not None  # layout detection only keeps folders that have both
     images_dir, masks_dir = dirs
     images, masks = _index_images(images_dir), _index_images(masks_dir)
-    samples: Dict[str, Sample] = {}
+    samples: dict[str, Sample] = {}
     for entry, report in rows:
         name = _strip_image_suffix(entry)
         base = name[len(_MASK_PREFIX):] if name.lower().startswith(_MASK_PREFIX) else name
@@ -312,7 +313,7 @@ def _load_annotation_split(root: Path, layout: _AnnotationLayout, split: str) ->
     return list(samples.values())
 
 
-def _read_annotations(path: Path) -> List[Tuple[str, Optional[str]]]:
+def _read_annotations(path: Path) -> list[tuple[str, Optional[str]]]:
     """(Image, Description) rows of a CSV or XLSX annotation file; empty descriptions become None."""
     suffix = path.suffix.lower()
     if suffix == ".xls":
@@ -342,7 +343,7 @@ def _cell(row: Sequence[object], index: int) -> str:
     return str(value).strip()
 
 
-def _read_csv(path: Path) -> List[List[str]]:
+def _read_csv(path: Path) -> list[list[str]]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             return [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
@@ -351,7 +352,7 @@ def _read_csv(path: Path) -> List[List[str]]:
         raise LgsegError(f"cannot read annotation file '{path}' ({reason}); save it as UTF-8 CSV") from None
 
 
-def _read_xlsx(path: Path) -> List[List[object]]:
+def _read_xlsx(path: Path) -> list[list[object]]:
     try:
         import openpyxl  # optional dependency: only XLSX annotations need it
     except ImportError:
@@ -395,7 +396,7 @@ def _canonical_split(name: str) -> Optional[str]:
     return None
 
 
-def _image_mask_dirs(folder: Path) -> Optional[Tuple[Path, Path]]:
+def _image_mask_dirs(folder: Path) -> Optional[tuple[Path, Path]]:
     images = next((c for c in _sorted_children(folder) if c.is_dir() and _normalize(c.name) in IMAGE_DIRS), None)
     masks = next((c for c in _sorted_children(folder) if c.is_dir() and _normalize(c.name) in MASK_DIRS), None)
     return (images, masks) if images is not None and masks is not None else None
@@ -411,7 +412,7 @@ def _normalize(name: str) -> str:
     return re.sub(r"[\s_\-]+", "", name.lower())
 
 
-def _sorted_children(folder: Path) -> List[Path]:
+def _sorted_children(folder: Path) -> list[Path]:
     try:
         return sorted(folder.iterdir())
     except OSError:
@@ -426,7 +427,7 @@ def _child(folder: Path, name: str, want_dir: bool) -> Optional[Path]:
     return None
 
 
-def _require_dir(root: Path, names: Tuple[str, ...], owner: Path) -> Path:
+def _require_dir(root: Path, names: tuple[str, ...], owner: Path) -> Path:
     for name in names:
         found = _child(root, name, want_dir=True)
         if found is not None:
@@ -434,9 +435,9 @@ def _require_dir(root: Path, names: Tuple[str, ...], owner: Path) -> Path:
     raise LgsegError(f"'{owner}' needs a folder '{root / names[0]}' beside it; create it or fix the dataset path")
 
 
-def _index_files(folder: Path, suffixes: Tuple[str, ...]) -> Dict[str, Path]:
+def _index_files(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     """Lower-case stem -> file for the files of ``folder`` with one of ``suffixes`` (one directory scan)."""
-    index: Dict[str, Path] = {}
+    index: dict[str, Path] = {}
     with os.scandir(folder) as entries:
         names = sorted(e.name for e in entries if e.is_file())
     for name in names:
@@ -446,7 +447,7 @@ def _index_files(folder: Path, suffixes: Tuple[str, ...]) -> Dict[str, Path]:
     return index
 
 
-def _index_images(folder: Path) -> Dict[str, Path]:
+def _index_images(folder: Path) -> dict[str, Path]:
     return _index_files(folder, IMAGE_SUFFIXES)
 
 
@@ -455,7 +456,7 @@ def _strip_image_suffix(name: str) -> str:
     return stem if suffix.lower() in IMAGE_SUFFIXES else name
 
 
-def _read_header(path: Path, role: str, reader: sitk.ImageFileReader) -> Tuple[int, int]:
+def _read_header(path: Path, role: str, reader: sitk.ImageFileReader) -> tuple[int, int]:
     """(width, height) from the file header only."""
     try:
         reader.SetFileName(str(path))

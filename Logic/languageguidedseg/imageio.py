@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional, Tuple, Union
+from typing import Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -49,7 +50,7 @@ def is_rgb(image: sitk.Image) -> bool:
     return image.GetNumberOfComponentsPerPixel() == 3
 
 
-def spatial_shape(image: sitk.Image) -> Tuple[int, ...]:
+def spatial_shape(image: sitk.Image) -> tuple[int, ...]:
     """Shape of ``image_array(image)`` without the channel axis."""
     return tuple(int(size) for size in reversed(image.GetSize()))
 
@@ -60,7 +61,7 @@ def write_mask(
     path: PathLike,
     *,
     segment_name: str = "Segment",
-    color: Tuple[float, float, float] = (1.0, 0.0, 0.0),
+    color: tuple[float, float, float] = (1.0, 0.0, 0.0),
 ) -> Path:
     """Write a binary mask (nonzero = foreground) on the grid of ``reference``; the format follows the suffix.
 
@@ -193,7 +194,7 @@ def _ijk_to_lps(reference: sitk.Image) -> np.ndarray:
 
 
 def _write_segmentation(
-    foreground: np.ndarray, reference: sitk.Image, path: Path, name: str, color: Tuple[float, float, float]
+    foreground: np.ndarray, reference: sitk.Image, path: Path, name: str, color: tuple[float, float, float]
 ) -> None:
     import slicerio  # only needed for .seg.nrrd
 

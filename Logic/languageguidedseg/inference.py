@@ -5,8 +5,9 @@ from __future__ import annotations
 import collections
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch

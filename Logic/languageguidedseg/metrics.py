@@ -9,7 +9,7 @@ the per-image scores; an image whose prediction and ground truth are both empty 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -38,8 +38,8 @@ class ScoreAccumulator:
     intersection: int = 0
     prediction_sum: int = 0
     target_sum: int = 0
-    image_dice: List[float] = field(default_factory=list)
-    image_iou: List[float] = field(default_factory=list)
+    image_dice: list[float] = field(default_factory=list)
+    image_iou: list[float] = field(default_factory=list)
 
     def update(self, prediction: ArrayLike, target: ArrayLike) -> None:
         """Score one image ``[H, W]`` or a batch ``[N, H, W]`` (``[N, 1, H, W]`` too).

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import slicer
@@ -78,7 +79,7 @@ def _image_data(volume_node: Any):
     return image
 
 
-def volume_dimensions(volume_node: Any) -> Tuple[int, int, int]:
+def volume_dimensions(volume_node: Any) -> tuple[int, int, int]:
     """Voxel counts along (i, j, k)."""
     return tuple(int(d) for d in _image_data(volume_node).GetDimensions())
 
@@ -116,7 +117,7 @@ def default_axis(volume_node: Any) -> int:
     return ones[0] if ones else 2
 
 
-def slice_axis_and_index(slice_node: Any, volume_node: Any) -> Tuple[int, int]:
+def slice_axis_and_index(slice_node: Any, volume_node: Any) -> tuple[int, int]:
     """IJK axis and slice index of ``volume_node`` shown by ``slice_node`` (a ``vtkMRMLSliceNode``).
 
     The axis is the volume axis whose direction is most aligned with the slice normal (the third column of
@@ -147,7 +148,7 @@ def slice_axis_and_index(slice_node: Any, volume_node: Any) -> Tuple[int, int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def volume_array(volume_node: Any) -> Tuple[np.ndarray, bool]:
+def volume_array(volume_node: Any) -> tuple[np.ndarray, bool]:
     """A copy of the volume's voxels in (k, j, i) order and whether it is RGB ((k, j, i, 3), alpha dropped).
 
     A copy, so a worker thread never reads VTK memory that the scene may change or free meanwhile.
@@ -420,7 +421,7 @@ class SegmentationJob:
         )
         return self.result
 
-    def segment_style(self) -> Tuple[str, Tuple[float, float, float], str]:
+    def segment_style(self) -> tuple[str, tuple[float, float, float], str]:
         """Segment name, colour and tag value from the model package."""
         package = self.segmenter.package
         config = getattr(package, "config", None)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 # the list before PyTorch is installed) and refusing a damaged model stays fast.
 
 
-def _default_network_config() -> "NetworkConfig":
+def _default_network_config() -> NetworkConfig:
     from .network import NetworkConfig
 
     return NetworkConfig()
@@ -75,7 +75,7 @@ class ModelConfig:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         from .network import NetworkConfig
 
         known = {f.name for f in fields(cls)}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ class PreprocessConfig:
     size: int = 224
     lower_percentile: float = 0.5
     upper_percentile: float = 99.5
-    mean: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: Tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
         self.mean = tuple(float(value) for value in self.mean)
@@ -48,7 +49,7 @@ class PreprocessConfig:
                 for key, value in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> PreprocessConfig:
         """Build from a dictionary such as ``to_dict()`` wrote; unknown keys are ignored."""
         known = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in known})
@@ -103,7 +104,7 @@ def prepare_slices(slices: np.ndarray, config: PreprocessConfig) -> torch.Tensor
     return ((batch - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
-def restore_size(probabilities: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+def restore_size(probabilities: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """Resample ``[N, 1, s, s]`` or ``[N, s, s]`` probabilities bilinearly to ``[N, H, W]`` (the slice's own size)."""
     maps = probabilities.unsqueeze(1) if probabilities.ndim == 3 else probabilities
     if maps.ndim != 4 or maps.shape[1] != 1:
@@ -124,7 +125,7 @@ def _check_stack(stack: np.ndarray) -> None:
     raise ValueError(f"expected slices [N, H, W] or [N, H, W, 3], got shape {stack.shape}")
 
 
-def _slice_bounds(stack: np.ndarray, config: PreprocessConfig) -> Tuple[np.ndarray, np.ndarray]:
+def _slice_bounds(stack: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     """Per-slice (lower, upper) intensity bounds as float64 arrays of length N."""
     count = stack.shape[0]
     pixels = stack.shape[1] * stack.shape[2]
@@ -151,7 +152,7 @@ def _slice_bounds(stack: np.ndarray, config: PreprocessConfig) -> Tuple[np.ndarr
     return low, high
 
 
-def _row_percentiles(rows: np.ndarray, quantiles: Tuple[float, float]) -> np.ndarray:
+def _row_percentiles(rows: np.ndarray, quantiles: tuple[float, float]) -> np.ndarray:
     """Linear-interpolated percentiles per row (same as numpy's default), via one partition: ``[N, 2]`` float64."""
     last = rows.shape[1] - 1
     positions = [q / 100.0 * last for q in quantiles]

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Union
 
 from .errors import LgsegError
 
@@ -49,7 +50,7 @@ _PHRASE_END = re.compile(r"\b(?:lungs?|lobes?|fields?|zones?|regions?)\b|[,;.]")
 class ReportLabels:
     """What a QaTa report says: the infected zones (in :data:`ZONES` order), laterality and number of areas."""
 
-    zones: Tuple[bool, ...]
+    zones: tuple[bool, ...]
     laterality: Optional[str]
     count: Optional[int]
 
@@ -59,8 +60,8 @@ class ReportParser:
     """A named report parser: ``parse(text)`` gives one bool per entry of ``classes``."""
 
     name: str
-    classes: Tuple[str, ...]
-    parse: Callable[[str], Tuple[bool, ...]]
+    classes: tuple[str, ...]
+    parse: Callable[[str], tuple[bool, ...]]
 
 
 def parse_qata_report(text: str) -> ReportLabels:
@@ -94,12 +95,12 @@ def parse_qata_report(text: str) -> ReportLabels:
     return ReportLabels(tuple(zone in zones for zone in ZONES), laterality, count)
 
 
-def parse_qata_zones(text: str) -> Tuple[bool, ...]:
+def parse_qata_zones(text: str) -> tuple[bool, ...]:
     """The six zone flags of :func:`parse_qata_report` (the ``qata`` parser's ``parse``)."""
     return parse_qata_report(text).zones
 
 
-def parse_kvasir_locations(text: str) -> Tuple[bool, ...]:
+def parse_kvasir_locations(text: str) -> tuple[bool, ...]:
     """Which of :data:`KVASIR_LOCATIONS` a Kvasir report names ("located in top left, center of the image")."""
     lowered = text.lower()
     located = re.search(r"located\s+(?:in|at|on)\s+(.*?)(?:\s+(?:of|in)\s+the\s+image|$)", lowered)
@@ -112,13 +113,13 @@ def parse_kvasir_locations(text: str) -> Tuple[bool, ...]:
     return tuple(location in found for location in KVASIR_LOCATIONS)
 
 
-def class_indices(labels: Union[ReportLabels, Sequence[bool]]) -> List[int]:
+def class_indices(labels: Union[ReportLabels, Sequence[bool]]) -> list[int]:
     """Indices of the classes present (zones for QaTa); no class found gives an empty list."""
     flags = labels.zones if isinstance(labels, ReportLabels) else labels
     return [index for index, present in enumerate(flags) if present]
 
 
-def parser_names() -> Tuple[str, ...]:
+def parser_names() -> tuple[str, ...]:
     """Names accepted by :func:`get_parser` besides None / "none"."""
     return tuple(_parsers())
 
@@ -134,19 +135,19 @@ def get_parser(name: Optional[str]) -> Optional[ReportParser]:
     return parser
 
 
-def _parsers() -> Dict[str, ReportParser]:
+def _parsers() -> dict[str, ReportParser]:
     return {
         "qata": ReportParser("qata", ZONES, parse_qata_zones),
         "kvasir": ReportParser("kvasir", KVASIR_LOCATIONS, parse_kvasir_locations),
     }
 
 
-def _tokens(text: str) -> List[str]:
+def _tokens(text: str) -> list[str]:
     """Lower-case words and the punctuation that ends zone phrases."""
     return re.findall(r"[a-z]+|\d+|[,;.]", text.lower())
 
 
-def _correct_typos(words: List[str]) -> List[str]:
+def _correct_typos(words: list[str]) -> list[str]:
     corrected = []
     for word in words:
         if len(word) >= 4 and word not in _ZONE_WORDS and word not in _TYPO_VOCABULARY:
@@ -170,7 +171,7 @@ def _count(text: str) -> Optional[int]:
     return int(word) if word.isdigit() else _NUMBERS.get(word)
 
 
-def _read_phrase(part: str) -> Tuple[set, Tuple[str, ...]]:
+def _read_phrase(part: str) -> tuple[set, tuple[str, ...]]:
     """(sides, levels) named in one zone phrase; "all" / "whole" expands to the three levels."""
     sides, levels, whole = set(), [], False
     for word in part.split():

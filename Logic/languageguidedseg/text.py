@@ -11,9 +11,10 @@ import logging
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 from .errors import LgsegError
 
@@ -36,7 +37,7 @@ class TextEncoding:
     tokens: torch.Tensor
     mask: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "TextEncoding":
+    def to(self, device: torch.device | str) -> TextEncoding:
         return TextEncoding(self.tokens.to(device), self.mask.to(device))
 
 
@@ -104,7 +105,7 @@ class TextEncoder:
             hf_logging.enable_progress_bar()
         self.model.eval().requires_grad_(False).to(self.device)
         self.dim = int(self.model.config.hidden_size)
-        self._cache: "OrderedDict[str, tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
         self.encoded_count = 0  # how many reports actually went through the encoder (cache misses)
 
