@@ -86,7 +86,8 @@ class EfficientNetLite0(nn.Module):
         state = {k: v for k, v in state.items() if not k.startswith(("_conv_head", "_bn1.", "_fc"))}
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise LgsegError(f"unexpected EfficientNet-Lite0 weight file: missing {missing[:3]}, extra {unexpected[:3]}")
+            raise LgsegError(f"unexpected EfficientNet-Lite0 weight file: missing {missing[:3]}, "
+                             f"extra {unexpected[:3]}")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = nn.functional.relu6(self._bn0(self._conv_stem(x)))

@@ -22,7 +22,7 @@ ProgressCallback = Callable[[int, int], None]
 CancelCallback = Callable[[], bool]
 
 
-class SegmentationCancelled(Exception):
+class SegmentationCancelled(Exception):  # noqa: N818 - a request the user made, not an error
     """Raised between batches when the cancel callback returns True."""
 
 
@@ -207,7 +207,8 @@ class Segmenter:
         mask_stack = slices_of(mask, False, axis)  # a view: writing into it fills ``mask``
         if slice_index is not None:
             if not 0 <= slice_index < stack.shape[0]:
-                raise LgsegError(f"slice {slice_index} is outside the image (0..{stack.shape[0] - 1} along axis {axis})")
+                raise LgsegError(f"slice {slice_index} is outside the image "
+                                 f"(0..{stack.shape[0] - 1} along axis {axis})")
             stack, target = stack[slice_index:slice_index + 1], slice(slice_index, slice_index + 1)
         else:
             target = slice(None)

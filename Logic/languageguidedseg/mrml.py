@@ -333,7 +333,7 @@ def segment_mask(segmentation_node: Any, segment_id: str, volume_node: Any) -> n
     # Clip the resampled extent to the volume: it may be larger when the segment reaches outside the volume.
     lo = [max(extent[2 * a], 0) for a in range(3)]
     hi = [min(extent[2 * a + 1], dims[a] - 1) for a in range(3)]
-    if any(h < l for l, h in zip(lo, hi)):
+    if any(high < low for low, high in zip(lo, hi)):
         return out
     out[lo[2]: hi[2] + 1, lo[1]: hi[1] + 1, lo[0]: hi[0] + 1] = values[
         lo[2] - extent[4]: hi[2] - extent[4] + 1,
