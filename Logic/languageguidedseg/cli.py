@@ -14,7 +14,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, TextIO
 
 from . import __version__
 from .errors import LgsegError
@@ -38,7 +38,8 @@ class _Progress:
     """A tqdm progress bar on stderr for long volumes; silent for a single slice."""
 
     def __init__(self, description: str, enabled: bool = True):
-        self.description, self.enabled, self.bar = description, enabled, None
+        self.description, self.enabled = description, enabled
+        self.bar: Optional[Any] = None  # a tqdm bar, created on the first update of a multi-slice image
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or total <= 1:
@@ -288,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Optional[TextIO] = None, line: Optional[str] = None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 

@@ -124,7 +124,7 @@ class ConvNeXtTiny(nn.Module):
 ENCODERS = ("efficientnet-lite0", "convnext-tiny")
 
 
-def build_encoder(name: str, pretrained: bool = True, weights: str | None = None) -> nn.Module:
+def build_encoder(name: str, pretrained: bool = True, weights: str | None = None) -> EfficientNetLite0 | ConvNeXtTiny:
     """Build an encoder by name; ``pretrained`` loads ImageNet weights where the package ships them."""
     if name == "efficientnet-lite0":
         return EfficientNetLite0(pretrained=pretrained)

@@ -18,6 +18,11 @@ from .package import ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size
 from .text import TextEncoder, normalize_report
 
+# Compiling the convolutions for the CPU (fuse_convolutions) costs about as much as 10 to 30 slices take to segment
+# and saves a fraction of each later slice, so a Segmenter compiles once it has been given this many slices: a volume
+# compiles at once, the Slicer module's live updates after a few edits, a one-image command never.
+FUSE_AFTER_SLICES = 16
+
 ProgressCallback = Callable[[int, int], None]
 CancelCallback = Callable[[], bool]
 
@@ -94,9 +99,10 @@ class Segmenter:
         if self.device.type == "cpu" and (threads or not os.environ.get("OMP_NUM_THREADS")):
             torch.set_num_threads(threads or available_cores())
         self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing)
-        self.network = fold_batchnorm(self.package.build_network(self.device)).to(memory_format=torch.channels_last)
-        if self.device.type == "cpu":
-            self.network = fuse_convolutions(self.network, self.preprocess.size)
+        self.network = fold_batchnorm(self.package.build_network(self.device))
+        self.network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
+        self._fused = self.device.type != "cpu"  # oneDNN fusion is for the CPU only
+        self._slices_seen = 0
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self._text_encoder: Optional[TextEncoder] = None
 
@@ -112,6 +118,14 @@ class Segmenter:
                                  "use the model's own encoder")
             self._text_encoder = encoder
         return self._text_encoder
+
+    def _compile_when_worth_it(self, slices: int) -> None:
+        """Fuse the convolutions once this Segmenter has been given ``FUSE_AFTER_SLICES`` slices in all."""
+        self._slices_seen += slices
+        if not self._fused and self._slices_seen >= FUSE_AFTER_SLICES:
+            with torch.inference_mode(False):  # tracing records ordinary tensors
+                self.network = fuse_convolutions(self.network, self.preprocess.size)
+            self._fused = True
 
     def _guidance(self, report: Optional[str]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         text = normalize_report(report)
@@ -132,6 +146,7 @@ class Segmenter:
         sequence of reports, slices that had a report get -1 and NaN there.
         """
         total = slices.shape[0]
+        self._compile_when_worth_it(total)
         per_slice = report is not None and not isinstance(report, str)
         if per_slice:
             texts = [normalize_report(r) for r in report]
