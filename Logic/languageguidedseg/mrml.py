@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import slicer
 import vtk
+from slicer.util import arrayFromVolume, arrayFromVTKMatrix, vtkMatrixFromArray
 from vtk.util import numpy_support
 
 from .errors import LgsegError
@@ -58,19 +59,7 @@ class NodeSegmentationResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
-
-
-def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
-
-
-def _image_data(volume_node: Any):
+def _image_data(volume_node: Any) -> Any:
     if volume_node is None:
         raise LgsegError("no input volume; select a volume node")
     image = volume_node.GetImageData()
@@ -81,14 +70,15 @@ def _image_data(volume_node: Any):
 
 def volume_dimensions(volume_node: Any) -> tuple[int, int, int]:
     """Voxel counts along (i, j, k)."""
-    return tuple(int(d) for d in _image_data(volume_node).GetDimensions())
+    i, j, k = (int(d) for d in _image_data(volume_node).GetDimensions())
+    return i, j, k
 
 
 def ijk_to_ras_matrix(volume_node: Any) -> np.ndarray:
     """The volume's 4x4 IJK-to-RAS matrix in its own (parent transform) coordinate frame."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return _matrix_to_numpy(matrix)
+    return arrayFromVTKMatrix(matrix)
 
 
 def _transform_between(source_node: Any, target_node: Any, what: str) -> np.ndarray:
@@ -100,7 +90,7 @@ def _transform_between(source_node: Any, target_node: Any, what: str) -> np.ndar
     matrix = vtk.vtkMatrix4x4()
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(source, target, matrix):
         raise LgsegError(f"the {what} is under a non-linear transform; harden the transform first (Data module)")
-    return _matrix_to_numpy(matrix)
+    return arrayFromVTKMatrix(matrix)
 
 
 def ijk_to_world_matrix(volume_node: Any) -> np.ndarray:
@@ -127,7 +117,7 @@ def slice_axis_and_index(slice_node: Any, volume_node: Any) -> tuple[int, int]:
     """
     if slice_node is None:
         raise LgsegError("no slice view; choose a slice view for slice mode")
-    slice_to_ras = _matrix_to_numpy(slice_node.GetSliceToRAS())
+    slice_to_ras = arrayFromVTKMatrix(slice_node.GetSliceToRAS())
     normal = slice_to_ras[:3, 2]
     centre = slice_to_ras[:, 3]
     ijk_to_world = ijk_to_world_matrix(volume_node)
@@ -153,14 +143,11 @@ def volume_array(volume_node: Any) -> tuple[np.ndarray, bool]:
 
     A copy, so a worker thread never reads VTK memory that the scene may change or free meanwhile.
     """
-    image = _image_data(volume_node)
-    dims = image.GetDimensions()
-    components = image.GetNumberOfScalarComponents()
-    flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    components = _image_data(volume_node).GetNumberOfScalarComponents()
     if components == 1:
-        return np.array(flat.reshape(dims[2], dims[1], dims[0]), copy=True), False
+        return np.array(arrayFromVolume(volume_node), copy=True), False
     if components in (3, 4):
-        return np.array(flat.reshape(dims[2], dims[1], dims[0], components)[..., :3], copy=True), True
+        return np.array(arrayFromVolume(volume_node)[..., :3], copy=True), True
     raise LgsegError(
         f"volume '{volume_node.GetName()}' has {components} components per voxel; "
         "use a grayscale or RGB volume (Vector to Scalar Volume module)"
@@ -217,7 +204,7 @@ def _labelmap_from_mask(mask: np.ndarray, volume_node: Any, segmentation_node: A
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     region = mask[k0: k1 + 1, j0: j1 + 1, i0: i1 + 1]
     numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (region != 0).astype(np.uint8).ravel()
-    labelmap.SetImageToWorldMatrix(_numpy_to_matrix(_ijk_to_segmentation(volume_node, segmentation_node)))
+    labelmap.SetImageToWorldMatrix(vtkMatrixFromArray(_ijk_to_segmentation(volume_node, segmentation_node)))
     return labelmap
 
 
@@ -239,11 +226,11 @@ def _check_axis_index(dims: Sequence[int], axis: Optional[int], slice_index: Opt
 
 
 def write_mask(
-    segmentation_node: Any,
-    volume_node: Any,
     mask: np.ndarray,
+    volume_node: Any,
+    segmentation_node: Any,
     *,
-    segment_name: str,
+    segment_name: str = "Segment",
     color: Sequence[float] = (1.0, 0.0, 0.0),
     axis: Optional[int] = None,
     slice_index: Optional[int] = None,
@@ -276,8 +263,8 @@ def write_mask(
             if segment_id is not None
             else np.zeros(mask.shape, dtype=np.uint8)
         )
-        index = [slice(None)] * 3
-        index[2 - axis] = int(slice_index)
+        index: list[Union[slice, int]] = [slice(None)] * 3
+        index[2 - int(axis)] = int(slice_index)  # type: ignore[arg-type]  # _check_axis_index: not None here
         merged[tuple(index)] = mask[tuple(index)] != 0
     if segment_id is None:
         segment_id = segmentation.AddEmptySegment("", segment_name, [float(c) for c in color[:3]])
@@ -302,7 +289,7 @@ def _reference_image(volume_node: Any, segmentation_node: Any) -> Any:
     dims = volume_dimensions(volume_node)
     reference = slicer.vtkOrientedImageData()
     reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
-    reference.SetImageToWorldMatrix(_numpy_to_matrix(_ijk_to_segmentation(volume_node, segmentation_node)))
+    reference.SetImageToWorldMatrix(vtkMatrixFromArray(_ijk_to_segmentation(volume_node, segmentation_node)))
     return reference
 
 
@@ -387,7 +374,7 @@ class SegmentationJob:
             if self.dimensions[self.axis] != 1:
                 raise LgsegError("slice mode needs a slice index or a slice view")
             slice_index = 0
-        self.slice_index = None if scope == "volume" else int(slice_index)
+        self.slice_index = None if scope == "volume" else int(slice_index)  # type: ignore[arg-type]  # set above
         _check_axis_index(self.dimensions, self.axis, self.slice_index)
         self.scope = scope
         self.report = report if report and report.strip() else None
@@ -438,9 +425,9 @@ class SegmentationJob:
         if mask.ndim == 2:
             mask = mask[None]
         segment_id = write_mask(
-            segmentation_node,
-            self.volume_node,
             mask,
+            self.volume_node,
+            segmentation_node,
             segment_name=name,
             color=color,
             axis=self.axis,

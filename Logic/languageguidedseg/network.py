@@ -304,7 +304,8 @@ def fuse_convolutions(network: LanguageGuidedSegNet, image_size: int = 224) -> L
             warnings.simplefilter("ignore")
             skips = network.encoder(image)[-2::-1]
             modules: list[tuple[nn.Module, str, torch.Tensor]] = [(network, "encoder", image)]
-            for up, skip in zip(network.up_stages, skips):
+            up: UpStage
+            for up, skip in zip(network.up_stages, skips):  # type: ignore[assignment]  # ModuleList of UpStage
                 example = torch.zeros(1, up.block.in_channels, *skip.shape[-2:])
                 modules.append((up, "block", example.to(memory_format=torch.channels_last)))
             fused = []

@@ -30,8 +30,8 @@ class PreprocessConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
-        self.mean = tuple(float(value) for value in self.mean)
-        self.std = tuple(float(value) for value in self.std)
+        self.mean = tuple(float(value) for value in self.mean)  # type: ignore[assignment]  # length checked below
+        self.std = tuple(float(value) for value in self.std)  # type: ignore[assignment]
         if int(self.size) != self.size or self.size < 1:
             raise LgsegError(f"preprocessing size must be a positive integer, got {self.size!r}; fix the configuration")
         self.size = int(self.size)
