@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -59,14 +58,11 @@ def _project_copy(tmp_path: Path, ids: list[str]) -> Path:
 @needs_qata
 @pytest.mark.parametrize("split, expected", [("train", 5713), ("val", 1429)])
 def test_qata_splits_load_with_reports(split: str, expected: int) -> None:
-    start = time.perf_counter()
     samples = load_split(QATA, split)
-    elapsed = time.perf_counter() - start
     assert len(samples) == expected
     assert [s.id for s in samples] == _split_ids(QATA, split)
     assert all(s.report and "pulmonary infection" in s.report for s in samples)
     assert samples[0].report == _report(samples[0].id)
-    assert elapsed < 15, f"validating {expected} samples took {elapsed:.1f} s"
 
 
 @needs_kvasir
