@@ -92,7 +92,10 @@ def reportDigest(text):
 
 
 def isOutOfMemory(exc):
-    return isinstance(exc, (RuntimeError, MemoryError)) and "out of memory" in str(exc).lower()
+    """True for PyTorch's CUDA out-of-memory error (only called after PyTorch raised, so importing it is free)."""
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
 #

@@ -202,7 +202,7 @@ def _bad_case(case: str, tmp_path: Path, out: Path, tiny_model: Path, image: Pat
         output = tmp_path / "notes.txt" / "mask.png"
         return ["segment", image, "--model", tiny_model, "--output", output], "not a folder"
     if case == "unknown output type":
-        return ["segment", image, "--model", tiny_model, "--output", out / "mask.jpg"], "unsupported output"
+        return ["segment", image, "--model", tiny_model, "--output", out / "mask.jpg"], "unknown file type"
     if case == "3D mask as PNG":
         _random_volume(tmp_path / "volume.nrrd")
         return ["segment", tmp_path / "volume.nrrd", "--model", tiny_model, "--output", output], "PNG"
@@ -372,6 +372,16 @@ def test_approximate(qata_image, tiny_model, models_folder, capsys):
     result = json.loads(stdout)
     assert result["report"].startswith("prototype report") and len(result["top"]) == 3
     assert result["top"][0]["report"] == result["report"]
+
+
+def test_shared_options_have_their_own_defaults():
+    from languageguidedseg.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["segment", "x.png", "-o", "m.png"]).device == "auto"
+    assert parser.parse_args(["evaluate", "data"]).device == "auto"
+    assert parser.parse_args(["benchmark"]).device == "cpu"  # the CPU figures unless asked otherwise
+    assert parser.parse_args(["models", "--json"]).json
 
 
 def test_version(capsys):

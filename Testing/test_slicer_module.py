@@ -557,6 +557,8 @@ def test_background_run_reports_progress_and_cancels(module, scene, tiny_model):
 
 def test_gpu_out_of_memory_falls_back_to_the_cpu(module, scene, tiny_model, monkeypatch):
     """CUDA running out of memory is not a crash: the same job runs again on the CPU, and the user is told."""
+    import torch
+
     from languageguidedseg.inference import Segmenter
 
     cpu = Segmenter(model=tiny_model, device="cpu")
@@ -566,7 +568,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(module, scene, tiny_model, monk
         package = cpu.package
 
         def segment_array(self, *args, **kwargs):
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     requested = []
 
@@ -580,10 +582,10 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(module, scene, tiny_model, monk
     assert requested == ["auto", "cpu"] and logic.fellBackToCpu
     assert result.mask.shape == (4, 40, 56) and result.segment_id
 
-    # Any other error is reported as it is, not retried.
+    # Any other error, even one that mentions memory, is reported as it is, not retried.
     class Broken(OutOfMemoryGpu):
         def segment_array(self, *args, **kwargs):
-            raise RuntimeError("something else")
+            raise RuntimeError("something else: out of memory in a custom operator")
 
     monkeypatch.setattr(logic, "segmenter", lambda model=None, device="auto": Broken())
     with pytest.raises(RuntimeError, match="something else"):

@@ -42,12 +42,12 @@ from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import available_cores
 from languageguidedseg.losses import LossWeights, SegmentationLoss, pseudo_label_positives
 from languageguidedseg.metrics import ScoreAccumulator
-from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig
+from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig, masked_mean
 from languageguidedseg.package import ModelConfig, save_package
 from languageguidedseg.preprocess import PreprocessConfig, prepare_slices
 from languageguidedseg.prototypes import build_bank, refresh_keys
 from languageguidedseg.reports import get_parser
-from languageguidedseg.text import TextEncoder, encoder_version, pooled
+from languageguidedseg.text import TextEncoder, encoder_version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,7 +223,8 @@ class Trainer:
         encoding = encoder.encode(unique) if unique else None
         self.report_tokens = encoding.tokens if encoding is not None else torch.zeros(0, 1, encoder.dim)
         self.report_mask = encoding.mask if encoding is not None else torch.zeros(0, 1, dtype=torch.bool)
-        self.report_pooled = pooled(encoding) if encoding is not None else torch.zeros(0, encoder.dim)
+        self.report_pooled = (masked_mean(encoding.tokens, encoding.mask) if encoding is not None
+                              else torch.zeros(0, encoder.dim))
         # Pseudo-labels per distinct report for the bank and the warm-up positives.
         n_classes = len(self.parser.classes) if self.parser else 0
         labels = torch.zeros(len(unique), n_classes, dtype=torch.bool)

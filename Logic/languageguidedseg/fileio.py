@@ -11,7 +11,7 @@ from typing import Union
 
 from .errors import LgsegError
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike]  # the one path type of the engine's functions
 
 
 def full_suffix(path: PathLike) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import LgsegError
+from .fileio import PathLike
 from .network import fold_batchnorm, fuse_convolutions
 from .package import ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size
@@ -91,7 +92,7 @@ def available_cores() -> int:
 class Segmenter:
     """A loaded model that segments images; load once, call many times."""
 
-    def __init__(self, model: Union[str, os.PathLike, ModelPackage, None] = None, device: str = "auto",
+    def __init__(self, model: Union[PathLike, ModelPackage, None] = None, device: str = "auto",
                  threads: Optional[int] = None, batch_size: Optional[int] = None):
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
         self.device = resolve_device(device)

@@ -162,8 +162,3 @@ class TextEncoder:
             mask[i, : f.shape[0]] = True
         return TextEncoding(tokens, mask)
 
-
-def pooled(encoding: TextEncoding) -> torch.Tensor:
-    """Masked mean of the token features ``[N, D]`` (the sentence embedding of MiniLM-style encoders)."""
-    weights = encoding.mask.unsqueeze(-1).to(encoding.tokens.dtype)
-    return (encoding.tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)
