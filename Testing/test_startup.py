@@ -16,7 +16,8 @@ from languageguidedseg.inference import FUSE_AFTER_SLICES, Segmenter
 
 
 def test_segmenting_imports_no_monai(tiny_model, tmp_path):
-    """MONAI's package __init__ imports all of MONAI (seconds); the inference path must not pay for it."""
+    """MONAI's package __init__ imports all of MONAI (seconds); the inference path must not pay for it. Without a
+    report, transformers (the text encoder, more seconds) is not imported either."""
     image = tmp_path / "image.png"
     import SimpleITK as sitk
 
@@ -31,7 +32,7 @@ def test_segmenting_imports_no_monai(tiny_model, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     code, modules = json.loads(result.stdout.splitlines()[-1])
     assert code == 0
-    assert "torch" in modules and "monai" not in modules
+    assert "torch" in modules and "monai" not in modules and "transformers" not in modules
 
 
 @pytest.mark.parametrize("cin, cout", [(40, 24), (24, 24)])
