@@ -151,12 +151,12 @@ class Segmenter:
         texts: list[Optional[str]] = []
         guidance = None
         per_slice = report is not None and not isinstance(report, str)
-        if per_slice:
-            texts = [normalize_report(r) for r in report]  # type: ignore[union-attr]  # a sequence here
+        if report is None or isinstance(report, str):
+            guidance = self._guidance(report)
+        else:
+            texts = [normalize_report(r) for r in report]
             if len(texts) != total:
                 raise ValueError(f"got {len(texts)} reports for {total} slices; give one report per slice")
-        else:
-            guidance = self._guidance(report)  # type: ignore[arg-type]  # a string or None here
         probabilities = np.empty(slices.shape[:3], dtype=np.float32)
         nearest: list[int] = []
         similarity: list[float] = []

@@ -146,7 +146,7 @@ def volume_array(volume_node: Any) -> tuple[np.ndarray, bool]:
     components = _image_data(volume_node).GetNumberOfScalarComponents()
     if components == 1:
         return np.array(arrayFromVolume(volume_node), copy=True), False
-    if components in (3, 4):
+    if components in (3, 4) and volume_node.IsA("vtkMRMLVectorVolumeNode"):  # arrayFromVolume's RGB(A) case
         return np.array(arrayFromVolume(volume_node)[..., :3], copy=True), True
     raise LgsegError(
         f"volume '{volume_node.GetName()}' has {components} components per voxel; "
