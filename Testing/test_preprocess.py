@@ -69,10 +69,12 @@ def test_nan_inf_and_constant_slices_are_finite():
         warnings.simplefilter("error")  # no RuntimeWarning either
         scaled = scale_intensity(stack, CONFIG)
         batch = prepare_slices(stack, CONFIG)
+        only_nan = scale_intensity(np.full((1, 8, 8), np.nan, np.float32), CONFIG)  # no finite value anywhere
     assert np.isfinite(scaled).all() and torch.isfinite(batch).all()
     assert scaled[0, :5].max() == 0.0 and scaled[0, 10, 10] == 0.0  # non-finite -> lower bound
     assert scaled[1].max() == 0.0 and scaled[2].max() == 0.0
     assert scaled[3].max() == 1.0
+    assert only_nan.shape == (1, 8, 8) and not only_nan.any()
 
 
 def test_mostly_black_slice_is_not_erased():

@@ -139,9 +139,10 @@ def _slice_bounds(stack: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarr
         rows = np.ones(count, dtype=bool)
         low, high = np.percentile(sample, quantiles, axis=1)
     else:
-        sample = np.where(finite, sample.astype(np.float64), np.nan)
         rows = finite.any(axis=1)  # an all-NaN slice keeps (0, 0) and becomes zeros
-        sample = sample[rows]
+        if not rows.any():
+            return low, high
+        sample = np.where(finite, sample.astype(np.float64), np.nan)[rows]
         low[rows], high[rows] = np.nanpercentile(sample, quantiles, axis=1)
     full_low[rows], full_high[rows] = np.nanmin(sample, axis=1), np.nanmax(sample, axis=1)
     # An empty percentile window (e.g. 99.5 % black) would erase the slice; fall back to its full range.
