@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -59,7 +59,7 @@ def write_mask(
     path: PathLike,
     *,
     segment_name: str = "Segment",
-    color: tuple[float, float, float] = (1.0, 0.0, 0.0),
+    color: Sequence[float] = (1.0, 0.0, 0.0),
 ) -> Path:
     """Write a binary mask (nonzero = foreground) on the grid of ``reference``; the format follows the suffix.
 
@@ -197,7 +197,7 @@ def _ijk_to_lps(reference: sitk.Image) -> np.ndarray:
 
 
 def _write_segmentation(
-    foreground: np.ndarray, reference: sitk.Image, path: Path, name: str, color: tuple[float, float, float]
+    foreground: np.ndarray, reference: sitk.Image, path: Path, name: str, color: Sequence[float]
 ) -> None:
     import slicerio  # only needed for .seg.nrrd
 
