@@ -6,8 +6,8 @@ Figures are measured on this machine in one run, so the ratio is meaningful what
 
 Start-up: ``cli_first_mask_s`` is the wall time of a whole ``lgseg segment`` process that segments one 224 x 224
 X-ray-sized image with a report (Python start, imports, model load, text encoder, segmentation, writing the PNG),
-median of several runs; ``torch_import_s`` is a process that only imports torch, measured the same way, as the
-floor no PyTorch tool can go below.
+median of several runs; ``torch_import_s`` is a process that only imports torch, measured the same way: the
+reference that tells how busy or fast this machine is.
 """
 
 from __future__ import annotations
