@@ -92,6 +92,10 @@ def available_cores() -> int:
 class Segmenter:
     """A loaded model that segments images; load once, call many times."""
 
+    # Slices left to segment before the convolutions are compiled for the CPU; None: never (a GPU, or a network that
+    # is not this Segmenter's own, e.g. one being trained).
+    _fuse_countdown: Optional[int] = None
+
     def __init__(self, model: Union[PathLike, ModelPackage, None] = None, device: str = "auto",
                  threads: Optional[int] = None, batch_size: Optional[int] = None):
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
@@ -102,8 +106,7 @@ class Segmenter:
         self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing)
         self.network = fold_batchnorm(self.package.build_network(self.device))
         self.network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
-        self._fused = self.device.type != "cpu"  # oneDNN fusion is for the CPU only
-        self._slices_seen = 0
+        self._fuse_countdown = FUSE_AFTER_SLICES if self.device.type == "cpu" else None  # oneDNN: the CPU only
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self._text_encoder: Optional[TextEncoder] = None
 
@@ -122,11 +125,13 @@ class Segmenter:
 
     def _compile_when_worth_it(self, slices: int) -> None:
         """Fuse the convolutions once this Segmenter has been given ``FUSE_AFTER_SLICES`` slices in all."""
-        self._slices_seen += slices
-        if not self._fused and self._slices_seen >= FUSE_AFTER_SLICES:
+        if self._fuse_countdown is None:
+            return
+        self._fuse_countdown -= slices
+        if self._fuse_countdown <= 0:
             with torch.inference_mode(False):  # tracing records ordinary tensors
                 self.network = fuse_convolutions(self.network, self.preprocess.size)
-            self._fused = True
+            self._fuse_countdown = None
 
     def _guidance(self, report: Optional[str]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         text = normalize_report(report)
