@@ -1,7 +1,8 @@
 """MRML bridge: read a volume node, segment it with the engine, write one segment into a segmentation node.
 
-Everything here touches MRML nodes but needs no Qt and no Slicer GUI (no ``slicer.util``), so the same code runs
-inside 3D Slicer and, for tests, on the MRML library of the ``slicer-core`` package.
+Everything here touches MRML nodes but needs no Qt and no Slicer GUI (of ``slicer.util`` only the array and matrix
+helpers, which need neither), so the same code runs inside 3D Slicer and, for tests, on the MRML library of the
+``slicer-core`` package.
 
 Geometry conventions: voxel arrays are in numpy order ``(k, j, i)`` (what ``slicer.util.arrayFromVolume`` returns),
 ``axis`` is an IJK index axis (0 = i, 1 = j, 2 = k), and masks are written as a binary labelmap whose
@@ -25,7 +26,6 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import slicer
 import vtk
-from slicer.util import arrayFromVolume, arrayFromVTKMatrix, vtkMatrixFromArray
 from vtk.util import numpy_support
 
 from .errors import LgsegError
@@ -78,7 +78,7 @@ def ijk_to_ras_matrix(volume_node: Any) -> np.ndarray:
     """The volume's 4x4 IJK-to-RAS matrix in its own (parent transform) coordinate frame."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return arrayFromVTKMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def _transform_between(source_node: Any, target_node: Any, what: str) -> np.ndarray:
@@ -90,7 +90,7 @@ def _transform_between(source_node: Any, target_node: Any, what: str) -> np.ndar
     matrix = vtk.vtkMatrix4x4()
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(source, target, matrix):
         raise LgsegError(f"the {what} is under a non-linear transform; harden the transform first (Data module)")
-    return arrayFromVTKMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def ijk_to_world_matrix(volume_node: Any) -> np.ndarray:
@@ -117,7 +117,7 @@ def slice_axis_and_index(slice_node: Any, volume_node: Any) -> tuple[int, int]:
     """
     if slice_node is None:
         raise LgsegError("no slice view; choose a slice view for slice mode")
-    slice_to_ras = arrayFromVTKMatrix(slice_node.GetSliceToRAS())
+    slice_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
     normal = slice_to_ras[:3, 2]
     centre = slice_to_ras[:, 3]
     ijk_to_world = ijk_to_world_matrix(volume_node)
@@ -145,9 +145,9 @@ def volume_array(volume_node: Any) -> tuple[np.ndarray, bool]:
     """
     components = _image_data(volume_node).GetNumberOfScalarComponents()
     if components == 1:
-        return np.array(arrayFromVolume(volume_node), copy=True), False
+        return np.array(slicer.util.arrayFromVolume(volume_node), copy=True), False
     if components in (3, 4) and volume_node.IsA("vtkMRMLVectorVolumeNode"):  # arrayFromVolume's RGB(A) case
-        return np.array(arrayFromVolume(volume_node)[..., :3], copy=True), True
+        return np.array(slicer.util.arrayFromVolume(volume_node)[..., :3], copy=True), True
     raise LgsegError(
         f"volume '{volume_node.GetName()}' has {components} components per voxel; "
         "use a grayscale or RGB volume (Vector to Scalar Volume module)"
@@ -204,7 +204,7 @@ def _labelmap_from_mask(mask: np.ndarray, volume_node: Any, segmentation_node: A
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     region = mask[k0: k1 + 1, j0: j1 + 1, i0: i1 + 1]
     numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (region != 0).astype(np.uint8).ravel()
-    labelmap.SetImageToWorldMatrix(vtkMatrixFromArray(_ijk_to_segmentation(volume_node, segmentation_node)))
+    labelmap.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(_ijk_to_segmentation(volume_node, segmentation_node)))
     return labelmap
 
 
@@ -289,7 +289,8 @@ def _reference_image(volume_node: Any, segmentation_node: Any) -> Any:
     dims = volume_dimensions(volume_node)
     reference = slicer.vtkOrientedImageData()
     reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
-    reference.SetImageToWorldMatrix(vtkMatrixFromArray(_ijk_to_segmentation(volume_node, segmentation_node)))
+    ijk_to_segmentation = _ijk_to_segmentation(volume_node, segmentation_node)
+    reference.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_segmentation))
     return reference
 
 
