@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from skip_policy import (  # noqa: F401 - hooks of this conftest: CI fails on a skip that is not allowed
+    pytest_collectreport,
+    pytest_configure,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the engine must never need the network
 
 try:  # the installed package (CI installs it with pip, so packaging is tested); else the checkout's Logic/
@@ -48,6 +56,14 @@ def own_models_folder(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "user-models"
     monkeypatch.setenv("LGSEG_MODELS", str(folder))
     return folder
+
+
+@pytest.fixture
+def no_models_installed(own_models_folder, tmp_path, monkeypatch) -> None:
+    """A models search path with nothing on it: an empty user folder, and no models shipped with the package."""
+    from languageguidedseg import package
+
+    monkeypatch.setattr(package, "installed_models_folder", lambda: tmp_path / "installed-models")
 
 
 @pytest.fixture(scope="session")

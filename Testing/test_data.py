@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import dataset
 from languageguidedseg.data import Sample, apply_text_ratio, load_pair, load_split
 from languageguidedseg.errors import LgsegError
 
@@ -33,8 +33,8 @@ def _qata_ids(count: int) -> list[str]:
     return _split_ids(QATA, "train")[:count]
 
 
-def _report(sample_id: str) -> str:
-    return (QATA / "reports" / f"{sample_id}.txt").read_text().strip()
+def _report(sample_id: str, root: Path = QATA) -> str:
+    return (root / "reports" / f"{sample_id}.txt").read_text().strip()
 
 
 def _write_png(array: np.ndarray, path: Path, is_vector: bool = False) -> None:
@@ -56,27 +56,18 @@ def _project_copy(tmp_path: Path, ids: list[str]) -> Path:
 # --- real data -------------------------------------------------------------------------------------------------
 
 
-@needs_qata
-@pytest.mark.parametrize("split, expected", [("train", 5713), ("val", 1429)])
-def test_qata_splits_load_with_reports(split: str, expected: int) -> None:
-    start = time.perf_counter()
-    samples = load_split(QATA, split)
-    elapsed = time.perf_counter() - start
+@pytest.mark.parametrize("name, split, expected, image_suffix", [
+    ("qata-cov19", "train", 5713, ".png"), ("qata-cov19", "val", 1429, ".png"),
+    ("kvasir-seg", "train", 798, ".jpg"), ("kvasir-seg", "val", 100, ".jpg"),
+])
+def test_splits_load_with_their_own_reports(name: str, split: str, expected: int, image_suffix: str) -> None:
+    root = dataset(name)
+    samples = load_split(root, split)
     assert len(samples) == expected
-    assert [s.id for s in samples] == _split_ids(QATA, split)
-    assert all(s.report and "pulmonary infection" in s.report for s in samples)
-    assert samples[0].report == _report(samples[0].id)
-    assert elapsed < 15, f"validating {expected} samples took {elapsed:.1f} s"
-
-
-@needs_kvasir
-@pytest.mark.parametrize("split, expected", [("train", 798), ("val", 100)])
-def test_kvasir_splits_load_with_reports(split: str, expected: int) -> None:
-    samples = load_split(KVASIR, split)
-    assert len(samples) == expected
-    assert [s.id for s in samples] == _split_ids(KVASIR, split)
-    assert all(s.report and "polyp" in s.report for s in samples)
-    assert all(s.image_path.suffix == ".jpg" and s.mask_path.suffix == ".png" for s in samples)
+    assert [s.id for s in samples] == _split_ids(root, split)
+    # Every image gets its own report, the text of reports/<id>.txt, not a neighbour's or none.
+    assert [s.report for s in samples] == [_report(s.id, root) for s in samples]
+    assert all(s.image_path.suffix == image_suffix and s.mask_path.suffix == ".png" for s in samples)
 
 
 @needs_qata
@@ -236,12 +227,18 @@ def test_missing_report_means_image_only(tmp_path: Path) -> None:
     assert [s.report is None for s in load_split(root, "train")] == [True, False, False]
 
 
-@needs_qata
-def test_annotation_file_without_columns(tmp_path: Path) -> None:
+def _one_image_guidedecoder_copy(tmp_path: Path) -> tuple[Path, str]:
+    """A GuideDecoder-layout folder with one QaTa training image and its mask, and no annotation file yet."""
     sample_id = _qata_ids(1)[0]
     root = tmp_path / "gd"
     _copy_pair(sample_id, root / "Train" / "Images" / f"{sample_id}.png",
                root / "Train" / "GTs" / f"mask_{sample_id}.png")
+    return root, sample_id
+
+
+@needs_qata
+def test_annotation_file_without_columns(tmp_path: Path) -> None:
+    root, sample_id = _one_image_guidedecoder_copy(tmp_path)
     (root / "train.csv").write_text(f"Filename,Text\nmask_{sample_id}.png,lower left lung\n")
     message = _message(root)
     assert "train.csv" in message and "Image" in message and "Description" in message
@@ -249,10 +246,7 @@ def test_annotation_file_without_columns(tmp_path: Path) -> None:
 
 @needs_qata
 def test_annotation_row_without_image(tmp_path: Path) -> None:
-    sample_id = _qata_ids(1)[0]
-    root = tmp_path / "gd"
-    _copy_pair(sample_id, root / "Train" / "Images" / f"{sample_id}.png",
-               root / "Train" / "GTs" / f"mask_{sample_id}.png")
+    root, sample_id = _one_image_guidedecoder_copy(tmp_path)
     # The missing row comes first: without a val file, GuideDecoder's cut keeps the first 80% rows for train.
     (root / "train.csv").write_text(f"Image,Description\nmask_covid_missing.png,b\nmask_{sample_id}.png,a\n")
     assert "covid_missing" in _message(root)

@@ -29,10 +29,8 @@ def test_shipped_model_is_listed_small_and_documented(name):
     info = {m.name: m for m in list_models() if m.source == "installed"}[name]
     assert info.size_mb <= 25
     assert info.licence and info.task
-    config = json.loads((folder / "model.json").read_text())["config"]
-    for mode in ("report", "prototype"):
-        assert config["metrics"][f"val_{mode}_dice"] >= 0.78
-    assert config["training"]["command"]
+    # (Its scores are measured, not read back from its hash-locked model.json: see the test below.)
+    assert json.loads((folder / "model.json").read_text())["config"]["training"]["command"]
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

@@ -235,7 +235,7 @@ def test_rerun_replaces_the_same_segment_and_keeps_others(oblique_volume_file, s
     dims = volume.GetImageData().GetDimensions()
     other = np.zeros((dims[2], dims[1], dims[0]), dtype=np.uint8)
     other[1, 50:80, 60:120] = 1
-    other_id = mrml.write_mask(segmentation, volume, other, segment_name="Heart", color=(0.0, 0.0, 1.0))
+    other_id = mrml.write_mask(other, volume, segmentation, segment_name="Heart", color=(0.0, 0.0, 1.0))
 
     first = mrml.segment_volume_node(volume, segmentation, model=segmenter, threshold=0.5)
     segmentation.GetSegmentation().GetSegment(first.segment_id).SetName("my infection")  # found again by its tag
@@ -393,7 +393,7 @@ def test_write_mask_geometry_under_transforms_and_in_slices(scene):
 
     mask = np.zeros((4, 5, 6), dtype=np.uint8)
     mask[:, 1:4, 2:5] = 1
-    segment_id = mrml.write_mask(segmentation, volume, mask, segment_name="Lesion", color=(0, 1, 0))
+    segment_id = mrml.write_mask(mask, volume, segmentation, segment_name="Lesion", color=(0, 1, 0))
     np.testing.assert_array_equal(mrml.segment_mask(segmentation, segment_id, volume), mask)
     _, _, image_to_world = _labelmap_in_ras(segmentation, segment_id)
     np.testing.assert_allclose(image_to_world, _oblique_flipped_ijk_to_ras(), atol=1e-9)
@@ -402,13 +402,13 @@ def test_write_mask_geometry_under_transforms_and_in_slices(scene):
     for axis, index in ((0, 3), (1, 0), (2, 2)):
         new = np.zeros_like(mask)
         new[0, 0, 3] = new[2, 4, 0] = 1
-        mrml.write_mask(segmentation, volume, new, segment_name="Lesion", axis=axis, slice_index=index)
+        mrml.write_mask(new, volume, segmentation, segment_name="Lesion", axis=axis, slice_index=index)
         region = [slice(None)] * 3
         region[2 - axis] = index
         expected[tuple(region)] = new[tuple(region)]
         np.testing.assert_array_equal(mrml.segment_mask(segmentation, segment_id, volume), expected)
 
-    mrml.write_mask(segmentation, volume, np.zeros_like(mask), segment_name="Lesion")
+    mrml.write_mask(np.zeros_like(mask), volume, segmentation, segment_name="Lesion")
     assert mrml.segment_mask(segmentation, segment_id, volume).sum() == 0
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
 
@@ -426,9 +426,9 @@ def test_errors_are_one_line_lgseg_errors(scene):
     volume = _synthetic_volume(scene, dims=(6, 5, 4))
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     with pytest.raises(LgsegError, match="does not match the volume"):
-        mrml.write_mask(segmentation, volume, np.zeros((3, 3, 3)), segment_name="x")
+        mrml.write_mask(np.zeros((3, 3, 3)), volume, segmentation, segment_name="x")
     with pytest.raises(LgsegError, match="outside the volume"):
-        mrml.write_mask(segmentation, volume, np.zeros((4, 5, 6)), segment_name="x", axis=2, slice_index=4)
+        mrml.write_mask(np.zeros((4, 5, 6)), volume, segmentation, segment_name="x", axis=2, slice_index=4)
     with pytest.raises(LgsegError, match="scope"):
         mrml.SegmentationJob(volume, scope="everything")
     with pytest.raises(LgsegError, match="slice index or a slice view"):
@@ -562,8 +562,8 @@ def test_slice_write_keeps_the_segments_other_slices_and_other_segments(scene):
     volume = _synthetic_volume(scene, dims=(10, 8, 5))
     segmentation = mrml.new_segmentation_node(volume)
     everywhere = np.ones((5, 8, 10), dtype=np.uint8)
-    other = mrml.write_mask(segmentation, volume, everywhere, segment_name="Other")
-    target = mrml.write_mask(segmentation, volume, everywhere, segment_name="Target")
+    other = mrml.write_mask(everywhere, volume, segmentation, segment_name="Other")
+    target = mrml.write_mask(everywhere, volume, segmentation, segment_name="Target")
     new = np.zeros_like(everywhere)
     new[2, 1:3, 1:4] = 1
     for axis, index in ((2, 2), (1, 3), (0, 0)):
@@ -571,9 +571,9 @@ def test_slice_write_keeps_the_segments_other_slices_and_other_segments(scene):
         region[2 - axis] = index
         expected = mrml.segment_mask(segmentation, target, volume)
         expected[tuple(region)] = new[tuple(region)]
-        assert mrml.write_mask(segmentation, volume, new, segment_name="Target", axis=axis, slice_index=index) == target
+        assert mrml.write_mask(new, volume, segmentation, segment_name="Target", axis=axis, slice_index=index) == target
         np.testing.assert_array_equal(mrml.segment_mask(segmentation, target, volume), expected)
         np.testing.assert_array_equal(mrml.segment_mask(segmentation, other, volume), everywhere)
     # A new segment written one slice at a time holds just that slice.
-    single = mrml.write_mask(segmentation, volume, new, segment_name="Single", axis=2, slice_index=2)
+    single = mrml.write_mask(new, volume, segmentation, segment_name="Single", axis=2, slice_index=2)
     np.testing.assert_array_equal(mrml.segment_mask(segmentation, single, volume), new)

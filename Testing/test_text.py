@@ -9,7 +9,8 @@ import torch
 
 from conftest import QATA_REPORT
 from languageguidedseg.errors import LgsegError
-from languageguidedseg.text import MAX_TOKENS, TextEncoder, encoder_version, normalize_report, pooled
+from languageguidedseg.network import masked_mean
+from languageguidedseg.text import MAX_TOKENS, TextEncoder, encoder_version, normalize_report
 
 LONG_REPORT = " ".join([QATA_REPORT] * 6)  # about 120 tokens
 
@@ -38,7 +39,10 @@ def test_token_features_and_mask(encoder):
     assert encoding.mask[1, : lengths[1]].all() and not encoding.mask[1, lengths[1]:].any()
     assert torch.count_nonzero(encoding.tokens[1, lengths[1]:]) == 0
     assert torch.isfinite(encoding.tokens).all()
-    assert pooled(encoding).shape == (2, 384)
+    # The sentence embedding is the mean of the real tokens only: padding does not change it.
+    alone = encoder.encode(["left lung"])
+    torch.testing.assert_close(masked_mean(encoding.tokens, encoding.mask)[1], masked_mean(alone.tokens, alone.mask)[0],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_same_report_same_features_in_any_batch(encoder):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -78,17 +79,23 @@ def trained(qata, tmp_path_factory) -> Path:
     return output
 
 
-def test_single_process_run_writes_a_verified_package_with_bank_and_logs(trained):
+def test_single_process_run_writes_a_verified_package_with_bank_and_logs(trained, qata):
+    from languageguidedseg.data import load_split
     from languageguidedseg.package import load_package
 
     package = load_package(trained)
     config = package.config
     assert config.network.bank_size > 0
     assert len(config.prototype_reports) == config.network.bank_size
-    assert all("lung" in report for report in config.prototype_reports)
+    # Each prototype stands for real training reports: its report is one of them, not an invented text.
+    train_reports = {sample.report for sample in load_split(qata, "train", validate=False)}
+    assert set(config.prototype_reports) <= train_reports
+    # The model's recorded scores are those of the epoch it was exported from, as the training log has them.
+    with open(trained.parent / "model-training" / "log.csv", newline="") as handle:
+        logged = next(row for row in csv.DictReader(handle) if int(row["epoch"]) == config.training["epoch"])
     assert config.report_sides == "image"  # from the data set's dataset.json
     for mode in ("report", "prototype"):
-        assert 0.0 <= config.metrics[f"val_{mode}_dice"] <= 1.0
+        assert config.metrics[f"val_{mode}_dice"] == pytest.approx(float(logged[f"val_{mode}_dice"]), abs=1e-4)
     assert config.training["command"].startswith("python ") and "--limit 16" in config.training["command"]
     assert "QaTa-COV19" in config.training["data_citation"]
     run = trained.parent / "model-training"

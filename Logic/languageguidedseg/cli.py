@@ -7,13 +7,15 @@ Errors the user can fix print one ``error:`` line on stderr and exit with code 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, TextIO
 
 from . import __version__
 from .errors import LgsegError
@@ -37,7 +39,8 @@ class _Progress:
     """A tqdm progress bar on stderr for long volumes; silent for a single slice."""
 
     def __init__(self, description: str, enabled: bool = True, unit: str = "slice"):
-        self.description, self.enabled, self.unit, self.bar = description, enabled, unit, None
+        self.description, self.enabled, self.unit = description, enabled, unit
+        self.bar: Optional[Any] = None  # a tqdm bar, created on the first update of a multi-slice image
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or total <= 1:
@@ -54,24 +57,19 @@ class _Progress:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .fileio import check_writable, full_suffix
-    from .imageio import image_array, image_geometry, is_rgb, read_image, spatial_shape, write_mask
+    from .fileio import check_writable
+    from .imageio import check_mask_path, image_array, image_geometry, is_rgb, read_image, spatial_shape, write_mask
 
     # Everything that can be checked cheaply is checked before the model is loaded and the image segmented.
     report = _read_report(args)
     if args.axis is not None and args.slice is None:
         raise LgsegError("--axis needs --slice K as well")
-    suffix = full_suffix(args.output)
-    if suffix not in (".png", ".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd"):
-        raise LgsegError(f"unsupported output type '{args.output}'; use .png, .nii.gz, .nrrd, .mha or .seg.nrrd")
+    check_mask_path(args.output, (1, 1))  # the file type now; whether a PNG fits once the image is read
     check_writable(args.output)
     if Path(args.output).resolve() == Path(args.image).resolve():
         raise LgsegError(f"the output '{args.output}' would overwrite the input image; choose another output path")
     image = read_image(args.image)
-    shape = spatial_shape(image)
-    if suffix == ".png" and len(shape) == 3 and shape[0] != 1:
-        raise LgsegError("cannot write the mask of a 3D volume as PNG (2D only); use an output ending in "
-                         ".nii.gz, .nrrd, .mha or .seg.nrrd")
+    check_mask_path(args.output, spatial_shape(image))
 
     from .inference import Segmenter  # imports torch: only once the inputs are known to be usable
 
@@ -225,63 +223,80 @@ class _Parser(argparse.ArgumentParser):
 SIDES_HELP = ("what left and right mean in the report given and printed: patient (default, the patient's sides) or "
               "image (the sides of the image as displayed); 2D PNG/JPEG images are taken as frontal radiographs in "
               "radiological display (the patient's left on the image's right)")
+# Options that several commands share, each defined once as an argparse parent parser.
+
+
+def _model_option() -> _Parser:
+    parent = _Parser(add_help=False)
+    parent.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
+    return parent
+
+
+def _device_option(default: str = "auto") -> _Parser:
+    parent = _Parser(add_help=False)
+    parent.add_argument("--device", default=default, choices=("auto", "cpu", "cuda"),
+                        help=f"auto (a CUDA GPU when there is one, else the CPU), cpu or cuda; default: {default}")
+    return parent
+
+
+def _json_option() -> _Parser:
+    parent = _Parser(add_help=False)
+    parent.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parent
+
+
+def _quiet_option() -> _Parser:
+    parent = _Parser(add_help=False)
+    parent.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lgseg", description="Language-guided medical image segmentation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    model, device, output, quiet = _model_option(), _device_option(), _json_option(), _quiet_option()
 
-    seg = sub.add_parser("segment", help="segment an image, guided by a report or by the prototype bank")
+    seg = sub.add_parser("segment", parents=[model, device, output, quiet],
+                         help="segment an image, guided by a report or by the prototype bank")
     seg.add_argument("image", help="2D image (PNG, JPEG, BMP, TIFF) or volume (NIfTI, NRRD, MHA, DICOM folder)")
     seg.add_argument("--report", help="the report text; leave out to use the prototype approximation")
     seg.add_argument("--report-file", help="read the report from a UTF-8 text file")
-    seg.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
     seg.add_argument("--slice", type=int, help="segment only slice K of a volume")
     seg.add_argument("--axis", type=int, choices=(0, 1, 2), help="slicing axis in IJK order (default 2)")
     seg.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
-    seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     seg.add_argument("--output", "-o", required=True, help="mask file: .png, .nii.gz, .nrrd, .mha or .seg.nrrd")
     seg.add_argument("--sides", default="patient", choices=("patient", "image"), help=SIDES_HELP)
-    seg.add_argument("--json", action="store_true", help="print one JSON object with the report used and figures")
-    seg.add_argument("--quiet", action="store_true", help="no progress bar")
     seg.set_defaults(func=_segment)
 
-    models = sub.add_parser("models", help="list installed model packages")
-    models.add_argument("--json", action="store_true")
+    models = sub.add_parser("models", parents=[output], help="list installed model packages")
     models.set_defaults(func=_models)
 
-    approx = sub.add_parser("approximate", help="the prototype approximation of an image's report")
+    approx = sub.add_parser("approximate", parents=[model, device, output],
+                            help="the prototype approximation of an image's report")
     approx.add_argument("image")
-    approx.add_argument("--model")
     approx.add_argument("--slice", type=int, help="slice of a volume (default: the middle one)")
     approx.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
     approx.add_argument("--top-k", type=int, default=3)
-    approx.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     approx.add_argument("--sides", default="patient", choices=("patient", "image"), help=SIDES_HELP)
-    approx.add_argument("--json", action="store_true")
     approx.set_defaults(func=_approximate)
 
-    evaluate = sub.add_parser("evaluate", help="Dice and IoU of a model on a data set split")
+    evaluate = sub.add_parser("evaluate", parents=[model, device, output, quiet],
+                              help="Dice and IoU of a model on a data set split")
     evaluate.add_argument("data_dir", help="data set folder (split.json layout, LViT or GuideDecoder layout)")
     evaluate.add_argument("--split", default="val", choices=("train", "val", "test"))
     evaluate.add_argument("--reports", default="given", choices=("given", "none"),
                           help="given: each image's report guides it (the prototype bank where there is none); "
                                "none: the prototype bank guides every image")
-    evaluate.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     evaluate.add_argument("--sides", choices=("image", "patient", "none"),
                           help="what left and right mean in the data set's reports (default: its dataset.json)")
-    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object with the scores")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_evaluate)
 
-    bench = sub.add_parser("benchmark", help="per-slice latency against a GuideDecoder-sized reference")
-    bench.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    bench = sub.add_parser("benchmark", parents=[_device_option("cpu"), output],
+                           help="per-slice latency and start-up time against a GuideDecoder-sized reference")
     bench.add_argument("--volume-slices", type=int, default=100)
     bench.add_argument("--repeats", type=int, default=10)
-    bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=_benchmark)
 
     from .web.command import add_serve_command  # the web page: needs the [web] extra only when it runs
@@ -290,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Optional[TextIO] = None, line: Optional[str] = None) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
@@ -317,5 +333,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
 
 
+def run() -> None:
+    """The ``lgseg`` command: :func:`main` on the command line's arguments, then the process ends at once.
+
+    Every output file is complete and closed when ``main`` returns, so after flushing stdout, stderr and the logging
+    handlers the process skips Python's interpreter teardown, which with PyTorch and transformers loaded spends about
+    half a second freeing objects one by one. ``main`` itself returns normally (programs and tests call it).
+    """
+    code = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to deliver
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -359,7 +359,7 @@ class ReportLoopController:
             except LgsegError:
                 pass
         result = self.last_result
-        if result is not None and getattr(result, "sides_label", "") and result.sides in (sides, "none"):
+        if result is not None and result.sides_label and result.sides in (sides, "none"):
             return result.sides_label
         return "Left/right: patient's sides" if sides == "patient" else "Left/right: image (as displayed)"
 
@@ -367,7 +367,7 @@ class ReportLoopController:
         """The listing of an installed model ("" = the default), or None (e.g. a model folder)."""
         if self._models is None:
             self.available_models()
-        return self._models.get(model or self.default_model_name())
+        return (self._models or {}).get(model or self.default_model_name())
 
     # Models and device ----------------------------------------------------------------------------------------
 
@@ -442,7 +442,7 @@ class ReportLoopController:
             p.inputVolume, report=self.report_to_use(), model=p.model or None, scope=p.scope,
             slice_node=self.slice_node() if p.scope == "slice" else None, threshold=float(p.threshold),
             device=p.device, sides=getattr(p, "sides", "patient"))
-        if p.scope == "slice":
+        if job.slice_index is not None:
             self._last_slice = (job.axis, job.slice_index)
         if kind == "apply":
             self._due = None

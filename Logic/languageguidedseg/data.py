@@ -48,15 +48,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import LgsegError
+from .fileio import PathLike
 from .sides import REPORT_SIDES
-
-PathLike = Union[str, os.PathLike]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 ANNOTATION_SUFFIXES = (".csv", ".xlsx", ".xls")

@@ -107,7 +107,8 @@ class EfficientNetLite0(nn.Module):
         state = {k: v for k, v in state.items() if not k.startswith(("_conv_head", "_bn1.", "_fc"))}
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise LgsegError(f"unexpected EfficientNet-Lite0 weight file: missing {missing[:3]}, extra {unexpected[:3]}")
+            raise LgsegError(f"unexpected EfficientNet-Lite0 weight file: missing {missing[:3]}, "
+                             f"extra {unexpected[:3]}")
 
     def freeze_early_blocks(self, count: int) -> None:
         """Keep the stem and the first ``count`` MBConv blocks at their current (ImageNet) weights in training."""
@@ -153,7 +154,7 @@ class ConvNeXtTiny(nn.Module):
         """Keep the stem and the first ``count`` ConvNeXt blocks (with the down-sampling before them) fixed."""
         self.model.embeddings.requires_grad_(False)
         remaining = count
-        for stage in cast(nn.ModuleList, self.model.encoder.stages):
+        for stage in self.model.encoder.stages:
             if remaining <= 0:
                 break
             layers = cast(nn.ModuleList, stage.layers)

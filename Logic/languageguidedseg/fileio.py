@@ -11,7 +11,7 @@ from typing import Union
 
 from .errors import LgsegError
 
-PathLike = Union[str, os.PathLike]
+PathLike = Union[str, os.PathLike]  # the one path type of the engine's functions
 
 
 def full_suffix(path: PathLike) -> str:
@@ -26,11 +26,18 @@ def full_suffix(path: PathLike) -> str:
 def _output_folder(target: Path) -> Path:
     """The folder of an output path, after checking that it exists and looks writable."""
     folder = target.parent if str(target.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise LgsegError(f"'{folder}' is a file, not a folder; choose an output path inside a folder")
     if not folder.is_dir():
         raise LgsegError(f"output folder '{folder}' does not exist; create it or choose another output path")
     if not os.access(folder, os.W_OK):
         raise LgsegError(f"cannot write to folder '{folder}'; choose an output path you have write access to")
-    if target.is_dir():
+    try:
+        is_folder = target.is_dir()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise LgsegError(f"cannot create a file named '{target.name}' in folder '{folder}' "
+                         f"({exc.strerror or exc.__class__.__name__}); choose another output path") from exc
+    if is_folder:
         raise LgsegError(f"output '{target}' is a folder; give a file name such as '{target / 'mask.nii.gz'}'")
     return folder
 

@@ -6,24 +6,23 @@ for RGB images.
 
 from __future__ import annotations
 
-import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import LgsegError
-from .fileio import atomic_path, full_suffix
+from .fileio import PathLike, atomic_path, full_suffix
 from .sides import Geometry, is_raster_file
 
-PathLike = Union[str, os.PathLike]
-
 _READABLE = "a PNG, JPEG, BMP, TIFF, NIfTI, NRRD or MHA file, or a folder with a DICOM series"
+# The mask file types, by suffix. .mhd is left out on purpose: it writes two files, which cannot be replaced
+# atomically as one.
+MASK_SUFFIXES = (".png", ".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd")
 _VOLUME_SUFFIXES = ".nii.gz, .nrrd, .mha or .seg.nrrd"
-# .mhd is left out on purpose: it writes two files, which cannot be replaced atomically as one.
-_MASK_SUFFIXES = (".png", ".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd")
 
 
 def read_image(path: PathLike) -> sitk.Image:
@@ -68,7 +67,7 @@ def write_mask(
     path: PathLike,
     *,
     segment_name: str = "Segment",
-    color: tuple[float, float, float] = (1.0, 0.0, 0.0),
+    color: Sequence[float] = (1.0, 0.0, 0.0),
 ) -> Path:
     """Write a binary mask (nonzero = foreground) on the grid of ``reference``; the format follows the suffix.
 
@@ -76,13 +75,8 @@ def write_mask(
     segmentation with one segment). The file is written atomically: on any error nothing is left behind.
     """
     target = Path(path)
-    suffix = full_suffix(target)
-    if suffix not in _MASK_SUFFIXES:
-        raise LgsegError(
-            f"cannot write a mask to '{target}': unknown file type '{suffix or target.name}'; "
-            f"use {_VOLUME_SUFFIXES}, or .png for 2D images"
-        )
     shape = spatial_shape(reference)
+    suffix = check_mask_path(target, shape)
     foreground = np.asarray(mask)
     if foreground.shape != shape:
         raise LgsegError(
@@ -93,9 +87,6 @@ def write_mask(
     if "\n" in segment_name or "\r" in segment_name:
         raise LgsegError("the segment name must be a single line; remove line breaks from it")
     if suffix == ".png":
-        # A 2D image that SimpleITK read as a one-slice volume still fits in a PNG; real volumes do not.
-        if len(shape) == 3 and shape[0] != 1:
-            raise LgsegError(f"cannot write the 3D mask '{target}' as PNG (2D only); use {_VOLUME_SUFFIXES} instead")
         # 0/255 so the PNG is visible in any viewer; PNG keeps no origin or direction, only the pixel spacing.
         image = sitk.GetImageFromArray(foreground.reshape(shape[-2:]).astype(np.uint8) * np.uint8(255))
         image.SetSpacing(reference.GetSpacing()[:2])
@@ -118,6 +109,19 @@ def write_mask(
             f"cannot write '{target}' ({_reason(exc)}); check the output path, its permissions and free disk space"
         ) from exc
     return target
+
+
+def check_mask_path(path: PathLike, shape: tuple[int, ...]) -> str:
+    """Check that a mask of an image of spatial ``shape`` can be written to ``path`` as its suffix says; return the
+    suffix. Raises LgsegError for an unknown file type, or for a PNG of a volume."""
+    suffix = full_suffix(path)
+    if suffix not in MASK_SUFFIXES:
+        raise LgsegError(f"cannot write a mask to '{path}': unknown file type '{suffix or Path(path).name}'; "
+                         f"use {_VOLUME_SUFFIXES}, or .png for 2D images")
+    # A 2D image that SimpleITK read as a one-slice volume still fits in a PNG; real volumes do not.
+    if suffix == ".png" and len(shape) == 3 and shape[0] != 1:
+        raise LgsegError(f"cannot write the 3D mask '{path}' as PNG (2D only); use {_VOLUME_SUFFIXES} instead")
+    return suffix
 
 
 def read_mask(path: PathLike, segment_name: Optional[str] = None) -> np.ndarray:
@@ -217,7 +221,7 @@ def _ijk_to_lps(reference: sitk.Image) -> np.ndarray:
 
 
 def _write_segmentation(
-    foreground: np.ndarray, reference: sitk.Image, path: Path, name: str, color: tuple[float, float, float]
+    foreground: np.ndarray, reference: sitk.Image, path: Path, name: str, color: Sequence[float]
 ) -> None:
     import slicerio  # only needed for .seg.nrrd
 

@@ -8,23 +8,29 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, TypedDict, Union
 
 import numpy as np
 import torch
 
 from .errors import LgsegError
+from .fileio import PathLike
 from .network import LanguageGuidedSegNet, fold_batchnorm, fuse_convolutions
 from .package import ModelConfig, ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size
 from .sides import Geometry, Orientation, check_sides, orientation_of, result_sides, sides_label, translate_report
 from .text import TextEncoder, normalize_report
 
+# Compiling the convolutions for the CPU (fuse_convolutions) costs about as much as 10 to 30 slices take to segment
+# and saves a fraction of each later slice, so a Segmenter compiles once it has been given this many slices: a volume
+# compiles at once, the Slicer module's live updates after a few edits, a one-image command never.
+FUSE_AFTER_SLICES = 16
+
 ProgressCallback = Callable[[int, int], None]
 CancelCallback = Callable[[], bool]
 
 
-class SegmentationCancelled(Exception):
+class SegmentationCancelled(Exception):  # noqa: N818 - a request the user made, not an error
     """Raised between batches when the cancel callback returns True."""
 
 
@@ -42,6 +48,14 @@ class Approximation:
     sides: str = "image"
     orientation: str = ""
     sides_label: str = ""
+
+
+class SidesFields(TypedDict):
+    """What left and right mean in a result's report, and where the image's orientation came from."""
+
+    sides: str
+    orientation: str
+    sides_label: str
 
 
 @dataclass
@@ -98,7 +112,11 @@ def available_cores() -> int:
 class Segmenter:
     """A loaded model that segments images; load once, call many times."""
 
-    def __init__(self, model: Union[str, os.PathLike, ModelPackage, None] = None, device: str = "auto",
+    # Slices left to segment before the convolutions are compiled for the CPU; None: never (a GPU, or a network that
+    # is not this Segmenter's own, e.g. one being trained).
+    _fuse_countdown: Optional[int] = None
+
+    def __init__(self, model: Union[PathLike, ModelPackage, None] = None, device: str = "auto",
                  batch_size: Optional[int] = None):
         # The process's torch thread count is used as it is: a library does not change process-wide settings
         # (inside 3D Slicer they belong to every extension); a program sets it with OMP_NUM_THREADS or
@@ -106,9 +124,9 @@ class Segmenter:
         self.package = model if isinstance(model, ModelPackage) else load_package(model)
         self.device = resolve_device(device)
         self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing, "preprocessing")
-        self.network = fold_batchnorm(self.package.build_network(self.device)).to(memory_format=torch.channels_last)
-        if self.device.type == "cpu":
-            self.network = fuse_convolutions(self.network, self.preprocess.size)
+        self.network = fold_batchnorm(self.package.build_network(self.device))
+        self.network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
+        self._fuse_countdown = FUSE_AFTER_SLICES if self.device.type == "cpu" else None  # oneDNN: the CPU only
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self._text_encoder: Optional[TextEncoder] = None
 
@@ -139,6 +157,16 @@ class Segmenter:
             self._text_encoder = encoder
         return self._text_encoder
 
+    def _compile_when_worth_it(self, slices: int) -> None:
+        """Fuse the convolutions once this Segmenter has been given ``FUSE_AFTER_SLICES`` slices in all."""
+        if self._fuse_countdown is None:
+            return
+        self._fuse_countdown -= slices
+        if self._fuse_countdown <= 0:
+            with torch.inference_mode(False):  # tracing records ordinary tensors
+                self.network = fuse_convolutions(self.network, self.preprocess.size)
+            self._fuse_countdown = None
+
     def _guidance(self, report: Optional[str]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         text = normalize_report(report)
         if text is None:
@@ -158,16 +186,19 @@ class Segmenter:
         sequence of reports, slices that had a report get -1 and NaN there.
         """
         total = slices.shape[0]
+        self._compile_when_worth_it(total)
+        texts: list[Optional[str]] = []
+        guidance = None
         per_slice = report is not None and not isinstance(report, str)
-        if per_slice:
+        if report is None or isinstance(report, str):
+            guidance = self._guidance(report)
+        else:
             texts = [normalize_report(r) for r in report]
             if len(texts) != total:
                 raise ValueError(f"got {len(texts)} reports for {total} slices; give one report per slice")
-            guidance = None
-        else:
-            guidance = self._guidance(report)
         probabilities = np.empty(slices.shape[:3], dtype=np.float32)
-        nearest, similarity = [], []
+        nearest: list[int] = []
+        similarity: list[float] = []
         for start in range(0, total, self.batch_size):
             if cancel is not None and cancel():
                 raise SegmentationCancelled()
@@ -200,7 +231,7 @@ class Segmenter:
         if not given:
             out = self.network(images, return_features=True)
         else:
-            encoding = self.text_encoder.encode([texts[i] for i in given]).to(self.device)
+            encoding = self.text_encoder.encode([t for t in texts if t is not None]).to(self.device)
             tokens = encoding.tokens.new_zeros((len(texts),) + tuple(encoding.tokens.shape[1:]))
             mask = encoding.mask.new_zeros((len(texts), encoding.mask.shape[1]))
             tokens[given], mask[given] = encoding.tokens, encoding.mask
@@ -215,15 +246,18 @@ class Segmenter:
     @property
     def report_sides(self) -> str:
         """What left and right mean in this model's reports: "image", "patient" or "none"."""
-        return self.package.config.report_sides
+        sides = self.package.config.report_sides
+        if sides is None:  # load_package refuses such a package; a network in training has its data set's
+            raise LgsegError(f"model '{self.package.name}' does not declare report_sides; re-save it with it set")
+        return sides
 
     def orientation(self, array: np.ndarray, rgb: bool, axis: int, geometry: Optional[Geometry]) -> Orientation:
         """Which side of the slices along ``axis`` is the patient's left; without geometry, radiological display."""
         return orientation_of(geometry, axis if array.ndim - (1 if rgb else 0) == 3 else 2)
 
-    def _sides(self, sides: str, orientation: Orientation) -> dict[str, str]:
+    def _sides(self, sides: str, orientation: Orientation) -> SidesFields:
         shown = result_sides(sides, self.report_sides)
-        return {"sides": shown, "orientation": orientation.text, "sides_label": sides_label(shown, orientation)}
+        return SidesFields(sides=shown, orientation=orientation.text, sides_label=sides_label(shown, orientation))
 
     def segment_array(self, array: np.ndarray, *, rgb: bool = False, report: Optional[str] = None, axis: int = 2,
                       slice_index: Optional[int] = None, threshold: Optional[float] = None,
@@ -254,7 +288,8 @@ class Segmenter:
         mask_stack = slices_of(mask, False, axis)  # a view: writing into it fills ``mask``
         if slice_index is not None:
             if not 0 <= slice_index < stack.shape[0]:
-                raise LgsegError(f"slice {slice_index} is outside the image (0..{stack.shape[0] - 1} along axis {axis})")
+                raise LgsegError(f"slice {slice_index} is outside the image "
+                                 f"(0..{stack.shape[0] - 1} along axis {axis})")
             stack, target = stack[slice_index:slice_index + 1], slice(slice_index, slice_index + 1)
         else:
             target = slice(None)

@@ -1,7 +1,8 @@
 """MRML bridge: read a volume node, segment it with the engine, write one segment into a segmentation node.
 
-Everything here touches MRML nodes but needs no Qt and no Slicer GUI (no ``slicer.util``), so the same code runs
-inside 3D Slicer and, for tests, on the MRML library of the ``slicer-core`` package.
+Everything here touches MRML nodes but needs no Qt and no Slicer GUI (of ``slicer.util`` only the array and matrix
+helpers, which need neither), so the same code runs inside 3D Slicer and, for tests, on the MRML library of the
+``slicer-core`` package.
 
 Geometry conventions: voxel arrays are in numpy order ``(k, j, i)`` (what ``slicer.util.arrayFromVolume`` returns),
 ``axis`` is an IJK index axis (0 = i, 1 = j, 2 = k), and masks are written as a binary labelmap whose
@@ -84,19 +85,7 @@ class NodeSegmentationResult:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
-
-
-def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, float(array[r, c]))
-    return matrix
-
-
-def _image_data(volume_node: Any):
+def _image_data(volume_node: Any) -> Any:
     if volume_node is None:
         raise LgsegError("no input volume; select a volume node")
     image = volume_node.GetImageData()
@@ -107,14 +96,15 @@ def _image_data(volume_node: Any):
 
 def volume_dimensions(volume_node: Any) -> tuple[int, int, int]:
     """Voxel counts along (i, j, k)."""
-    return tuple(int(d) for d in _image_data(volume_node).GetDimensions())
+    i, j, k = (int(d) for d in _image_data(volume_node).GetDimensions())
+    return i, j, k
 
 
 def ijk_to_ras_matrix(volume_node: Any) -> np.ndarray:
     """The volume's 4x4 IJK-to-RAS matrix in its own (parent transform) coordinate frame."""
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
-    return _matrix_to_numpy(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def _transform_between(source_node: Any, target_node: Any, what: str) -> np.ndarray:
@@ -126,7 +116,7 @@ def _transform_between(source_node: Any, target_node: Any, what: str) -> np.ndar
     matrix = vtk.vtkMatrix4x4()
     if not slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(source, target, matrix):
         raise LgsegError(f"the {what} is under a non-linear transform; harden the transform first (Data module)")
-    return _matrix_to_numpy(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
 
 
 def ijk_to_world_matrix(volume_node: Any) -> np.ndarray:
@@ -172,7 +162,7 @@ def slice_axis_and_index(slice_node: Any, volume_node: Any) -> tuple[int, int]:
     """
     if slice_node is None:
         raise LgsegError("no slice view; choose a slice view for slice mode")
-    slice_to_ras = _matrix_to_numpy(slice_node.GetSliceToRAS())
+    slice_to_ras = slicer.util.arrayFromVTKMatrix(slice_node.GetSliceToRAS())
     normal = slice_to_ras[:3, 2]
     centre = slice_to_ras[:, 3]
     ijk_to_world = ijk_to_world_matrix(volume_node)
@@ -200,17 +190,14 @@ def volume_array(volume_node: Any, axis: Optional[int] = None,
     With ``axis`` and ``slice_index``, only that slice, as a one-voxel-thick (k, j, i) block. A copy, so a worker
     thread never reads VTK memory that the scene may change or free meanwhile.
     """
-    image = _image_data(volume_node)
-    dims = image.GetDimensions()
-    components = image.GetNumberOfScalarComponents()
-    flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    components = _image_data(volume_node).GetNumberOfScalarComponents()
     index: tuple = (slice(None),) * 3
-    if slice_index is not None:
+    if slice_index is not None and axis is not None:
         index = tuple(slice(slice_index, slice_index + 1) if a == 2 - axis else slice(None) for a in range(3))
     if components == 1:
-        return np.array(flat.reshape(dims[2], dims[1], dims[0])[index], copy=True), False
-    if components in (3, 4):
-        return np.array(flat.reshape(dims[2], dims[1], dims[0], components)[index][..., :3], copy=True), True
+        return np.array(slicer.util.arrayFromVolume(volume_node)[index], copy=True), False
+    if components in (3, 4) and volume_node.IsA("vtkMRMLVectorVolumeNode"):  # arrayFromVolume's RGB(A) case
+        return np.array(slicer.util.arrayFromVolume(volume_node)[index][..., :3], copy=True), True
     raise LgsegError(
         f"volume '{volume_node.GetName()}' has {components} components per voxel; "
         "use a grayscale or RGB volume (Vector to Scalar Volume module)"
@@ -273,7 +260,7 @@ def _labelmap(region: np.ndarray, extent: Sequence[int], volume_node: Any, segme
     labelmap.SetExtent(*extent)
     labelmap.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars())[:] = (region != 0).astype(np.uint8).ravel()
-    labelmap.SetImageToWorldMatrix(_numpy_to_matrix(_ijk_to_segmentation(volume_node, segmentation_node)))
+    labelmap.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(_ijk_to_segmentation(volume_node, segmentation_node)))
     return labelmap
 
 
@@ -295,11 +282,11 @@ def _check_axis_index(dims: Sequence[int], axis: Optional[int], slice_index: Opt
 
 
 def write_mask(
-    segmentation_node: Any,
-    volume_node: Any,
     mask: np.ndarray,
+    volume_node: Any,
+    segmentation_node: Any,
     *,
-    segment_name: str,
+    segment_name: str = "Segment",
     color: Sequence[float] = (1.0, 0.0, 0.0),
     axis: Optional[int] = None,
     slice_index: Optional[int] = None,
@@ -335,7 +322,8 @@ def write_mask(
             segment.SetTag(SEGMENT_TAG, tag_value)
 
     logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if slice_index is None:
+    writes: list[tuple[Any, int, Optional[list[int]]]]
+    if slice_index is None or axis is None:  # _check_axis_index: a slice index comes with an axis
         writes = [(_labelmap_from_mask(mask, volume_node, segmentation_node), logic.MODE_REPLACE, None)]
     else:
         # Only that slice changes, at the cost of one slice: clear it (minimum with zeros) and add the new slice
@@ -362,14 +350,15 @@ def _reference_image(volume_node: Any, segmentation_node: Any) -> Any:
     dims = volume_dimensions(volume_node)
     reference = slicer.vtkOrientedImageData()
     reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
-    reference.SetImageToWorldMatrix(_numpy_to_matrix(_ijk_to_segmentation(volume_node, segmentation_node)))
+    ijk_to_segmentation = _ijk_to_segmentation(volume_node, segmentation_node)
+    reference.SetImageToWorldMatrix(slicer.util.vtkMatrixFromArray(ijk_to_segmentation))
     return reference
 
 
 def segment_mask(segmentation_node: Any, segment_id: str, volume_node: Any) -> np.ndarray:
     """The segment as a (k, j, i) uint8 0/1 array on the volume's voxel grid (nearest-neighbour resampled).
 
-    Needs no ``slicer.util``; used to merge slice results into an existing segment, and by tests.
+    Used to merge slice results into an existing segment, and by tests.
     """
     dims = volume_dimensions(volume_node)
     out = np.zeros((dims[2], dims[1], dims[0]), dtype=np.uint8)
@@ -393,7 +382,7 @@ def segment_mask(segmentation_node: Any, segment_id: str, volume_node: Any) -> n
     # Clip the resampled extent to the volume: it may be larger when the segment reaches outside the volume.
     lo = [max(extent[2 * a], 0) for a in range(3)]
     hi = [min(extent[2 * a + 1], dims[a] - 1) for a in range(3)]
-    if any(h < l for l, h in zip(lo, hi)):
+    if any(high < low for low, high in zip(lo, hi)):
         return out
     out[lo[2]: hi[2] + 1, lo[1]: hi[1] + 1, lo[0]: hi[0] + 1] = values[
         lo[2] - extent[4]: hi[2] - extent[4] + 1,
@@ -449,7 +438,7 @@ class SegmentationJob:
             if self.dimensions[self.axis] != 1:
                 raise LgsegError("slice mode needs a slice index or a slice view")
             slice_index = 0
-        self.slice_index = None if scope == "volume" else int(slice_index)
+        self.slice_index = None if scope == "volume" else int(slice_index)  # type: ignore[arg-type]  # set above
         _check_axis_index(self.dimensions, self.axis, self.slice_index)
         self.scope = scope
         self.report = report if report and report.strip() else None
@@ -517,9 +506,9 @@ class SegmentationJob:
             whole[tuple(index)] = mask
             mask = whole
         segment_id = write_mask(
-            segmentation_node,
-            self.volume_node,
             mask,
+            self.volume_node,
+            segmentation_node,
             segment_name=name,
             color=color,
             axis=self.axis,
@@ -560,7 +549,7 @@ def add_volume_node(scene: Any, image: Any, name: str, source: Optional[Union[st
     scalars = numpy_support.numpy_to_vtk(voxels.reshape(-1, 3) if rgb else voxels.ravel(), deep=True)
     data.GetPointData().SetScalars(scalars)
     node.SetAndObserveImageData(data)
-    node.SetIJKToRASMatrix(_numpy_to_matrix(np.diag([-1.0, -1.0, 1.0, 1.0]) @ _ijk_to_lps(image)))
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(np.diag([-1.0, -1.0, 1.0, 1.0]) @ _ijk_to_lps(image)))
     if not rgb:
         node.CreateDefaultDisplayNodes()
     if source is not None and Path(source).is_file():

@@ -4,9 +4,9 @@ A GuideDecoder-style decoder on a multi-scale image encoder. Per attention stage
 tokens (TeViA: queries and keys re-weighted by the momentum visual prototype, ``q = q * g + q``), cross-attention
 from visual tokens to per-stage projected guidance tokens (TeViA's text projections), and TMCA's language-guided
 target enhancement (text-conditioned channel modulation); then an up-sampling block with the skip connection
-(MONAI ``UnetResBlock``). The remaining skips are merged by plain up-sampling blocks down to the decoder's finest
-level (stride 4 by default, as in GuideDecoder), where a head gives one logit channel, up-sampled bilinearly to the
-input resolution.
+(MONAI's ``UnetResBlock``, see ``blocks.py``). The remaining skips are merged by plain up-sampling blocks down to
+the decoder's finest level (stride 4 by default, as in GuideDecoder), where a head gives one logit channel,
+up-sampled bilinearly to the input resolution.
 
 The guidance tokens come either from a report (text encoder tokens) or from the prototype bank (ProLearn); both
 are ``[B, L, text_dim]`` with a mask, so one forward serves both. ``forward(..., return_features=True)`` also
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from monai.networks.blocks import UnetOutBlock, UnetResBlock
 from torch import nn
 from torch.nn import functional as F
 
+from .blocks import UnetOutBlock, UnetResBlock
 from .config import Config
 from .encoders import build_encoder
 from .prototypes import PrototypeBank
@@ -68,6 +68,8 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class GuideStage(nn.Module):
     """Self-attention (prototype re-weighted), cross-attention to guidance tokens, text channel modulation."""
+
+    position: torch.Tensor
 
     def __init__(self, dim: int, text_dim: int, visual_dim: int, heads: int, grid: int):
         super().__init__()
@@ -124,7 +126,7 @@ class UpStage(nn.Module):
 
     def __init__(self, cin: int, skip: int, cout: int):
         super().__init__()
-        self.block = UnetResBlock(2, cin + skip, cout, kernel_size=3, stride=1, norm_name="batch")
+        self.block = UnetResBlock(cin + skip, cout)
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
         size = skip.shape[-2:] if skip is not None else (x.shape[-2] * 2, x.shape[-1] * 2)
@@ -146,6 +148,8 @@ def _merge_guidance(tokens: torch.Tensor, mask: torch.Tensor, bank_tokens: torch
 class LanguageGuidedSegNet(nn.Module):
     """Image + guidance tokens -> one foreground logit per pixel."""
 
+    visual_prototype: torch.Tensor
+
     def __init__(self, config: NetworkConfig, pretrained_encoder: bool = False, image_size: int = 224):
         super().__init__()
         self.config = config
@@ -164,7 +168,7 @@ class LanguageGuidedSegNet(nn.Module):
         self.up_stages = nn.ModuleList(
             UpStage(dec[i], enc_ch[-2 - i], dec[i + 1]) for i in range(len(dec) - 1)
         )
-        self.head = UnetOutBlock(2, final_dim, 1)
+        self.head = UnetOutBlock(final_dim, 1)
         self.final_stride = enc_strides[-len(dec)]
 
         # ProLearn: image embedding for the prototype bank, from the encoder's deepest features.
@@ -308,8 +312,9 @@ def fuse_convolutions(network: LanguageGuidedSegNet, image_size: int = 224) -> L
             warnings.simplefilter("ignore")
             skips = network.encoder(image)[-2::-1]
             modules: list[tuple[nn.Module, str, torch.Tensor]] = [(network, "encoder", image)]
-            for up, skip in zip(network.up_stages, skips):
-                example = torch.zeros(1, up.block.conv1.conv.in_channels, *skip.shape[-2:])
+            up: UpStage
+            for up, skip in zip(network.up_stages, skips):  # type: ignore[assignment]  # ModuleList of UpStage
+                example = torch.zeros(1, up.block.in_channels, *skip.shape[-2:])
                 modules.append((up, "block", example.to(memory_format=torch.channels_last)))
             fused = []
             for owner, name, example in modules:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .config import Config
 from .errors import LgsegError
-from .fileio import atomic_path
+from .fileio import PathLike, atomic_path
 from .sides import LEGACY_REPORT_SIDES, REPORT_SIDES
 from .text import DEFAULT_TEXT_ENCODER, MAX_TOKENS
 
@@ -208,7 +208,7 @@ def _threshold(value: object) -> float:
     return float(value)
 
 
-def find_model(model: Union[str, os.PathLike, None] = None) -> Path:
+def find_model(model: Optional[PathLike] = None) -> Path:
     """Resolve a model name or folder to its folder; None means the default model."""
     if model is not None and (Path(model).is_dir() or os.sep in str(model) or str(model).startswith(".")):
         path = Path(model)
@@ -228,9 +228,9 @@ def find_model(model: Union[str, os.PathLike, None] = None) -> Path:
     raise LgsegError(f"unknown model '{name}' (available: {names}); pass a model folder or install the model")
 
 
-def load_package(model: Union[str, os.PathLike, None] = None) -> ModelPackage:
+def load_package(model: Optional[PathLike] = None) -> ModelPackage:
     """Load and verify a model package by name or folder; a changed or missing file is refused."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load as load_safetensors
 
     path = find_model(model)
@@ -265,9 +265,10 @@ def load_package(model: Union[str, os.PathLike, None] = None) -> ModelPackage:
         raise LgsegError(f"{weights_path} does not match the SHA-256 in {CONFIG_FILE}: the file was changed or "
                          "damaged; reinstall the model")
     try:
-        state = load_safetensors(data)
-        metadata = _safetensors_metadata(data)
-    except (SafetensorError, ValueError) as exc:
+        state = load_safetensors(data)  # the bytes whose hash was checked
+        with safe_open(str(weights_path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, ValueError, OSError) as exc:
         raise LgsegError(f"{weights_path} is not a valid safetensors file; reinstall the model") from exc
     content = {k: v for k, v in values.items() if k != "weights"}
     if metadata.get("config_sha256") != _sha256(_canonical(content)):
@@ -297,13 +298,7 @@ def _check_report_sides(config: ModelConfig, what: str, fix: str) -> None:
                          f"{', '.join(REPORT_SIDES)}); {fix}")
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
-    return header.get("__metadata__", {}) or {}
-
-
-def save_package(folder: Union[str, os.PathLike], network: LanguageGuidedSegNet, config: ModelConfig,
+def save_package(folder: PathLike, network: LanguageGuidedSegNet, config: ModelConfig,
                  half: bool = True) -> Path:
     """Write a model package; both files are written atomically, the JSON last.
 
@@ -335,7 +330,7 @@ def save_package(folder: Union[str, os.PathLike], network: LanguageGuidedSegNet,
     return folder
 
 
-def import_model(folder: Union[str, os.PathLike]) -> ModelInfo:
+def import_model(folder: PathLike) -> ModelInfo:
     """Verify a model folder and copy it into the user's models folder (replacing one of the same name)."""
     package = load_package(Path(folder))
     target_root = user_models_folder()

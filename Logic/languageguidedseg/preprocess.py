@@ -28,8 +28,8 @@ class PreprocessConfig(Config):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
-        self.mean = tuple(float(value) for value in self.mean)
-        self.std = tuple(float(value) for value in self.std)
+        self.mean = tuple(float(value) for value in self.mean)  # type: ignore[assignment]  # length checked below
+        self.std = tuple(float(value) for value in self.std)  # type: ignore[assignment]
         if int(self.size) != self.size or self.size < 1:
             raise LgsegError(f"preprocessing size must be a positive integer, got {self.size!r}; fix the configuration")
         self.size = int(self.size)
@@ -113,42 +113,25 @@ def _check_stack(stack: np.ndarray) -> None:
 
 
 def _slice_bounds(stack: np.ndarray, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Per-slice (lower, upper) intensity bounds as float64 arrays of length N."""
+    """Per-slice (lower, upper) intensity bounds as float64 arrays of length N, over the finite values only."""
     count = stack.shape[0]
     pixels = stack.shape[1] * stack.shape[2]
     step = max(1, math.ceil(pixels / _PERCENTILE_SAMPLES))
     # Subsample whole pixels, never single channels, so RGB percentiles see all three colours.
     sample = stack.reshape(count, pixels, -1)[:, ::step].reshape(count, -1)
     quantiles = (config.lower_percentile, config.upper_percentile)
-    if np.issubdtype(stack.dtype, np.integer) or np.isfinite(sample).all():
-        bounds = _row_percentiles(sample, quantiles)
-        low, high = bounds[:, 0], bounds[:, 1]
-        full_low, full_high = sample.min(axis=1).astype(np.float64), sample.max(axis=1).astype(np.float64)
+    low, high, full_low, full_high = np.zeros((4, count))
+    finite = np.isfinite(sample)
+    if finite.all():
+        rows = np.ones(count, dtype=bool)
+        low, high = np.percentile(sample, quantiles, axis=1)
     else:
-        low, high = np.zeros(count), np.zeros(count)
-        full_low, full_high = np.zeros(count), np.zeros(count)
-        for index, row in enumerate(sample):
-            finite = row[np.isfinite(row)]
-            if finite.size:  # an all-NaN slice keeps (0, 0) and becomes zeros
-                low[index], high[index] = _row_percentiles(finite[np.newaxis], quantiles)[0]
-                full_low[index], full_high[index] = float(finite.min()), float(finite.max())
+        rows = finite.any(axis=1)  # an all-NaN slice keeps (0, 0) and becomes zeros
+        if not rows.any():
+            return low, high
+        sample = np.where(finite, sample.astype(np.float64), np.nan)[rows]
+        low[rows], high[rows] = np.nanpercentile(sample, quantiles, axis=1)
+    full_low[rows], full_high[rows] = np.nanmin(sample, axis=1), np.nanmax(sample, axis=1)
     # An empty percentile window (e.g. 99.5 % black) would erase the slice; fall back to its full range.
     empty = high <= low
-    low = np.where(empty, full_low, low)
-    high = np.where(empty, full_high, high)
-    return low, high
-
-
-def _row_percentiles(rows: np.ndarray, quantiles: tuple[float, float]) -> np.ndarray:
-    """Linear-interpolated percentiles per row (same as numpy's default), via one partition: ``[N, 2]`` float64."""
-    last = rows.shape[1] - 1
-    positions = [q / 100.0 * last for q in quantiles]
-    below = [int(math.floor(p)) for p in positions]
-    kth = sorted({k for b in below for k in (b, min(b + 1, last))})
-    ordered = np.partition(rows, kth, axis=1)
-    result = np.empty((rows.shape[0], len(quantiles)))
-    for column, (position, index) in enumerate(zip(positions, below)):
-        lo = ordered[:, index].astype(np.float64)
-        hi = ordered[:, min(index + 1, last)].astype(np.float64)
-        result[:, column] = lo + (hi - lo) * (position - index)
-    return result
+    return np.where(empty, full_low, low), np.where(empty, full_high, high)

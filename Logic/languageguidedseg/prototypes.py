@@ -33,6 +33,9 @@ class BankQuery:
 class PrototypeBank(nn.Module):
     """A bank of ``size`` prototypes with image keys ``[P, D]`` and learnable text values ``[P, D]``."""
 
+    image_keys: torch.Tensor
+    classes: torch.Tensor
+
     def __init__(self, size: int, dim: int, top_k: int = 3):
         super().__init__()
         self.top_k = top_k

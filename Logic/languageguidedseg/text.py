@@ -138,9 +138,12 @@ class TextEncoder:
 
     def encode(self, reports: Sequence[str]) -> TextEncoding:
         """Encode reports to padded token features ``[N, L, D]`` and mask ``[N, L]`` (L <= max_tokens)."""
-        texts = [normalize_report(r) for r in reports]
-        if any(t is None for t in texts):
-            raise LgsegError("an empty report cannot be encoded; leave the report out to use the prototype bank")
+        texts = []
+        for report in reports:
+            text = normalize_report(report)
+            if text is None:
+                raise LgsegError("an empty report cannot be encoded; leave the report out to use the prototype bank")
+            texts.append(text)
         missing = list(OrderedDict.fromkeys(t for t in texts if t not in self._cache))
         for start in range(0, len(missing), 256):
             chunk = missing[start:start + 256]
@@ -162,8 +165,3 @@ class TextEncoder:
             mask[i, : f.shape[0]] = True
         return TextEncoding(tokens, mask)
 
-
-def pooled(encoding: TextEncoding) -> torch.Tensor:
-    """Masked mean of the token features ``[N, D]`` (the sentence embedding of MiniLM-style encoders)."""
-    weights = encoding.mask.unsqueeze(-1).to(encoding.tokens.dtype)
-    return (encoding.tokens * weights).sum(1) / weights.sum(1).clamp_min(1.0)

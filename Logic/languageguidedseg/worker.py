@@ -67,8 +67,10 @@ class ProcessWorker:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [engine_folder, os.environ.get("PYTHONPATH")])))
         self._process = subprocess.Popen([self._executable, "-m", "languageguidedseg.worker", host, str(port)],
                                          stdin=subprocess.PIPE, env=env)
-        self._process.stdin.write(key.hex().encode("ascii") + b"\n")  # not on the command line: others can read that
-        self._process.stdin.close()
+        stdin = self._process.stdin
+        assert stdin is not None  # Popen(stdin=PIPE)
+        stdin.write(key.hex().encode("ascii") + b"\n")  # not on the command line: others can read that
+        stdin.close()
         self._accepted.clear()
         threading.Thread(target=self._accept, name="LanguageGuidedSeg worker connection", daemon=True).start()
 
@@ -213,10 +215,11 @@ def _serve(connection: Any, requests: queue.Queue, is_cancelled: Any) -> None:
             return
         request_id, model, device, array, options = request
 
-        def progress(done: int, total: int) -> None:
+        # The request's id bound now: these run during this request only, but say so to the reader (and to ruff).
+        def progress(done: int, total: int, request_id: int = request_id) -> None:
             connection.send((request_id, "progress", (done, total)))
 
-        def cancel() -> bool:
+        def cancel(request_id: int = request_id) -> bool:
             return is_cancelled(request_id)
 
         try:

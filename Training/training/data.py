@@ -18,9 +18,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from languageguidedseg.data import Sample, apply_text_ratio, load_pair, load_split
+from languageguidedseg.network import masked_mean
 from languageguidedseg.preprocess import PreprocessConfig, prepare_slices
 from languageguidedseg.reports import ReportParser
-from languageguidedseg.text import TextEncoder, pooled
+from languageguidedseg.text import TextEncoder
 
 from .config import AugmentationConfig, DataConfig
 from .runtime import Runtime
@@ -58,7 +59,7 @@ class Reports:
         index = {r: i for i, r in enumerate(unique)}
         if unique:
             encoding = encoder.encode(unique)
-            tokens, mask, mean = encoding.tokens, encoding.mask, pooled(encoding)
+            tokens, mask, mean = encoding.tokens, encoding.mask, masked_mean(encoding.tokens, encoding.mask)
         else:
             tokens, mask = torch.zeros(0, 1, encoder.dim), torch.zeros(0, 1, dtype=torch.bool)
             mean = torch.zeros(0, encoder.dim)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -62,7 +63,7 @@ class Runtime:
         if self.main:
             print(message, file=sys.stderr, flush=True)
 
-    def autocast(self) -> ContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[Any]:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def broadcast(self, payload: list[Any]) -> list[Any]:
