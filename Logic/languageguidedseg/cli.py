@@ -145,7 +145,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from .data import load_pair, load_split
+    from .data import load_pair, load_split, report_sides
     from .metrics import ScoreAccumulator
 
     if args.limit is not None and args.limit < 1:
@@ -188,6 +188,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     result = scores.compute()
+    probes = _probes(segmenter, samples, args) if args.probes and report_sides(args.data_dir) == "image" else {}
     summary = {
         "dice": round(result.dice, 6),
         "iou": round(result.iou, 6),
@@ -200,6 +201,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "model": segmenter.package.name,
         "threshold": threshold,
         "seconds": round(time.perf_counter() - started, 2),
+        **probes,
     }
     if args.json:
         print(json.dumps(summary))
@@ -210,7 +212,37 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"mean per-image Dice {result.mean_dice:.4f}  IoU {result.mean_iou:.4f}")
         if args.reports == "given" and without_report:
             print(f"{without_report} images had no report and were guided by the prototype bank")
+        if "steering" in probes:
+            print(f"steering {probes['steering']:.4f} on {probes['steering_n']} bilateral images (1 = a left / right "
+                  f"report puts the whole mask on that side, 0 = the report is ignored)")
+        if "laterality_balanced_accuracy" in probes:
+            recall = ", ".join(f"{k} {v:.2f}" for k, v in probes["laterality_recall"].items())
+            print(f"approximated report laterality: balanced accuracy {probes['laterality_balanced_accuracy']:.4f} "
+                  f"on {probes['laterality_n']} images ({recall}; chance 0.33)")
     return 0
+
+
+def _probes(segmenter, samples, args: argparse.Namespace) -> dict:
+    """The steering and laterality probes (data sets whose reports name the image's sides)."""
+    from tqdm import tqdm
+
+    from .probes import bilateral_cases, laterality_probe, steering_probe
+
+    threshold = segmenter.package.config.threshold
+    figures = {}
+    with tqdm(total=len(bilateral_cases(samples)), desc="steering probe", unit="image", file=sys.stderr,
+              disable=args.quiet, leave=False) as bar:
+        steering = steering_probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], samples,
+                                  threshold, segmenter.batch_size, progress=bar.update)
+    if steering.n:
+        figures.update(steering.to_dict())
+    with tqdm(total=len(samples), desc="laterality probe", unit="image", file=sys.stderr, disable=args.quiet,
+              leave=False) as bar:
+        laterality = laterality_probe(segmenter.approximated_reports, samples, segmenter.batch_size,
+                                      progress=bar.update)
+    if laterality.n:
+        figures.update(laterality.to_dict())
+    return figures
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -274,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--no-probes", dest="probes", action="store_false",
+                          help="skip the steering and laterality probes (run where the data set's dataset.json "
+                               "says its reports name the image's sides)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object with the scores")
     evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_evaluate)

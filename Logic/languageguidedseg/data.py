@@ -125,6 +125,23 @@ def load_split(root: PathLike, split: str, validate: bool = True) -> List[Sample
     return samples
 
 
+def report_sides(root: PathLike) -> str:
+    """What "left" / "right" in a data set's reports mean, from ``root/dataset.json``: ``image`` (the image's sides
+    as displayed), ``patient`` (anatomical sides) or ``none`` (reports name no sides; also when there is no
+    dataset.json)."""
+    path = _child(Path(root).expanduser(), "dataset.json", want_dir=False)
+    if path is None:
+        return "none"
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LgsegError(f"cannot read '{path}' ({exc.__class__.__name__}); fix it to be a JSON object") from None
+    sides = values.get("report_sides", "none") if isinstance(values, dict) else None
+    if sides not in ("image", "patient", "none"):
+        raise LgsegError(f"'{path}' has report_sides {sides!r}; use \"image\", \"patient\" or \"none\"")
+    return sides
+
+
 def load_pair(sample: Sample) -> Tuple[np.ndarray, np.ndarray]:
     """The image as uint8/uint16 (H, W) or (H, W, 3) array and the mask as bool (H, W)."""
     image = _read_pixels(sample.image_path, "image")
