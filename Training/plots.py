@@ -30,9 +30,11 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax_loss.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=key[6:])
     ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss", yscale="log")
     ax_loss.legend(fontsize=8)
-    for key, label in (("val_report_dice", "with report"), ("val_prototype_dice", "without report (bank)")):
-        ax_dice.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=label)
-    ax_dice.set(xlabel="epoch", ylabel="micro Dice", title="validation Dice")
+    for key, label in (("val_report_dice", "with report"), ("val_prototype_dice", "without report (bank)"),
+                       ("val_steering", "steering probe")):
+        if any(key in row for row in history):
+            ax_dice.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=label)
+    ax_dice.set(xlabel="epoch", ylabel="micro Dice / steering", title="validation")
     ax_dice.legend(fontsize=8)
     ax_dice.grid(alpha=0.3)
     fig.tight_layout()

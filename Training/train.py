@@ -36,15 +36,17 @@ import torch.distributed as dist
 import yaml
 from torch.nn import functional as F
 
-from languageguidedseg.data import Sample, apply_text_ratio, load_pair, load_split
+from languageguidedseg.data import Sample, apply_text_ratio, load_pair, load_split, report_sides
+from languageguidedseg.edits import report_edits
 from languageguidedseg.errors import LgsegError
 from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import available_cores
 from languageguidedseg.losses import LossWeights, SegmentationLoss, pseudo_label_positives
 from languageguidedseg.metrics import ScoreAccumulator
 from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig
-from languageguidedseg.package import ModelConfig, save_package
-from languageguidedseg.preprocess import PreprocessConfig, prepare_slices
+from languageguidedseg.package import ModelConfig, load_package, save_package
+from languageguidedseg.preprocess import PreprocessConfig, prepare_slices, restore_size
+from languageguidedseg.probes import LEFT_REPORT, RIGHT_REPORT, steering_probe
 from languageguidedseg.prototypes import build_bank, refresh_keys
 from languageguidedseg.reports import get_parser
 from languageguidedseg.text import TextEncoder, encoder_version, pooled
@@ -77,6 +79,11 @@ class TrainConfig:
     freeze_encoder_blocks: int = 3
     threads: Optional[int] = None
     report_dropout: float = 0.3
+    # Probability that a training sample with report edits (edits.py: one side of a bilateral QaTa case, one polyp
+    # of a Kvasir case) trains, in a step, on one of them instead of its own report and mask.
+    report_edits: float = 0.0
+    # A model package folder whose weights (and prototype bank) start the run: fine-tuning.
+    init_from: Optional[str] = None
     seed: int = 0
     amp: str = "auto"
     threshold: float = 0.5
@@ -113,23 +120,46 @@ class Preloaded:
     samples: list[Sample]
     images: torch.Tensor  # [N, 3, S, S] float16, already normalised
     masks: torch.Tensor  # [N, 1, S, S] bool
-    report_index: torch.Tensor  # [N] index into the unique reports, -1 = no report
+    # [N] index into the unique reports, -1 = no report
+    report_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # Report edits (edits.py): sample i has edit_count[i] edits from edit_start[i] on.
+    edit_reports: list[str] = field(default_factory=list)
+    edit_masks: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1, 1, 1, dtype=torch.bool))
+    edit_start: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    edit_count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    edit_report_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def index_reports(self, reports: dict[str, int]) -> None:
+        self.report_index = torch.tensor([reports.get(s.report, -1) if s.report else -1 for s in self.samples])
+        self.edit_report_index = torch.tensor([reports[r] for r in self.edit_reports], dtype=torch.long)
 
 
-def preload(samples: list[Sample], preprocess: PreprocessConfig, reports: dict[str, int], desc: str,
-            show: bool) -> Preloaded:
+def preload(samples: list[Sample], preprocess: PreprocessConfig, desc: str, show: bool,
+            edit_scheme: Optional[str] = None) -> Preloaded:
+    """Network-ready images and masks; with ``edit_scheme`` (a report parser's name) the report edits too."""
     from tqdm import tqdm
 
     size = preprocess.size
     images = torch.empty(len(samples), 3, size, size, dtype=torch.float16)
     masks = torch.empty(len(samples), 1, size, size, dtype=torch.bool)
+    edit_reports, edit_masks, counts = [], [], []
+
+    def resized(mask: np.ndarray) -> torch.Tensor:
+        m = torch.from_numpy(mask.astype(np.float32))[None, None]
+        return F.interpolate(m, size=(size, size), mode="nearest")[0] > 0.5
+
     for i, sample in enumerate(tqdm(samples, desc=desc, disable=not show, file=sys.stderr, leave=False)):
         image, mask = load_pair(sample)
         images[i] = prepare_slices(image[None], preprocess)[0].half()
-        m = torch.from_numpy(mask.astype(np.float32))[None, None]
-        masks[i] = F.interpolate(m, size=(size, size), mode="nearest")[0] > 0.5
-    index = torch.tensor([reports.get(s.report, -1) if s.report else -1 for s in samples])
-    return Preloaded(samples, images, masks, index)
+        masks[i] = resized(mask)
+        edits = report_edits(sample.report, mask, edit_scheme) if edit_scheme else []
+        edit_reports += [e.report for e in edits]
+        edit_masks += [resized(e.mask) for e in edits]
+        counts.append(len(edits))
+    count = torch.tensor(counts, dtype=torch.long)
+    return Preloaded(samples, images, masks, edit_reports=edit_reports,
+                     edit_masks=torch.stack(edit_masks) if edit_masks else torch.zeros(0, 1, size, size, dtype=torch.bool),
+                     edit_start=torch.cumsum(count, 0) - count, edit_count=count)
 
 
 def augmenter(config: TrainConfig):
@@ -210,11 +240,18 @@ class Trainer:
         if val_limit:
             val = [val[i] for i in sorted(np.random.default_rng(c.seed + 1).permutation(len(val))[:val_limit])]
         train = apply_text_ratio(train, c.text_ratio, c.seed)
-        unique = sorted({s.report for s in train + val if s.report})
+        scheme = c.report_parser if c.report_edits > 0 else None
+        self.train = preload(train, self.preprocess, "loading train", self.show, edit_scheme=scheme)
+        self.val = preload(val, self.preprocess, "loading val", self.show)
+        # The steering probe (probes.py) runs on data sets whose reports name the image's sides.
+        self.steering_reports = [LEFT_REPORT, RIGHT_REPORT] if report_sides(self.data_root) == "image" else []
+        unique = sorted({s.report for s in train + val if s.report} | set(self.train.edit_reports)
+                        | set(self.steering_reports))
         self.report_ids = {r: i for i, r in enumerate(unique)}
-        self.train = preload(train, self.preprocess, self.report_ids, "loading train", self.show)
-        self.val = preload(val, self.preprocess, self.report_ids, "loading val", self.show)
-        self.log(f"{len(train)} training images ({sum(s.report is not None for s in train)} with reports), "
+        self.train.index_reports(self.report_ids)
+        self.val.index_reports(self.report_ids)
+        self.log(f"{len(train)} training images ({sum(s.report is not None for s in train)} with reports, "
+                 f"{int((self.train.edit_count > 0).sum())} with report edits), "
                  f"{len(val)} validation images, {len(unique)} distinct reports")
 
         # Frozen text encoder: every distinct report is encoded once.
@@ -264,7 +301,33 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.criterion = SegmentationLoss(LossWeights(**c.losses))
         self.members: list[list[int]] = []
+        self.representatives: list[int] = []
+        self.prototype_reports: list[str] = []  # a fine-tuned package's own prototype reports (init_from)
         self._wrap()
+
+    def init_from(self, folder: str) -> None:
+        """Start from a model package's weights and prototype bank (``init_from``, fine-tuning).
+
+        The bank keeps its prototypes and their reports; each training sample with a report joins the prototype
+        whose image key is nearest, so that the keys follow the encoder as in a run that built its own bank.
+        """
+        path = Path(folder) if Path(folder).is_absolute() else REPO_ROOT / folder
+        package = load_package(path)
+        if package.config.text_encoder != self.text_encoder_name:
+            raise LgsegError(f"init_from model '{path}' uses the text encoder '{package.config.text_encoder}', this "
+                             f"config '{self.text_encoder_name}'; use the same text_encoder")
+        self.build(package.config.network.bank_size)
+        if self.network.config.to_dict() != package.config.network.to_dict():
+            raise LgsegError(f"init_from model '{path}' has another network than this config's network: section; "
+                             "copy its network settings into the config")
+        self.network.load_state_dict(package.state_dict)
+        self.prototype_reports = list(package.config.prototype_reports)
+        if self.rank == 0:
+            with_report = [i for i, r in enumerate(self.train.report_index.tolist()) if r >= 0]
+            query = self.network.bank.query(self.embeddings(with_report), top_k=1)
+            nearest = query.indices[:, 0].tolist()
+            self.members = [[s for s, p in zip(with_report, nearest) if p == k] for k in range(self.network.bank.size)]
+        self.log(f"initialised from {path} (prototype bank: {self.network.bank.size} prototypes)")
 
     def _wrap(self) -> None:
         self.model = TrainStep(self.network, self.criterion)
@@ -355,6 +418,7 @@ class Trainer:
         order = pool[torch.randperm(len(pool), generator=generator)]
         drop = torch.rand(len(self.train.samples), generator=generator) < c.report_dropout
         aug_seeds = torch.randint(0, 2**31 - 1, (len(self.train.samples),), generator=generator)
+        edit_pick = self.draw_edits(generator) if c.report_edits > 0 else torch.full((len(self.train.samples),), -1)
         per_step = c.batch_size * self.world
         steps = len(order) // per_step if len(order) >= per_step else 1
         transform = augmenter(c)
@@ -365,6 +429,13 @@ class Trainer:
         for step in bar:
             batch = order[step * per_step:(step + 1) * per_step][self.rank::self.world]
             images, masks = self.train.images[batch].float(), self.train.masks[batch].float()
+            # Edited rows: the edit's report guides and its mask is the target (the bank still learns the image
+            # against the case's own report).
+            edit = edit_pick[batch]
+            edited = edit >= 0
+            masks[edited] = self.train.edit_masks[edit[edited]].float()
+            guide_index = self.train.report_index[batch].clone()
+            guide_index[edited] = self.train.edit_report_index[edit[edited]]
             if transform is not None:
                 for j, i in enumerate(batch.tolist()):
                     transform.set_random_state(seed=int(aug_seeds[i]))
@@ -373,8 +444,8 @@ class Trainer:
             images = images.to(self.device, memory_format=torch.channels_last)
             masks = (masks > 0.5).float().to(self.device)
             report_index = self.train.report_index[batch]
-            use_bank = (report_index < 0) | (drop[batch] & ~torch.tensor(warmup))
-            tokens, token_mask = self.guidance(report_index)
+            use_bank = ((report_index < 0) | (drop[batch] & ~torch.tensor(warmup))) & ~edited
+            tokens, token_mask = self.guidance(guide_index)
             positives = pseudo_label_positives(self.report_labels[report_index.clamp_min(0)],
                                                report_index >= 0,
                                                report_index[:, None] == report_index[None, :]).to(self.device)
@@ -393,6 +464,15 @@ class Trainer:
             bar.set_postfix(loss=f"{totals['loss'] / (step + 1):.3f}")
         bar.close()
         return {f"train_{k}": v / steps for k, v in totals.items()}
+
+    def draw_edits(self, generator: torch.Generator) -> torch.Tensor:
+        """Per training sample, the report edit it trains on this epoch, or -1 (its own report and mask)."""
+        n = len(self.train.samples)
+        chosen = torch.rand(n, generator=generator) < self.config.report_edits
+        pick = torch.randint(0, 2**31 - 1, (n,), generator=generator)
+        count = self.train.edit_count
+        edit = self.train.edit_start + pick % count.clamp_min(1)
+        return torch.where(chosen & (count > 0) & (self.train.report_index >= 0), edit, torch.full_like(edit, -1))
 
     @torch.no_grad()
     def validate(self, keep_predictions: int = 0) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -423,8 +503,21 @@ class Trainer:
                             f"val_{mode}_mean_dice": s.mean_dice, f"val_{mode}_mean_iou": s.mean_iou})
             if keep_predictions:
                 kept[mode] = torch.cat(predictions)[:keep_predictions]
+        if self.steering_reports:
+            steering = steering_probe(self.predict, self.val.samples, self.config.threshold, batch_size=32)
+            if steering.n:
+                results["val_steering"] = steering.steering
         self.network.train()
         return results, kept
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray, reports: list[Optional[str]]) -> np.ndarray:
+        """Probabilities ``[N, H, W]`` for a stack of images and their reports, each among the encoded reports."""
+        batch = prepare_slices(images, self.preprocess).to(self.device, memory_format=torch.channels_last)
+        tokens, token_mask = self.guidance(torch.tensor([self.report_ids[r] for r in reports]))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.network(batch, tokens, token_mask)
+        return restore_size(torch.sigmoid(logits.float()), images.shape[1:3]).cpu().numpy()
 
     # -- checkpoints and outputs ---------------------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
@@ -436,7 +529,7 @@ class Trainer:
         state = {"epoch": epoch, "best": best, "history": history, "bank_size": self.network.bank.size,
                  "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "members": self.members,
-                 "representatives": getattr(self, "representatives", []),
+                 "representatives": self.representatives, "prototype_reports": self.prototype_reports,
                  "config": dataclasses.asdict(self.config)}
         with atomic_path(self.checkpoint_path()) as tmp:
             torch.save(state, tmp)
@@ -456,12 +549,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.members, self.representatives = state["members"], state["representatives"]
+        self.prototype_reports = state.get("prototype_reports", [])
         return state["epoch"] + 1, state["best"], state["history"]
 
     def save_model(self, metrics: dict[str, Any], epoch: int) -> None:
         c = self.config
         reports = {i: r for r, i in self.report_ids.items()}
-        prototype_reports = [reports[int(self.train.report_index[i])] for i in self.representatives]
+        prototype_reports = self.prototype_reports or [reports[int(self.train.report_index[i])]
+                                                       for i in self.representatives]
         config = ModelConfig(
             name=c.name, task=c.task, description=c.description, licence=c.licence,
             text_encoder=self.text_encoder_name, text_encoder_version=encoder_version(self.text_encoder_name),
@@ -504,7 +599,10 @@ class Trainer:
             start, best, history = self.load_checkpoint()
             self.log(f"resuming after epoch {start} of {self.config.epochs}")
         else:
-            self.build(bank_size=0)
+            if self.config.init_from:
+                self.init_from(self.config.init_from)
+            else:
+                self.build(bank_size=0)
             start, best, history = 0, -1.0, []
         warmup_epochs = int(self.config.bank.get("warmup_epochs", 1))
         end = self.config.epochs if stop_after is None else min(self.config.epochs, start + stop_after)
