@@ -105,6 +105,43 @@ def test_inference_compilation_keeps_outputs():
                 torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
+def test_fold_batchnorm_leaves_no_batchnorm_and_the_same_outputs():
+    torch.manual_seed(2)
+    net = LanguageGuidedSegNet(NetworkConfig(**SMALL), pretrained_encoder=False)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    images, (tokens, mask) = torch.randn(2, 3, SIZE, SIZE), _report_tokens(2)
+    with torch.inference_mode():
+        expected = net(images, tokens, mask)
+        folded = fold_batchnorm(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(images, tokens, mask), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name, count, frozen, trainable", [
+    ("efficientnet-lite0", 3, ["_conv_stem.weight", "_bn0.weight", "_blocks.2._project_conv.weight"],
+     ["_blocks.3._expand_conv.weight", "_blocks.15._project_conv.weight"]),
+    ("convnext-tiny", 3, ["model.embeddings.patch_embeddings.weight", "model.encoder.stages.0.layers.2.pwconv2.weight"],
+     ["model.encoder.stages.1.downsampling_layer.1.weight", "model.encoder.stages.1.layers.0.pwconv1.weight"]),
+    ("convnext-tiny", 4, ["model.encoder.stages.1.downsampling_layer.1.weight",
+                          "model.encoder.stages.1.layers.0.pwconv1.weight"],
+     ["model.encoder.stages.1.layers.1.pwconv1.weight", "model.encoder.stages.3.layers.2.pwconv2.weight"]),
+])
+def test_each_encoder_freezes_its_own_early_blocks(name, count, frozen, trainable):
+    encoder = build_encoder(name, pretrained=False)
+    encoder.freeze_early_blocks(count)
+    parameters = dict(encoder.named_parameters())
+    assert [n for n in frozen if parameters[n].requires_grad] == []
+    assert all(parameters[n].requires_grad for n in trainable)
+    # A backward pass reaches only the trainable parameters.
+    sum(f.mean() for f in encoder(torch.randn(1, 3, 64, 64))).backward()
+    assert all(parameters[n].grad is None for n in frozen)
+    assert all(parameters[n].grad is not None for n in trainable)
+
+
 def test_empty_bank_needs_a_report():
     net = LanguageGuidedSegNet(NetworkConfig(bank_size=0, **SMALL)).eval()
     with torch.inference_mode(), pytest.raises(LgsegError, match="no prototype bank"):

@@ -121,8 +121,13 @@ def test_config_dict_round_trip():
     config = PreprocessConfig(size=256, lower_percentile=1.0, upper_percentile=99.0)
     values = config.to_dict()
     assert values["mean"] == [0.485, 0.456, 0.406]
-    assert PreprocessConfig.from_dict({**values, "unknown": "ignored"}) == config
+    assert PreprocessConfig.from_dict(values) == config
     assert PreprocessConfig.from_dict({}) == PreprocessConfig()
+
+
+def test_config_with_an_unknown_key_is_refused_by_name():
+    with pytest.raises(LgsegError, match="unknown key 'sise' in preprocessing; known keys: size, "):
+        PreprocessConfig.from_dict({"sise": 256}, "preprocessing")
 
 
 @pytest.mark.parametrize("values", [{"size": 0}, {"lower_percentile": 60, "upper_percentile": 40}, {"std": (1, 0, 1)}])

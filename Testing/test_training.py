@@ -131,8 +131,8 @@ def test_fine_tuning_with_report_edits_keeps_the_bank_and_probes_steering(traine
     from languageguidedseg.package import load_package
 
     config = yaml.safe_load(CONFIG.read_text())
-    config.update(data=str(Path(config["data"]) if Path(config["data"]).is_absolute() else REPO / config["data"]),
-                  init_from=str(trained), report_edits=1.0, bank={**config["bank"], "warmup_epochs": 0})
+    config["data"].update(path=str(REPO / config["data"]["path"]), report_edits=1.0)
+    config.update(init_from=str(trained), bank={**config["bank"], "warmup_epochs": 0})
     fine_tune = tmp_path / "fine-tune.yaml"
     fine_tune.write_text(yaml.safe_dump(config))
     output = tmp_path / "model"
@@ -147,6 +147,7 @@ def test_fine_tuning_with_report_edits_keeps_the_bank_and_probes_steering(traine
     assert tuned.config.prototype_reports == start.config.prototype_reports
     assert tuned.config.network.bank_size == start.config.network.bank_size
     assert -1.0 <= tuned.config.metrics["val_steering"] <= 1.0
+    assert 0.0 <= tuned.config.metrics["val_laterality"] <= 1.0
     assert any(not torch.equal(start.state_dict[k], tuned.state_dict[k]) for k in start.state_dict)
 
 

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,8 +35,8 @@ def _read_report(args: argparse.Namespace) -> Optional[str]:
 class _Progress:
     """A tqdm progress bar on stderr for long volumes; silent for a single slice."""
 
-    def __init__(self, description: str, enabled: bool = True):
-        self.description, self.enabled, self.bar = description, enabled, None
+    def __init__(self, description: str, enabled: bool = True, unit: str = "slice"):
+        self.description, self.enabled, self.unit, self.bar = description, enabled, unit, None
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled or total <= 1:
@@ -45,7 +44,7 @@ class _Progress:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=self.description, unit="slice", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=total, desc=self.description, unit=self.unit, file=sys.stderr, leave=False)
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -142,11 +141,7 @@ def _approximate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm import tqdm
-
-    from .data import load_pair, load_split, report_sides
-    from .metrics import ScoreAccumulator
+    from .data import load_split, report_sides
 
     if args.limit is not None and args.limit < 1:
         raise LgsegError(f"--limit must be at least 1, not {args.limit}")
@@ -157,37 +152,17 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not samples:
         raise LgsegError(f"the {args.split} split of '{args.data_dir}' has no images; choose another split or folder")
 
-    from .inference import Segmenter  # imports torch: only once the data set is known to be usable
+    from .evaluation import evaluate  # imports torch: only once the data set is known to be usable
+    from .inference import Segmenter
 
     segmenter = Segmenter(args.model, device=args.device)
-    threshold = segmenter.package.config.threshold
-    scores = ScoreAccumulator()
-    without_report = 0
-    started = time.perf_counter()
-    bar = tqdm(total=len(samples), desc=f"evaluating {args.split}", unit="image", file=sys.stderr,
-               disable=args.quiet, leave=False)
+    progress = _Progress(f"evaluating {args.split}", enabled=not args.quiet, unit="image")
     try:
-        for start in range(0, len(samples), segmenter.batch_size):
-            chunk = samples[start:start + segmenter.batch_size]
-            pairs = [load_pair(sample) for sample in chunk]
-            if args.reports == "given":
-                reports = [sample.report for sample in chunk]
-                without_report += sum(1 for r in reports if r is None or not r.strip())
-            else:
-                reports = [None] * len(chunk)
-            # Images of one size and colour type go through the network together; the order does not matter.
-            groups: dict[tuple[int, ...], list[int]] = {}
-            for index, (image, _) in enumerate(pairs):
-                groups.setdefault(image.shape, []).append(index)
-            for indices in groups.values():
-                stack = np.stack([pairs[i][0] for i in indices])
-                probabilities, _, _ = segmenter.predict_slices(stack, [reports[i] for i in indices])
-                for i, probability in zip(indices, probabilities):
-                    scores.update(probability > threshold, pairs[i][1])
-            bar.update(len(chunk))
+        evaluation = evaluate(segmenter, samples, args.reports, progress=progress)
     finally:
-        bar.close()
-    result = scores.compute()
+        progress.close()
+    result, threshold = evaluation.scores, segmenter.package.config.threshold
+    without_report = evaluation.without_report
     probes = _probes(segmenter, samples, args) if args.probes and report_sides(args.data_dir) == "image" else {}
     summary = {
         "dice": round(result.dice, 6),
@@ -196,11 +171,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         "mean_iou": round(result.mean_iou, 6),
         "n": result.n,
         "reports": args.reports,
-        "without_report": without_report if args.reports == "given" else result.n,
+        "without_report": without_report,
         "split": args.split,
         "model": segmenter.package.name,
         "threshold": threshold,
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(evaluation.seconds, 2),
         **probes,
     }
     if args.json:
@@ -224,22 +199,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _probes(segmenter, samples, args: argparse.Namespace) -> dict:
     """The steering and laterality probes (data sets whose reports name the image's sides)."""
-    from tqdm import tqdm
+    from .probes import laterality_probe, steering_probe
 
-    from .probes import bilateral_cases, laterality_probe, steering_probe
-
-    threshold = segmenter.package.config.threshold
     figures = {}
-    with tqdm(total=len(bilateral_cases(samples)), desc="steering probe", unit="image", file=sys.stderr,
-              disable=args.quiet, leave=False) as bar:
+    progress = _Progress("steering probe", enabled=not args.quiet, unit="image")
+    try:
         steering = steering_probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], samples,
-                                  threshold, segmenter.batch_size, progress=bar.update)
+                                  segmenter.package.config.threshold, segmenter.batch_size, progress=progress)
+    finally:
+        progress.close()
     if steering.n:
         figures.update(steering.to_dict())
-    with tqdm(total=len(samples), desc="laterality probe", unit="image", file=sys.stderr, disable=args.quiet,
-              leave=False) as bar:
+    progress = _Progress("laterality probe", enabled=not args.quiet, unit="image")
+    try:
         laterality = laterality_probe(segmenter.approximated_reports, samples, segmenter.batch_size,
-                                      progress=bar.update)
+                                      progress=progress)
+    finally:
+        progress.close()
     if laterality.n:
         figures.update(laterality.to_dict())
     return figures

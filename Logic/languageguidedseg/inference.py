@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -13,8 +15,8 @@ import torch
 
 from .errors import LgsegError
 from .laterality import mask_laterality, report_laterality
-from .network import fold_batchnorm, fuse_convolutions
-from .package import ModelPackage, load_package
+from .network import LanguageGuidedSegNet, fold_batchnorm, fuse_convolutions
+from .package import ModelConfig, ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size
 from .text import TextEncoder, normalize_report
 
@@ -97,17 +99,35 @@ class Segmenter:
         # A thread count the user set with OMP_NUM_THREADS is kept (torch reads it at import).
         if self.device.type == "cpu" and (threads or not os.environ.get("OMP_NUM_THREADS")):
             torch.set_num_threads(threads or available_cores())
-        self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing)
+        self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing, "preprocessing")
         self.network = fold_batchnorm(self.package.build_network(self.device)).to(memory_format=torch.channels_last)
         if self.device.type == "cpu":
             self.network = fuse_convolutions(self.network, self.preprocess.size)
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self._text_encoder: Optional[TextEncoder] = None
-        # Laterality of each prototype's report, where the model's reports name sides (QaTa scheme): the
-        # approximated report is then the most similar prototype that agrees with the mask it produced.
-        self._prototype_sides = None
-        if self.package.config.report_parser == "qata":
-            self._prototype_sides = [report_laterality(r) for r in self.package.config.prototype_reports]
+
+    @classmethod
+    def from_network(cls, network: LanguageGuidedSegNet, config: ModelConfig, device: torch.device,
+                     text_encoder: Optional[TextEncoder] = None, batch_size: int = 32) -> "Segmenter":
+        """A segmenter over a network in memory, e.g. one being trained: used as it is (no folding or fusion, its
+        weights shared), so that validation during training runs the same code as ``lgseg evaluate``."""
+        segmenter = cls.__new__(cls)
+        segmenter.package = ModelPackage(path=Path(), config=config, state_dict={}, weights_sha256="")
+        segmenter.device = device
+        segmenter.preprocess = PreprocessConfig.from_dict(config.preprocessing, "preprocessing")
+        segmenter.network = network
+        segmenter.batch_size = batch_size
+        segmenter._text_encoder = text_encoder
+        return segmenter
+
+    @functools.cached_property
+    def _prototype_sides(self) -> Optional[list[Optional[str]]]:
+        """Laterality of each prototype's report where the model's reports name sides (QaTa scheme): the
+        approximated report is then the most similar prototype that agrees with the mask it produced."""
+        config = self.package.config
+        if config.report_parser != "qata" or len(config.prototype_reports) != self.network.bank.size:
+            return None
+        return [report_laterality(report) for report in config.prototype_reports]
 
     @property
     def text_encoder(self) -> TextEncoder:

@@ -11,11 +11,12 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.nn import functional as F
 
+from .config import Config
 from .network import LanguageGuidedSegNet, masked_mean
 
 
 @dataclass
-class LossWeights:
+class LossWeights(Config):
     """Weights of the loss terms; 0 switches a term off (for ablations)."""
 
     segmentation: float = 1.0
@@ -35,11 +36,15 @@ def mask_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def info_nce(a: torch.Tensor, b: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE between ``a [N, D]`` and ``b [N, D]``; ``positives [N, N]`` marks matching pairs.
 
-    Several positives per row (same report, same pseudo-label) share the target probability.
+    Several positives per row (same report, same pseudo-label) share the target probability, in both directions.
     """
     logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).t() / temperature
-    target = positives.float() / positives.float().sum(1, keepdim=True).clamp_min(1.0)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target.t()))
+    return 0.5 * (F.cross_entropy(logits, _shared(positives)) + F.cross_entropy(logits.t(), _shared(positives.t())))
+
+
+def _shared(positives: torch.Tensor) -> torch.Tensor:
+    """Each row's positives share its target probability equally."""
+    return positives.float() / positives.float().sum(1, keepdim=True).clamp_min(1.0)
 
 
 class SegmentationLoss(nn.Module):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -26,12 +26,13 @@ from monai.networks.blocks import UnetOutBlock, UnetResBlock
 from torch import nn
 from torch.nn import functional as F
 
+from .config import Config
 from .encoders import build_encoder
 from .prototypes import PrototypeBank
 
 
 @dataclass
-class NetworkConfig:
+class NetworkConfig(Config):
     """Architecture of the network; stored in every model package."""
 
     encoder: str = "efficientnet-lite0"
@@ -45,17 +46,6 @@ class NetworkConfig:
     bank_size: int = 0
     bank_top_k: int = 3
     prototype_momentum: float = 0.99
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "NetworkConfig":
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in values.items() if k in known}
-        if "decoder_channels" in kwargs:
-            kwargs["decoder_channels"] = tuple(kwargs["decoder_channels"])
-        return cls(**kwargs)
 
 
 def _sincos_2d(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
@@ -248,22 +238,15 @@ def fold_batchnorm(network: LanguageGuidedSegNet) -> LanguageGuidedSegNet:
     """Fold each eval-mode BatchNorm into the convolution before it (inference only; same outputs, less work)."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    pairs = []
+    network.encoder.fold_batchnorm()
     for module in network.modules():
         if isinstance(module, UnetResBlock):
             for i in (1, 2, 3):
-                if hasattr(module, f"norm{i}") and isinstance(getattr(module, f"norm{i}"), nn.BatchNorm2d):
-                    pairs.append((getattr(module, f"conv{i}"), "conv", module, f"norm{i}"))
-        elif hasattr(module, "_depthwise_conv"):  # EfficientNet-Lite MBConv
-            if module.expand:
-                pairs.append((module, "_expand_conv", module, "_bn0"))
-            pairs += [(module, "_depthwise_conv", module, "_bn1"), (module, "_project_conv", module, "_bn2")]
-        elif hasattr(module, "_conv_stem"):
-            pairs.append((module, "_conv_stem", module, "_bn0"))
-    for conv_owner, conv_name, bn_owner, bn_name in pairs:
-        conv, bn = getattr(conv_owner, conv_name), getattr(bn_owner, bn_name)
-        setattr(conv_owner, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
-        setattr(bn_owner, bn_name, nn.Identity())
+                norm = getattr(module, f"norm{i}", None)
+                if isinstance(norm, nn.BatchNorm2d):
+                    conv = getattr(module, f"conv{i}")
+                    conv.conv = fuse_conv_bn_eval(conv.conv.eval(), norm.eval())
+                    setattr(module, f"norm{i}", nn.Identity())
     return network
 
 

@@ -17,10 +17,11 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from .config import Config
 from .errors import LgsegError
 from .fileio import atomic_path
 from .text import DEFAULT_TEXT_ENCODER, MAX_TOKENS
@@ -48,7 +49,7 @@ DEFAULT_MODEL = "qata-cxr"
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Config):
     """Everything about a model except its weights; written to ``model.json``."""
 
     name: str
@@ -68,22 +69,6 @@ class ModelConfig:
     report_parser: Optional[str] = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        values["network"] = self.network.to_dict()
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        from .network import NetworkConfig
-
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in values.items() if k in known}
-        kwargs["network"] = NetworkConfig.from_dict(values.get("network", {}))
-        if "segment_color" in kwargs:
-            kwargs["segment_color"] = tuple(float(c) for c in kwargs["segment_color"])
-        return cls(**kwargs)
 
 
 @dataclass
@@ -278,7 +263,11 @@ def load_package(model: Union[str, os.PathLike, None] = None) -> ModelPackage:
     dtypes = {str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()}
     if weights.get("file") != WEIGHTS_FILE or dtypes - {weights.get("dtype")}:
         raise LgsegError(f"{config_path} was changed after the model was saved; reinstall the model")
-    config = ModelConfig.from_dict(content["config"])
+    try:
+        config = ModelConfig.from_dict(content["config"], "config")
+    except LgsegError as exc:
+        raise LgsegError(f"{config_path}: {exc}; the model was written by another version of languageguidedseg, "
+                         "install a matching version") from exc
     if not _valid_name(config.name):
         raise LgsegError(f"model '{path.name}' has an invalid name {config.name!r}; re-export it with a plain name")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import Config
 from .errors import LgsegError
 
 # Percentiles of a larger slice are estimated from an evenly strided subsample of about this many pixels:
@@ -19,7 +20,7 @@ _PERCENTILE_SAMPLES = 65536
 
 
 @dataclass
-class PreprocessConfig:
+class PreprocessConfig(Config):
     """How slices become network input: output size, intensity window percentiles, colour normalisation."""
 
     size: int = 224
@@ -41,17 +42,6 @@ class PreprocessConfig:
             )
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0.0:
             raise LgsegError("preprocessing mean and std need 3 values each, std > 0; fix the configuration")
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready dictionary (tuples as lists)."""
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "PreprocessConfig":
-        """Build from a dictionary such as ``to_dict()`` wrote; unknown keys are ignored."""
-        known = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
 
 
 def scale_intensity(slices: np.ndarray, config: PreprocessConfig) -> np.ndarray:

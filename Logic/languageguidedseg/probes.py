@@ -28,7 +28,7 @@ RIGHT_REPORT = "unilateral pulmonary infection, one infected area, middle lower 
 
 Predict = Callable[[np.ndarray, Sequence[Optional[str]]], np.ndarray]
 Approximate = Callable[[np.ndarray], Sequence[str]]
-ProgressCallback = Callable[[int], None]
+ProgressCallback = Callable[[int, int], None]  # (images done, images in all), as the engine's other loops
 
 
 @dataclass
@@ -66,7 +66,7 @@ def steering_probe(predict: Predict, samples: Sequence[Sample], threshold: float
                    progress: Optional[ProgressCallback] = None) -> SteeringResult:
     """The steering figure on the bilateral cases among ``samples`` (see the module docstring)."""
     cases = bilateral_cases(samples)
-    differences = []
+    differences: list[float] = []
     for chunk, images in _image_batches(cases, batch_size):
         shares = []
         for report in (LEFT_REPORT, RIGHT_REPORT):
@@ -74,7 +74,7 @@ def steering_probe(predict: Predict, samples: Sequence[Sample], threshold: float
             shares.append([_side_share(p > threshold) for p in probabilities])
         differences += [left - right for left, right in zip(*shares)]
         if progress is not None:
-            progress(len(chunk))
+            progress(len(differences), len(cases))
     return SteeringResult(float(np.mean(differences)) if differences else float("nan"), len(differences))
 
 
@@ -85,13 +85,15 @@ def laterality_probe(approximate: Approximate, samples: Sequence[Sample], batch_
     cases = [s for s in samples if report_laterality(s.report) is not None]
     hits = {c: 0 for c in LATERALITIES}
     counts = {c: 0 for c in LATERALITIES}
+    done = 0
     for chunk, images in _image_batches(cases, batch_size):
         for sample, approximated in zip(chunk, approximate(images)):
             truth = report_laterality(sample.report)
             counts[truth] += 1
             hits[truth] += int(report_laterality(approximated) == truth)
+        done += len(chunk)
         if progress is not None:
-            progress(len(chunk))
+            progress(done, len(cases))
     recall = {c: hits[c] / counts[c] for c in LATERALITIES if counts[c]}
     balanced = float(np.mean(list(recall.values()))) if recall else float("nan")
     return LateralityResult(balanced, recall, sum(counts.values()), counts)

@@ -84,7 +84,11 @@ def build_bank(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
     clusters all samples together into ``clusters_per_class`` prototypes. Each prototype keeps the member nearest
     to its centre, whose report represents it as text.
     """
-    from sklearn.cluster import KMeans
+    try:
+        from sklearn.cluster import KMeans  # a training dependency: inference only queries a bank
+    except ImportError as exc:
+        raise LgsegError("building a prototype bank needs scikit-learn; install the training extras "
+                         "(pip install -e \".[training]\")") from exc
 
     image = nn.functional.normalize(image_embeddings.float(), dim=-1)
     text = nn.functional.normalize(text_embeddings.float(), dim=-1)

@@ -1,0 +1,63 @@
+"""The one strict ``from_dict`` of the configuration dataclasses (network, preprocessing, model, losses)."""
+
+from __future__ import annotations
+
+import pytest
+
+from languageguidedseg.errors import LgsegError
+from languageguidedseg.losses import LossWeights
+from languageguidedseg.network import NetworkConfig
+from languageguidedseg.package import ModelConfig
+from languageguidedseg.preprocess import PreprocessConfig
+
+
+@pytest.mark.parametrize("cls, section", [(NetworkConfig, "network"), (LossWeights, "losses"),
+                                          (PreprocessConfig, "preprocessing"), (ModelConfig, "config")])
+def test_a_typo_is_an_error_naming_the_key_and_the_known_ones(cls, section):
+    values = {"name": "m"} if cls is ModelConfig else {}
+    with pytest.raises(LgsegError) as error:
+        cls.from_dict({**values, "decoder_chanels": [1]}, section)
+    message = str(error.value)
+    assert f"unknown key 'decoder_chanels' in {section}; known keys: " in message
+    first_field = next(iter(cls.__dataclass_fields__))
+    assert first_field in message.split("known keys: ")[1]
+
+
+def test_nested_sections_and_lists_become_dataclasses_and_tuples():
+    config = ModelConfig.from_dict({"name": "m", "segment_color": [1, 0, 0],
+                                    "network": {"decoder_channels": [64, 32], "bank_size": 4}})
+    assert isinstance(config.network, NetworkConfig)
+    assert config.network.decoder_channels == (64, 32) and config.network.bank_size == 4
+    assert config.segment_color == (1.0, 0.0, 0.0) and all(isinstance(c, float) for c in config.segment_color)
+    # The way back is JSON-ready and round-trips.
+    values = config.to_dict()
+    assert values["network"]["decoder_channels"] == [64, 32] and values["segment_color"] == [1.0, 0.0, 0.0]
+    assert ModelConfig.from_dict(values) == config
+
+
+def test_an_unknown_key_in_a_nested_section_names_the_section():
+    with pytest.raises(LgsegError, match="unknown key 'heds' in config.network; known keys: encoder, "):
+        ModelConfig.from_dict({"name": "m", "network": {"heds": 2}}, "config")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"heads": "four"}, "network.heads must be a whole number, not 'four'"),
+    ({"heads": True}, "network.heads must be a whole number"),
+    ({"prototype_momentum": "high"}, "network.prototype_momentum must be a number"),
+    ({"decoder_channels": 96}, "network.decoder_channels must be a list"),
+    ({"decoder_channels": [96, "x"]}, r"network.decoder_channels\[1\] must be a whole number"),
+    ("encoder: x", "network must be a mapping of keys to values, not str"),
+])
+def test_a_value_of_the_wrong_type_is_an_error_naming_the_key(values, message):
+    with pytest.raises(LgsegError, match=message):
+        NetworkConfig.from_dict(values, "network")
+
+
+def test_a_missing_required_key_is_an_error():
+    with pytest.raises(LgsegError, match="config needs the key name"):
+        ModelConfig.from_dict({"task": "x"}, "config")
+
+
+def test_a_fixed_length_tuple_checks_its_length():
+    with pytest.raises(LgsegError, match="segment_color needs 3 values, got 2"):
+        ModelConfig.from_dict({"name": "m", "segment_color": [1, 0]})

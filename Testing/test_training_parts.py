@@ -1,0 +1,209 @@
+"""Training/'s parts on their own: the strict YAML config, the learning-rate schedule, the augmentation and the
+per-epoch sampling across processes (the end-to-end runs are in test_training.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "Training"))
+
+from training.config import AugmentationConfig, OptimisationConfig, TrainConfig, load_config  # noqa: E402
+from training.data import Preloaded, epoch_loader  # noqa: E402
+from training.optim import warmup_cosine  # noqa: E402
+from training.runtime import Runtime  # noqa: E402
+
+from languageguidedseg.errors import LgsegError  # noqa: E402
+
+CONFIGS = sorted((REPO / "Training" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path)
+    assert config.data.root().is_absolute() and config.optimisation.epochs > 0
+    assert config.network.decoder_channels == (96, 64, 48, 32)
+    assert config.preprocessing.size == 224
+
+
+def test_a_typo_anywhere_in_the_config_names_the_key_and_the_known_ones(tmp_path):
+    text = (REPO / "Training" / "configs" / "qata-cxr.yaml").read_text()
+    for typo, section in (("  heads: 4", "network"), ("  tevia_alignment: 0.1", "losses"),
+                          ("  size: 224", "preprocessing"), ("  epochs: 6", "optimisation")):
+        path = tmp_path / "typo.yaml"
+        path.write_text(text.replace(typo, typo.replace(":", "s:", 1)))
+        with pytest.raises(LgsegError) as error:
+            load_config(path)
+        key = typo.split(":")[0].strip() + "s"
+        assert f"unknown key '{key}' in {section}; known keys: " in str(error.value)
+        assert typo.split(":")[0].strip() in str(error.value).split("known keys: ")[1]
+
+
+def test_overrides_use_dotted_keys_and_are_checked(tmp_path):
+    path = REPO / "Training" / "configs" / "kvasir-polyp.yaml"
+    config = load_config(path, {"data.limit": 8, "optimisation.epochs": 1})
+    assert config.data.limit == 8 and config.optimisation.epochs == 1
+    with pytest.raises(LgsegError, match="optimisation.epochs must be a whole number"):
+        load_config(path, {"optimisation.epochs": "one"})
+
+
+def test_defaults_come_from_one_place():
+    config = TrainConfig.from_dict({"name": "x", "data": {"path": "d"}})
+    from languageguidedseg.losses import LossWeights
+    from languageguidedseg.network import NetworkConfig
+    from languageguidedseg.package import ModelConfig
+    from languageguidedseg.preprocess import PreprocessConfig
+
+    assert config.network == NetworkConfig() and config.losses == LossWeights()
+    assert config.preprocessing == PreprocessConfig()
+    assert config.package.threshold == ModelConfig.threshold
+    assert config.package.segment_color == ModelConfig.segment_color
+
+
+def _learning_rates(config: OptimisationConfig, steps_per_epoch: int, stop: int = -1, state=None):
+    weight, bias = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [weight], "lr": 1e-3}, {"params": [bias], "lr": 5e-4}])
+    scheduler = warmup_cosine(optimizer, config, steps_per_epoch)
+    if state is not None:  # as --resume does
+        optimizer.load_state_dict(state[0])
+        scheduler.load_state_dict(state[1])
+    rates = []
+    total = steps_per_epoch * config.epochs
+    for step in range(scheduler.last_epoch, total):
+        if step == stop:
+            return rates, (optimizer.state_dict(), scheduler.state_dict())
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return rates, None
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_zero():
+    rates, _ = _learning_rates(OptimisationConfig(epochs=4, warmup_steps=10), steps_per_epoch=50)
+    lr = [r[0] for r in rates]
+    assert len(lr) == 200
+    assert 0 < lr[0] < lr[1] < lr[9] < lr[10]
+    assert lr[1] - lr[0] == pytest.approx(lr[9] - lr[8])  # linear
+    assert lr[10] == pytest.approx(1e-3)  # the peak is the configured rate
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))  # then never rises
+    assert lr[10 + 95] == pytest.approx(0.5e-3, rel=0.02)  # half-way through the decay: half the rate (cosine)
+    assert lr[-1] < 1e-6
+    # The encoder's group follows the same schedule at its own rate.
+    assert all(r[1] == pytest.approx(r[0] / 2) for r in rates)
+
+
+def test_short_runs_warm_up_over_at_most_a_tenth_of_the_steps():
+    lr = [r[0] for r in _learning_rates(OptimisationConfig(epochs=1, warmup_steps=200), steps_per_epoch=30)[0]]
+    assert lr.index(max(lr)) == 4  # 30 // 10 + 1 warm-up steps
+
+
+def test_a_resumed_schedule_continues_exactly():
+    config = OptimisationConfig(epochs=3, warmup_steps=5)
+    full, _ = _learning_rates(config, steps_per_epoch=10)
+    first, state = _learning_rates(config, steps_per_epoch=10, stop=12)
+    rest, _ = _learning_rates(config, steps_per_epoch=10, state=state)
+    assert first + rest == full
+
+
+def _blob_set(count: int = 12, size: int = 64) -> Preloaded:
+    """Images whose bright square is their mask, in the left half of the image."""
+    images = torch.full((count, 3, size, size), -1.0)
+    masks = torch.zeros(count, 1, size, size, dtype=torch.bool)
+    for i in range(count):
+        top = 8 + 2 * i
+        images[i, :, top:top + 16, 6:22] = 1.0
+        masks[i, 0, top:top + 16, 6:22] = True
+    report_index = torch.tensor([i % 4 if i % 3 else -1 for i in range(count)])  # every third has no report
+    return Preloaded([None] * count, images.half(), masks, report_index)
+
+
+def _runtime(rank: int = 0, world: int = 1) -> Runtime:
+    return Runtime(rank=rank, world=world, device=torch.device("cpu"), amp=False, show_progress=False)
+
+
+def test_augmentation_moves_image_and_mask_together_and_never_flips():
+    from training.data import augmenter
+
+    data = _blob_set()
+    transform = augmenter(AugmentationConfig(rotate_degrees=10, scale=0.1, translate=0.05, intensity=0.1,
+                                             affine_probability=1.0), size=64)
+    moved = 0
+    for epoch in range(4):
+        loader = epoch_loader(data, epoch, seed=0, batch_size=4, report_dropout=0.0, transform=transform,
+                              bank_ready=True, runtime=_runtime())
+        for batch in loader:
+            for image, mask in zip(batch["image"], batch["mask"]):
+                assert set(mask.unique().tolist()) <= {0.0, 1.0}
+                bright = image[0] > 0.4  # the square is 1 +- 20 %, the background -1, the padding 0
+                overlap = (bright & (mask[0] > 0)).sum() / (bright | (mask[0] > 0)).sum()
+                assert overlap > 0.8  # the square and its mask stay together
+                columns = torch.nonzero(mask[0])[:, 1].float()
+                assert columns.mean() < 32  # still in the left half: no left-right flip
+                moved += int(not any(torch.equal(mask, m.float()) for m in data.masks))
+    assert moved > 20  # the affine transform does move most masks
+
+
+def test_augmentation_is_reproducible_for_a_seed_and_epoch():
+    from training.data import augmenter
+
+    data = _blob_set()
+    transform = augmenter(AugmentationConfig(rotate_degrees=10, scale=0.1, translate=0.05, intensity=0.1), 64)
+
+    def images(epoch: int, workers: int = 0) -> torch.Tensor:
+        loader = epoch_loader(data, epoch, 0, 4, 0.3, transform, True, _runtime(), workers=workers)
+        return torch.cat([batch["image"] for batch in loader])
+
+    first = images(1)
+    assert torch.equal(first, images(1, workers=1))  # whatever the number of loader workers
+    assert not torch.equal(first, images(2))
+
+
+def test_epoch_batches_split_the_pool_across_processes():
+    data = _blob_set(count=20)
+    data.report_index = torch.tensor([-1 if i % 5 == 0 else i for i in range(20)])
+    for bank_ready, pool in ((False, 16), (True, 20)):
+        seen = []
+        for rank in range(2):
+            loader = epoch_loader(data, 3, 0, 4, 0.0, None, bank_ready, _runtime(rank, 2))
+            batches = list(loader)
+            assert all(len(b["report_index"]) == 4 for b in batches)
+            seen.append([int(i) for b in batches for i in b["report_index"]])
+        # No sample on both ranks; whole steps of 2 x 4 images; before the bank only samples with reports train.
+        assert not set(seen[0]) & set(seen[1]) - {-1}
+        assert len(seen[0]) + len(seen[1]) == pool // 8 * 8
+        if not bank_ready:
+            assert -1 not in seen[0] + seen[1]
+    # Another epoch, another order; the same epoch, the same order.
+    order = [int(i) for b in epoch_loader(data, 3, 0, 4, 0.0, None, True, _runtime()) for i in b["report_index"]]
+    again = [int(i) for b in epoch_loader(data, 3, 0, 4, 0.0, None, True, _runtime()) for i in b["report_index"]]
+    other = [int(i) for b in epoch_loader(data, 4, 0, 4, 0.0, None, True, _runtime()) for i in b["report_index"]]
+    assert order == again and order != other
+
+
+def test_samples_without_a_report_and_dropped_reports_use_the_bank():
+    data = _blob_set(count=40)
+    for bank_ready in (False, True):
+        batches = list(epoch_loader(data, 0, 0, 4, 0.5, None, bank_ready, _runtime()))
+        report = torch.cat([b["report_index"] for b in batches])
+        use_bank = torch.cat([b["use_bank"] for b in batches])
+        assert use_bank[report < 0].all()
+        if bank_ready:  # about half of the reports are dropped once there is a bank
+            assert 0 < use_bank[report >= 0].sum() < (report >= 0).sum()
+        else:
+            assert not use_bank.any()
+
+
+def test_train_py_reports_a_config_typo_in_one_line(tmp_path, capsys):
+    import train
+
+    path = tmp_path / "typo.yaml"
+    path.write_text((REPO / "Training" / "configs" / "kvasir-polyp.yaml").read_text()
+                    .replace("  decoder_channels:", "  decoder_chanels:"))
+    assert train.main(["--config", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: config '{path}': unknown key 'decoder_chanels' in "
+                                                   "network; known keys: encoder, text_dim, decoder_channels")

@@ -1,0 +1,158 @@
+"""A training run's configuration: a tree of typed dataclasses read strictly from YAML.
+
+Every default of a run lives here, or in the engine's own configuration (``network:`` is the engine's
+``NetworkConfig``, ``preprocessing:`` its ``PreprocessConfig``, ``losses:`` its ``LossWeights``). An unknown key
+anywhere is an error that names the key and the known ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from languageguidedseg.config import Config
+from languageguidedseg.errors import LgsegError
+from languageguidedseg.losses import LossWeights
+from languageguidedseg.network import NetworkConfig
+from languageguidedseg.package import ModelConfig
+from languageguidedseg.preprocess import PreprocessConfig
+from languageguidedseg.text import DEFAULT_TEXT_ENCODER
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class PackageConfig(Config):
+    """What the model package says about itself (``model.json``); defaults are the engine's."""
+
+    task: str = ""
+    description: str = ""
+    licence: str = ""
+    data_citation: str = ""
+    segment_name: str = ModelConfig.segment_name
+    segment_color: tuple[float, float, float] = ModelConfig.segment_color
+    threshold: float = ModelConfig.threshold
+
+
+@dataclass
+class DataConfig(Config):
+    """Which images train and validate, and how they are fed."""
+
+    path: str  # a dataset folder; a relative path is relative to the repository root
+    train_split: str = "train"
+    val_split: str = "val"
+    text_ratio: float = 1.0  # share of training reports kept (ProLearn's limited-text protocol)
+    report_parser: Optional[str] = None  # pseudo-labels for the bank: qata, kvasir or none
+    limit: Optional[int] = None  # a seeded subset of N training images (and of at most N validation images)
+    val_limit: Optional[int] = None
+    # Share of the training samples that have report edits (languageguidedseg.edits: one side of a bilateral QaTa
+    # case, one polyp of a Kvasir case) which train, each epoch, on one of them instead of their own report and mask.
+    report_edits: float = 0.0
+    # DataLoader worker processes that augment the next batches; 0 = in the training process; none = 4 per GPU,
+    # 0 on a CPU (where the training step already keeps every core busy). Results do not depend on it.
+    workers: Optional[int] = None
+
+    def root(self) -> Path:
+        path = Path(self.path).expanduser()
+        return (path if path.is_absolute() else REPO_ROOT / path).resolve()
+
+
+@dataclass
+class OptimisationConfig(Config):
+    """Epochs, batches, AdamW with linear warm-up then cosine decay, and the report dropout."""
+
+    epochs: int = 10
+    batch_size: int = 16  # images per step and process
+    lr: float = 6e-4  # decoder, heads and bank
+    encoder_lr: float = 3e-4  # ImageNet-initialised encoder
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    gradient_clip: float = 1.0
+    freeze_encoder_blocks: int = 3  # the encoder's early blocks keep their ImageNet weights
+    report_dropout: float = 0.3  # share of reports dropped at random so one model serves both modes
+
+
+@dataclass
+class BankConfig(Config):
+    """ProLearn's prototype bank: contrastive warm-up epochs, then k-means clusters per pseudo-label class."""
+
+    warmup_epochs: int = 1
+    clusters_per_class: int = 16
+
+
+@dataclass
+class AugmentationConfig(Config):
+    """MONAI random affine and intensity changes; never flips, because reports name the patient's sides."""
+
+    rotate_degrees: float = 0.0
+    scale: float = 0.0  # relative zoom range, e.g. 0.1 = +-10 %
+    translate: float = 0.0  # share of the image size
+    intensity: float = 0.0  # relative scale and shift of intensities
+    affine_probability: float = 0.7
+    intensity_probability: float = 0.5
+
+    @property
+    def enabled(self) -> bool:
+        return any((self.rotate_degrees, self.scale, self.translate, self.intensity))
+
+
+@dataclass
+class TrainConfig(Config):
+    """A training run; read from YAML, then overridden from the command line."""
+
+    name: str
+    data: DataConfig
+    package: PackageConfig = field(default_factory=PackageConfig)
+    preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optimisation: OptimisationConfig = field(default_factory=OptimisationConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    losses: LossWeights = field(default_factory=LossWeights)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    init_from: Optional[str] = None  # a model package folder whose weights and prototype bank start the run
+    seed: int = 0
+    amp: str = "auto"  # bf16 autocast: auto (on CUDA), bf16, or off
+    threads: Optional[int] = None  # CPU threads per process; default: cores / processes
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("auto", "bf16", "off"):
+            raise LgsegError(f"amp must be auto, bf16 or off, not {self.amp!r}")
+
+
+# Settings that do not change the result: a resumed run may differ in these.
+NOT_SHAPING_RESULTS = ("threads", "data.workers")
+
+
+def load_config(path: Path, overrides: Optional[dict[str, Any]] = None) -> TrainConfig:
+    """The run's configuration from a YAML file, with ``overrides`` (dotted keys, e.g. ``"data.limit"``) applied."""
+    try:
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise LgsegError(f"cannot read config '{path}' ({exc.__class__.__name__}); give a YAML file") from exc
+    if not isinstance(values, dict):
+        raise LgsegError(f"config '{path}' must be a mapping of keys to values")
+    for dotted, value in (overrides or {}).items():
+        *sections, key = dotted.split(".")
+        target = values
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value
+    try:
+        return TrainConfig.from_dict(values)
+    except LgsegError as exc:
+        raise LgsegError(f"config '{path}': {exc}") from exc
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dictionaries as one level with dotted keys (``{"data": {"limit": 4}}`` -> ``{"data.limit": 4}``)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
