@@ -197,7 +197,7 @@ class Segmenter:
                 progress(min(start + len(batch), total), total)
         return probabilities, nearest, similarity
 
-    def _mixed_forward(self, images: torch.Tensor, texts: list[Optional[str]]) -> dict:
+    def _mixed_forward(self, images: torch.Tensor, texts: Sequence[Optional[str]]) -> dict:
         """The network's outputs for a batch where each image has its own report (None: the prototype bank guides it).
 
         One forward: the network takes report tokens per sample and the bank's tokens where ``use_bank`` is set.
@@ -207,7 +207,7 @@ class Segmenter:
         if not given:
             out = self.network(images, return_features=True)
         else:
-            encoding = self.text_encoder.encode([texts[i] for i in given]).to(self.device)
+            encoding = self.text_encoder.encode([str(texts[i]) for i in given]).to(self.device)
             tokens = encoding.tokens.new_zeros((len(texts),) + tuple(encoding.tokens.shape[1:]))
             mask = encoding.mask.new_zeros((len(texts), encoding.mask.shape[1]))
             tokens[given], mask[given] = encoding.tokens, encoding.mask
@@ -222,14 +222,14 @@ class Segmenter:
             return []
         bank = self.network.bank
         query = bank.query(self.network.image_embedding(image_features), top_k=bank.size)
-        threshold = self.package.config.threshold
+        threshold, sides = self.package.config.threshold, self._prototype_sides
         ranked = []
         for indices, sims, slice_probabilities in zip(query.indices.tolist(), query.similarities.tolist(),
                                                       probabilities):
             pairs = list(zip(indices, sims))
-            side = mask_laterality(slice_probabilities > threshold) if self._prototype_sides else None
-            if side is not None:
-                pairs.sort(key=lambda pair: self._prototype_sides[pair[0]] != side)  # a stable sort
+            side = mask_laterality(slice_probabilities > threshold) if sides else None
+            if sides and side is not None:
+                pairs.sort(key=lambda pair: sides[pair[0]] != side)  # a stable sort: similarity order within
             ranked.append(pairs)
         return ranked
 

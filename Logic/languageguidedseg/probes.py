@@ -82,13 +82,14 @@ def laterality_probe(approximate: Approximate, samples: Sequence[Sample], batch_
                      progress: Optional[ProgressCallback] = None) -> LateralityResult:
     """Balanced accuracy of the approximated reports' laterality against the true reports' (samples whose true
     report names no side are left out)."""
-    cases = [s for s in samples if report_laterality(s.report) is not None]
+    truths = {s.id: report_laterality(s.report) for s in samples}
+    cases = [s for s in samples if truths[s.id] is not None]
     hits = {c: 0 for c in LATERALITIES}
     counts = {c: 0 for c in LATERALITIES}
     done = 0
     for chunk, images in _image_batches(cases, batch_size):
         for sample, approximated in zip(chunk, approximate(images)):
-            truth = report_laterality(sample.report)
+            truth = str(truths[sample.id])
             counts[truth] += 1
             hits[truth] += int(report_laterality(approximated) == truth)
         done += len(chunk)
