@@ -55,6 +55,10 @@ def test_evaluate_matches_segment_outputs(qata, tiny_model, tmp_path, capsys, re
     assert result["model"] == "tiny"
     assert "evaluating" in captured.err  # the progress bar, on stderr
 
+    # QaTa's dataset.json says its reports name the image's sides: the steering and laterality probes run.
+    assert -1.0 <= result["steering"] <= 1.0 and result["steering_n"] >= 1
+    assert 0.0 <= result["laterality_balanced_accuracy"] <= 1.0 and result["laterality_n"] == LIMIT
+
     dice, iou, mean_dice = _segment_by_hand(qata, tiny_model, tmp_path, reports == "given", capsys)
     assert result["dice"] == pytest.approx(dice, abs=1e-4)
     assert result["iou"] == pytest.approx(iou, abs=1e-4)
@@ -65,6 +69,10 @@ def test_evaluate_text_output_and_errors(qata, tiny_model, tmp_path, capsys):
     assert main(["evaluate", str(qata), "--model", str(tiny_model), "--limit", "2", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "Dice" in captured.out and "micro" in captured.out and captured.err == ""
+    assert "steering" in captured.out and "laterality" in captured.out
+
+    assert main(["evaluate", str(qata), "--model", str(tiny_model), "--limit", "2", "--no-probes", "--json"]) == 0
+    assert "steering" not in json.loads(capsys.readouterr().out)
 
     assert main(["evaluate", str(tmp_path / "nothing"), "--model", str(tiny_model)]) == 2
     assert capsys.readouterr().err.startswith("error:")

@@ -92,3 +92,29 @@ def test_qata_mask_follows_the_report_side(qata):
     assert right[:, half:].sum() > right[:, :half].sum()
     both = segmenter.segment_array(image, report=QATA_REPORT, sides="image").mask
     assert both.sum() > 0 and np.count_nonzero(both != left) > 0
+
+
+def test_qata_approximated_report_agrees_with_its_mask(qata):
+    """Without a report, the approximated report names the sides where the mask lies (never a side it avoids)."""
+    from languageguidedseg.data import load_pair, load_split
+    from languageguidedseg.inference import Segmenter
+    from languageguidedseg.laterality import mask_laterality, report_laterality
+
+    _shipped("qata-cxr")
+    segmenter = Segmenter("qata-cxr", device="cpu")
+    checked = 0
+    for sample in load_split(qata, "val")[:12]:
+        image, _ = load_pair(sample)
+        result = segmenter.segment_array(image)
+        side = mask_laterality(result.mask)
+        if side is not None:
+            checked += 1
+            assert report_laterality(result.report) == side, (sample.id, result.report)
+        approximation = segmenter.approximate(image, top_k=3)
+        assert approximation.report == result.report and approximation.similarity == pytest.approx(result.similarity)
+        assert len(approximation.top) == 3
+    assert checked >= 8
+    # A batch that mixes a report and no report approximates only the image without one, in the same way.
+    stack = np.stack([image, image])
+    probabilities, nearest, _ = segmenter.predict_slices(stack, [None, QATA_REPORT])
+    assert nearest[1] == -1 and segmenter.prototype_report(nearest[0]) == result.report

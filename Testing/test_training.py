@@ -145,6 +145,34 @@ def test_limited_text_ratio_keeps_the_requested_share_of_reports(qata, tmp_path)
     assert config["network"]["bank_size"] >= 1
 
 
+def test_fine_tuning_with_report_edits_keeps_the_bank_and_probes_steering(trained, tmp_path):
+    """init_from starts from a package (weights, bank and its reports); report_edits trains on one side of the
+    bilateral cases; validation measures the steering probe (QaTa's reports name the image's sides)."""
+    import yaml
+
+    from languageguidedseg.package import load_package
+
+    config = yaml.safe_load(CONFIG.read_text())
+    config["data"].update(path=str(REPO / config["data"]["path"]), report_edits=1.0)
+    config.update(init_from=str(trained), bank={**config["bank"], "warmup_epochs": 0})
+    fine_tune = tmp_path / "fine-tune.yaml"
+    fine_tune.write_text(yaml.safe_dump(config))
+    output = tmp_path / "model"
+    command = [sys.executable, str(REPO / "Training" / "train.py"), "--config", str(fine_tune), "--output",
+               str(output), *TINY[:-3], "--epochs", "1", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "initialised from" in result.stderr
+    edits = int(result.stderr.split(" with report edits")[0].rsplit(", ", 1)[1])
+    assert edits > 0
+    start, tuned = load_package(trained), load_package(output)
+    assert tuned.config.prototype_reports == start.config.prototype_reports
+    assert tuned.config.network.bank_size == start.config.network.bank_size
+    assert -1.0 <= tuned.config.metrics["val_steering"] <= 1.0
+    assert 0.0 <= tuned.config.metrics["val_laterality"] <= 1.0
+    assert any(not torch.equal(start.state_dict[k], tuned.state_dict[k]) for k in start.state_dict)
+
+
 def test_bank_is_deterministic_for_a_seed():
     from languageguidedseg.prototypes import build_bank
 

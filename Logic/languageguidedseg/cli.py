@@ -15,10 +15,14 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from . import __version__
 from .errors import LgsegError
+
+if TYPE_CHECKING:  # annotations only: importing these loads torch
+    from .data import Sample
+    from .inference import Segmenter
 
 
 def _read_report(args: argparse.Namespace) -> Optional[str]:
@@ -174,6 +178,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         progress.close()
     result, threshold = evaluation.scores, segmenter.package.config.threshold
     without_report = evaluation.without_report
+    probes = _probes(segmenter, samples, args) if args.probes and data_sides == "image" else {}
     summary = {
         "dice": round(result.dice, 6),
         "iou": round(result.iou, 6),
@@ -187,6 +192,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "model": segmenter.package.name,
         "threshold": threshold,
         "seconds": round(evaluation.seconds, 2),
+        **probes,
     }
     if args.json:
         print(json.dumps(summary))
@@ -198,7 +204,38 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"mean per-image Dice {result.mean_dice:.4f}  IoU {result.mean_iou:.4f}")
         if args.reports == "given" and without_report:
             print(f"{without_report} images had no report and were guided by the prototype bank")
+        if "steering" in probes:
+            print(f"steering {probes['steering']:.4f} on {probes['steering_n']} bilateral images (1 = a left / right "
+                  f"report puts the whole mask on that side, 0 = the report is ignored)")
+        if "laterality_balanced_accuracy" in probes:
+            recall = ", ".join(f"{k} {v:.2f}" for k, v in probes["laterality_recall"].items())
+            print(f"approximated report laterality: balanced accuracy {probes['laterality_balanced_accuracy']:.4f} "
+                  f"on {probes['laterality_n']} images ({recall}; chance 0.33)")
     return 0
+
+
+def _probes(segmenter: Segmenter, samples: Sequence[Sample], args: argparse.Namespace) -> dict:
+    """The steering and laterality probes (data sets whose reports name the image's sides)."""
+    from .probes import laterality_probe, steering_probe
+
+    figures = {}
+    progress = _Progress("steering probe", enabled=not args.quiet, unit="image")
+    try:
+        steering = steering_probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], samples,
+                                  segmenter.package.config.threshold, segmenter.batch_size, progress=progress)
+    finally:
+        progress.close()
+    if steering.n:
+        figures.update(steering.to_dict())
+    progress = _Progress("laterality probe", enabled=not args.quiet, unit="image")
+    try:
+        laterality = laterality_probe(segmenter.approximated_reports, samples, segmenter.batch_size,
+                                      progress=progress)
+    finally:
+        progress.close()
+    if laterality.n:
+        figures.update(laterality.to_dict())
+    return figures
 
 
 def _benchmark(args: argparse.Namespace) -> int:
@@ -291,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     evaluate.add_argument("--sides", choices=("image", "patient", "none"),
                           help="what left and right mean in the data set's reports (default: its dataset.json)")
+    evaluate.add_argument("--no-probes", dest="probes", action="store_false",
+                          help="skip the steering and laterality probes (run where the data set's reports name the "
+                               "image's sides)")
     evaluate.set_defaults(func=_evaluate)
 
     bench = sub.add_parser("benchmark", parents=[_device_option("cpu"), output],

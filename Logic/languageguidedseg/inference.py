@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ import torch
 
 from .errors import LgsegError
 from .fileio import PathLike
+from .laterality import mask_laterality, report_laterality
 from .network import LanguageGuidedSegNet, fold_batchnorm, fuse_convolutions
 from .package import ModelConfig, ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size
@@ -36,8 +38,10 @@ class SegmentationCancelled(Exception):  # noqa: N818 - a request the user made,
 
 @dataclass
 class Approximation:
-    """The prototype approximation of a report: the nearest prototype report and its similarity, plus the top k.
+    """The prototype approximation of a report: the chosen prototype's report and its similarity, plus the top k.
 
+    Where the model's reports name sides, the most similar prototype whose report agrees with the mask that the
+    approximation produces is chosen (so the text never names a side the mask avoids), else the nearest one.
     Reports are in the ``sides`` convention ("patient", "image", or "none" for models whose reports name no patient
     sides); ``orientation`` says where the image's orientation came from, ``sides_label`` says both in one line.
     """
@@ -144,6 +148,15 @@ class Segmenter:
         segmenter._text_encoder = text_encoder
         return segmenter
 
+    @functools.cached_property
+    def _prototype_sides(self) -> Optional[list[Optional[str]]]:
+        """Laterality of each prototype's report where the model's reports name sides (QaTa scheme): the
+        approximated report is then the most similar prototype that agrees with the mask it produced."""
+        config = self.package.config
+        if config.report_parser != "qata" or len(config.prototype_reports) != self.network.bank.size:
+            return None
+        return [report_laterality(report) for report in config.prototype_reports]
+
     @property
     def text_encoder(self) -> TextEncoder:
         """The package's text encoder, loaded on first use (a run without a report never loads it)."""
@@ -182,8 +195,8 @@ class Segmenter:
 
         ``report`` is one report for every slice, or a sequence of one report per slice (e.g. a batch of different
         images); None or an empty report means the prototype bank guides that slice. Returns the probabilities and,
-        in prototype mode (``report`` None or empty), each slice's nearest prototype and its similarity; with a
-        sequence of reports, slices that had a report get -1 and NaN there.
+        in prototype mode (``report`` None or empty), each slice's approximated report as a prototype index and its
+        similarity (see :class:`Approximation`); with a sequence of reports, slices that had a report get -1 and NaN.
         """
         total = slices.shape[0]
         self._compile_when_worth_it(total)
@@ -205,24 +218,28 @@ class Segmenter:
             batch = slices[start:start + self.batch_size]
             images = prepare_slices(batch, self.preprocess).to(self.device, memory_format=torch.channels_last)
             if per_slice:
-                logits = self._mixed_logits(images, texts[start:start + len(batch)], nearest, similarity)
+                out = self._mixed_forward(images, texts[start:start + len(batch)])
+                logits = out["logits"]
             elif guidance is None:
                 out = self.network(images, return_features=True)
-                logits, query = out["logits"], out["bank_query"]
-                nearest += query.indices[:, 0].tolist()
-                similarity += query.similarities[:, 0].tolist()
+                logits = out["logits"]
             else:
                 tokens, mask = guidance
                 logits = self.network(images, tokens.expand(len(batch), -1, -1), mask.expand(len(batch), -1))
-            probs = restore_size(torch.sigmoid(logits.float()), batch.shape[1:3])
-            probabilities[start:start + len(batch)] = probs.cpu().numpy()
+            probs = restore_size(torch.sigmoid(logits.float()), batch.shape[1:3]).cpu().numpy()
+            probabilities[start:start + len(batch)] = probs
+            if per_slice or guidance is None:
+                bank_rows = [i for i in range(len(batch)) if not per_slice or texts[start + i] is None]
+                ranked = self._rank_prototypes(out["image_features"][bank_rows], probs[bank_rows])
+                best = dict(zip(bank_rows, (pairs[0] for pairs in ranked)))
+                nearest += [best[i][0] if i in best else -1 for i in range(len(batch))]
+                similarity += [best[i][1] if i in best else float("nan") for i in range(len(batch))]
             if progress is not None:
                 progress(min(start + len(batch), total), total)
         return probabilities, nearest, similarity
 
-    def _mixed_logits(self, images: torch.Tensor, texts: list[Optional[str]], nearest: list[int],
-                      similarity: list[float]) -> torch.Tensor:
-        """Logits for a batch where each image has its own report (None: the prototype bank guides it).
+    def _mixed_forward(self, images: torch.Tensor, texts: Sequence[Optional[str]]) -> dict:
+        """The network's outputs for a batch where each image has its own report (None: the prototype bank guides it).
 
         One forward: the network takes report tokens per sample and the bank's tokens where ``use_bank`` is set.
         """
@@ -231,17 +248,32 @@ class Segmenter:
         if not given:
             out = self.network(images, return_features=True)
         else:
-            encoding = self.text_encoder.encode([t for t in texts if t is not None]).to(self.device)
+            encoding = self.text_encoder.encode([str(texts[i]) for i in given]).to(self.device)
             tokens = encoding.tokens.new_zeros((len(texts),) + tuple(encoding.tokens.shape[1:]))
             mask = encoding.mask.new_zeros((len(texts), encoding.mask.shape[1]))
             tokens[given], mask[given] = encoding.tokens, encoding.mask
             mask[use_bank, 0] = True  # a placeholder token; these rows take the bank's tokens instead
             out = self.network(images, tokens, mask, use_bank=use_bank, return_features=True)
-        query = out["bank_query"]
-        for i, bank_row in enumerate(use_bank.tolist()):
-            nearest.append(query.indices[i, 0].item() if bank_row else -1)
-            similarity.append(query.similarities[i, 0].item() if bank_row else float("nan"))
-        return out["logits"]
+        return out
+
+    def _rank_prototypes(self, image_features: torch.Tensor,
+                         probabilities: np.ndarray) -> list[list[tuple[int, float]]]:
+        """Every prototype per slice as (index, similarity), most similar first; where the model's reports name
+        sides, the prototypes whose report agrees with the slice's mask come first (similarity order within)."""
+        if not len(probabilities):
+            return []
+        bank = self.network.bank
+        query = bank.query(self.network.image_embedding(image_features), top_k=bank.size)
+        threshold, sides = self.package.config.threshold, self._prototype_sides
+        ranked = []
+        for indices, sims, slice_probabilities in zip(query.indices.tolist(), query.similarities.tolist(),
+                                                      probabilities):
+            pairs = list(zip(indices, sims))
+            side = mask_laterality(slice_probabilities > threshold) if sides else None
+            if sides and side is not None:
+                pairs.sort(key=lambda pair: sides[pair[0]] != side)  # a stable sort: similarity order within
+            ranked.append(pairs)
+        return ranked
 
     @property
     def report_sides(self) -> str:
@@ -305,6 +337,10 @@ class Segmenter:
         return SegmentationResult(mask, approximated, "prototype", time.perf_counter() - started,
                                   similarity=float(np.mean(sims)), **labels)
 
+    def approximated_reports(self, slices: np.ndarray) -> list[str]:
+        """The approximated report of each slice of a stack ``[N, H, W(, 3)]`` (no report given)."""
+        return [self.prototype_report(index) for index in self.predict_slices(slices)[1]]
+
     def prototype_report(self, index: int) -> str:
         reports = self.package.config.prototype_reports
         return reports[index] if index < len(reports) else f"prototype {index}"
@@ -323,10 +359,11 @@ class Segmenter:
         index = stack.shape[0] // 2 if slice_index is None else slice_index
         if not 0 <= index < stack.shape[0]:
             raise LgsegError(f"slice {index} is outside the image (0..{stack.shape[0] - 1} along axis {axis})")
-        images = prepare_slices(stack[index:index + 1], self.preprocess).to(self.device,
-                                                                             memory_format=torch.channels_last)
-        embedding = self.network.image_embedding(self.network.encoder(images)[-1])
-        query = self.network.bank.query(embedding, top_k=top_k or self.network.bank.top_k)
+        one = stack[index:index + 1]
+        images = prepare_slices(one, self.preprocess).to(self.device, memory_format=torch.channels_last)
+        out = self.network(images, return_features=True)
+        probabilities = restore_size(torch.sigmoid(out["logits"].float()), one.shape[1:3]).cpu().numpy()
+        ranked = self._rank_prototypes(out["image_features"], probabilities)[0][:top_k or self.network.bank.top_k]
         top = [(translate_report(self.prototype_report(i), self.report_sides, sides, orientation), float(s))
-               for i, s in zip(query.indices[0].tolist(), query.similarities[0].tolist())]
+               for i, s in ranked]
         return Approximation(report=top[0][0], similarity=top[0][1], top=top, **self._sides(sides, orientation))

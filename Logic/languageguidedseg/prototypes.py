@@ -121,8 +121,12 @@ def build_bank(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
 
 
 def refresh_keys(bank: PrototypeBank, image_embeddings: torch.Tensor, members: Sequence[Sequence[int]]) -> None:
-    """Recompute each prototype's image key as the mean embedding of its members under the current encoder."""
+    """Recompute each prototype's image key as the mean embedding of its members under the current encoder (a
+    prototype without members keeps its key)."""
     image = nn.functional.normalize(image_embeddings.float(), dim=-1)
-    keys = torch.stack([image[list(m)].mean(0) for m in members])
+    keys = bank.image_keys.detach().cpu().clone()
+    for k, m in enumerate(members):
+        if len(m):
+            keys[k] = nn.functional.normalize(image[list(m)].mean(0), dim=-1)
     with torch.no_grad():
-        bank.image_keys.copy_(nn.functional.normalize(keys, dim=-1).to(bank.image_keys.device))
+        bank.image_keys.copy_(keys.to(bank.image_keys.device))

@@ -31,10 +31,11 @@ def image_embeddings(network: LanguageGuidedSegNet, data: Preloaded, indices: li
 
 @dataclass
 class BankMembers:
-    """Which training samples each prototype was clustered from, and the one whose report it shows."""
+    """Which training samples each prototype was clustered from, the one whose report it shows, and that report."""
 
     members: list[list[int]] = field(default_factory=list)
     representatives: list[int] = field(default_factory=list)
+    reports: list[str] = field(default_factory=list)
 
 
 def fill_bank(network: LanguageGuidedSegNet, data: Preloaded, reports: Reports, clusters_per_class: int, seed: int,
@@ -60,7 +61,20 @@ def fill_bank(network: LanguageGuidedSegNet, data: Preloaded, reports: Reports, 
     keys, values, classes, members, representatives = runtime.broadcast(payload)
     network.bank.fill(keys, values, classes)
     network.config.bank_size = network.bank.size
-    return BankMembers(members, representatives)
+    text_of = {row: report for report, row in reports.index.items()}
+    return BankMembers(members, representatives, [text_of[int(data.report_index[i])] for i in representatives])
+
+
+def join_bank(network: LanguageGuidedSegNet, data: Preloaded, reports: list[str], runtime: Runtime) -> BankMembers:
+    """Members for a bank that came with the network (``init_from``): each training sample with a report joins the
+    prototype with the nearest image key, so that the keys follow the encoder as in a run that clustered its own
+    bank; the prototypes keep their ``reports``."""
+    members: list = [None]
+    if runtime.main:
+        with_report = [i for i, r in enumerate(data.report_index.tolist()) if r >= 0]
+        nearest = network.bank.query(image_embeddings(network, data, with_report, runtime), top_k=1).indices[:, 0]
+        members = [[[s for s, p in zip(with_report, nearest.tolist()) if p == k] for k in range(network.bank.size)]]
+    return BankMembers(runtime.broadcast(members)[0], [], list(reports))
 
 
 def refresh_bank_keys(network: LanguageGuidedSegNet, data: Preloaded, bank: BankMembers, runtime: Runtime) -> None:

@@ -49,6 +49,9 @@ class DataConfig(Config):
     report_parser: Optional[str] = None  # pseudo-labels for the bank: qata, kvasir or none
     limit: Optional[int] = None  # a seeded subset of N training images (and of at most N validation images)
     val_limit: Optional[int] = None
+    # Share of the training samples that have report edits (languageguidedseg.edits: one side of a bilateral QaTa
+    # case, one polyp of a Kvasir case) which train, each epoch, on one of them instead of their own report and mask.
+    report_edits: float = 0.0
     # DataLoader worker processes that augment the next batches; 0 = in the training process; none = 4 per GPU, and
     # on a CPU 1 where a process has two cores or more (see Runtime.loader_workers). Results do not depend on it.
     workers: Optional[int] = None
@@ -119,6 +122,7 @@ class TrainConfig(Config):
     bank: BankConfig = field(default_factory=BankConfig)
     losses: LossWeights = field(default_factory=LossWeights)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    init_from: Optional[str] = None  # a model package folder whose weights and prototype bank start the run
     seed: int = 0
     amp: str = "auto"  # bf16 autocast: auto (on CUDA), bf16, or off
     threads: Optional[int] = None  # CPU threads per process; default: cores / processes

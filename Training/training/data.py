@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from languageguidedseg.data import Sample, apply_text_ratio, load_pair, load_split
+from languageguidedseg.edits import report_edits
 from languageguidedseg.network import masked_mean
 from languageguidedseg.preprocess import PreprocessConfig, prepare_slices
 from languageguidedseg.reports import ReportParser
@@ -69,6 +70,22 @@ class Reports:
                 labels[i] = torch.tensor(parser.parse(report), dtype=torch.bool)
         return cls(index, tokens, mask, mean, labels, encoder.dim)
 
+    def extended(self, reports: list[str], encoder: TextEncoder, parser: Optional[ReportParser]) -> Reports:
+        """These reports plus new ones, appended: the existing rows keep their numbers."""
+        new = sorted(set(reports) - set(self.index))
+        if not new:
+            return self
+        more = Reports.encode(new, encoder, parser)
+        length = max(self.tokens.shape[1], more.tokens.shape[1])
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # [R, L, D] or [R, L] to ``length`` tokens
+            return F.pad(t, (0, 0, 0, length - t.shape[1]) if t.ndim == 3 else (0, length - t.shape[1]))
+
+        index = {**self.index, **{r: len(self.index) + i for r, i in more.index.items()}}
+        return Reports(index, torch.cat([padded(self.tokens), padded(more.tokens)]),
+                       torch.cat([padded(self.mask), padded(more.mask)]), torch.cat([self.pooled, more.pooled]),
+                       torch.cat([self.labels, more.labels]), self.dim)
+
     def rows(self, samples: list[Sample]) -> torch.Tensor:
         """Each sample's report row, -1 where it has none."""
         return torch.tensor([self.index.get(s.report, -1) if s.report else -1 for s in samples], dtype=torch.long)
@@ -90,24 +107,45 @@ class Preloaded:
     images: torch.Tensor  # [N, 3, S, S] float16, normalised
     masks: torch.Tensor  # [N, 1, S, S] bool
     report_index: torch.Tensor  # [N] row in Reports, -1 = no report
+    # Report edits: sample i has edit_count[i] of them from edit_start[i] on; their reports (rows in Reports once
+    # the run has encoded them, edit_report_index) and targets.
+    edit_reports: list[str] = field(default_factory=list)
+    edit_masks: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1, 1, 1, dtype=torch.bool))
+    edit_start: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    edit_count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    edit_report_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.samples)
 
 
 def preload(samples: list[Sample], preprocess: PreprocessConfig, reports: Reports, desc: str,
-            show: bool) -> Preloaded:
+            show: bool, edit_scheme: Optional[str] = None) -> Preloaded:
+    """Network-ready images and masks; with ``edit_scheme`` (a report parser's name) the report edits too, whose
+    reports the caller encodes (:meth:`Reports.extended`) and indexes (``edit_report_index``)."""
     from tqdm import tqdm
 
     size = preprocess.size
     images = torch.empty(len(samples), 3, size, size, dtype=torch.float16)
     masks = torch.empty(len(samples), 1, size, size, dtype=torch.bool)
+    edit_reports, edit_masks, counts = [], [], []
+
+    def resized(mask: np.ndarray) -> torch.Tensor:
+        m = torch.from_numpy(mask.astype(np.float32))[None, None]
+        return F.interpolate(m, size=(size, size), mode="nearest")[0] > 0.5
+
     for i, sample in enumerate(tqdm(samples, desc=desc, disable=not show, file=sys.stderr, leave=False)):
         image, mask = load_pair(sample)
         images[i] = prepare_slices(image[None], preprocess)[0].half()
-        m = torch.from_numpy(mask.astype(np.float32))[None, None]
-        masks[i] = F.interpolate(m, size=(size, size), mode="nearest")[0] > 0.5
-    return Preloaded(samples, images, masks, reports.rows(samples))
+        masks[i] = resized(mask)
+        edits = report_edits(sample.report, mask, edit_scheme) if edit_scheme else []
+        edit_reports += [edit.report for edit in edits]
+        edit_masks += [resized(edit.mask) for edit in edits]
+        counts.append(len(edits))
+    count = torch.tensor(counts, dtype=torch.long)
+    stacked = torch.stack(edit_masks) if edit_masks else torch.zeros(0, 1, size, size, dtype=torch.bool)
+    return Preloaded(samples, images, masks, reports.rows(samples), edit_reports, stacked,
+                     torch.cumsum(count, 0) - count, count)
 
 
 def augmenter(config: AugmentationConfig, size: int) -> Optional[Any]:
@@ -127,19 +165,30 @@ def augmenter(config: AugmentationConfig, size: int) -> Optional[Any]:
 
 @dataclass
 class EpochDraws:
-    """An epoch's random draws per training sample: report dropped (bank guidance instead), augmentation seed."""
+    """An epoch's random draws per training sample: report dropped (bank guidance instead), augmentation seed, and
+    the report edit it trains on (-1: its own report and mask)."""
 
     drop: torch.Tensor  # [N] bool
     augmentation_seeds: torch.Tensor  # [N] int64
+    edit: torch.Tensor  # [N] int64, an index into the Preloaded's edits or -1
 
     @classmethod
-    def draw(cls, seed: int, epoch: int, pool_size: int, count: int, report_dropout: float) -> EpochDraws:
+    def draw(cls, seed: int, epoch: int, pool_size: int, count: int, report_dropout: float,
+             report_edits: float = 0.0, data: Optional[Preloaded] = None) -> EpochDraws:
         generator = torch.Generator().manual_seed(SEED_STRIDE * seed + epoch)
         # The sampler's shuffle of the pool comes first in this stream (DistributedSampler draws it from the same
         # seed); drawing it here too keeps the draws those of the published runs.
         torch.randperm(pool_size, generator=generator)
         drop = torch.rand(count, generator=generator) < report_dropout
-        return cls(drop, torch.randint(0, 2**31 - 1, (count,), generator=generator))
+        seeds = torch.randint(0, 2**31 - 1, (count,), generator=generator)
+        edit = torch.full((count,), -1, dtype=torch.long)
+        if report_edits > 0 and data is not None and len(data.edit_reports):
+            # Drawn after the others, so that a run without edits keeps its draws.
+            chosen = torch.rand(count, generator=generator) < report_edits
+            pick = torch.randint(0, 2**31 - 1, (count,), generator=generator)
+            candidate = data.edit_start + pick % data.edit_count.clamp_min(1)
+            edit = torch.where(chosen & (data.edit_count > 0), candidate, edit)
+        return cls(drop, seeds, edit)
 
 
 class TrainingSet(Dataset[dict[str, Any]]):
@@ -156,7 +205,9 @@ class TrainingSet(Dataset[dict[str, Any]]):
         from monai.utils import convert_to_tensor
 
         i = int(self.pool[position])
-        image, mask = self.data.images[i].float(), self.data.masks[i].float()
+        edit = int(self.draws.edit[i])
+        image = self.data.images[i].float()
+        mask = (self.data.edit_masks[edit] if edit >= 0 else self.data.masks[i]).float()
         if self.transform is not None:
             self.transform.set_random_state(seed=int(self.draws.augmentation_seeds[i]))
             out = self.transform({"image": image, "mask": mask})
@@ -166,14 +217,20 @@ class TrainingSet(Dataset[dict[str, Any]]):
         # Samples without a report, and those whose report was dropped this epoch (once there is a bank), are
         # guided by the prototype bank.
         use_bank = report < 0 or (bool(self.draws.drop[i]) and self.bank_ready)
-        return {"image": image, "mask": (mask > 0.5).float(), "report_index": report, "use_bank": use_bank}
+        # An edited sample is guided by the edit's report (never the bank); report_index stays the case's own, with
+        # which the bank's contrastive term pairs the whole image.
+        guide = int(self.data.edit_report_index[edit]) if edit >= 0 else report
+        return {"image": image, "mask": (mask > 0.5).float(), "report_index": report, "guide_index": guide,
+                "use_bank": use_bank and edit < 0}
 
 
 def epoch_loader(data: Preloaded, epoch: int, seed: int, batch_size: int, report_dropout: float,
-                 transform: Optional[Any], bank_ready: bool, runtime: Runtime, workers: int = 0) -> DataLoader:
-    """The epoch's batches for this process: before the bank exists only samples with reports train."""
+                 transform: Optional[Any], bank_ready: bool, runtime: Runtime, workers: int = 0,
+                 report_edits: float = 0.0) -> DataLoader:
+    """The epoch's batches for this process: before the bank exists only samples with reports train; a share
+    ``report_edits`` of the samples with report edits trains on one of them."""
     pool = torch.nonzero(data.report_index >= 0).flatten() if not bank_ready else torch.arange(len(data))
-    draws = EpochDraws.draw(seed, epoch, len(pool), len(data), report_dropout)
+    draws = EpochDraws.draw(seed, epoch, len(pool), len(data), report_dropout, report_edits, data)
     dataset = TrainingSet(data, pool, draws, transform, bank_ready)
     # Whole steps only, over all processes; a pool smaller than one step still trains one (smaller) step.
     whole_steps = len(pool) >= batch_size * runtime.world

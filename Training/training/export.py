@@ -17,7 +17,7 @@ from languageguidedseg.preprocess import PreprocessConfig, scale_intensity
 from languageguidedseg.text import encoder_version
 
 from .config import TrainConfig
-from .data import Preloaded, Reports
+from .data import Preloaded
 from .runtime import Runtime
 
 
@@ -33,14 +33,13 @@ def model_config(config: TrainConfig) -> ModelConfig:
     )
 
 
-def save_model(output: Path, network: LanguageGuidedSegNet, config: TrainConfig, *, reports: Reports,
-               train: Preloaded, val_images: int, representatives: list[int], metrics: dict[str, Any], epoch: int,
-               command: str, runtime: Runtime) -> None:
+def save_model(output: Path, network: LanguageGuidedSegNet, config: TrainConfig, *, train: Preloaded, val_images: int,
+               prototype_reports: list[str], metrics: dict[str, Any], epoch: int, command: str,
+               runtime: Runtime) -> None:
     """The model package: weights, the bank's representative reports, provenance and validation metrics."""
-    text_of = {row: report for report, row in reports.index.items()}
     model = dataclasses.replace(
         model_config(config),
-        prototype_reports=[text_of[int(train.report_index[i])] for i in representatives],
+        prototype_reports=list(prototype_reports),
         training={"command": command, "config": config.to_dict(), "epoch": epoch + 1, "data": config.data.path,
                   "data_citation": config.package.data_citation, "train_images": len(train),
                   "train_reports": int((train.report_index >= 0).sum()), "val_images": val_images,
@@ -71,7 +70,7 @@ def _pyplot():
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Training loss terms and validation Dice (both modes) per epoch."""
+    """Training loss terms, validation Dice (both modes) and the probes (where measured) per epoch."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(11, 4))
@@ -79,9 +78,11 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax_loss.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=key[6:])
     ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss", yscale="log")
     ax_loss.legend(fontsize=8)
-    for key, label in (("val_report_dice", "with report"), ("val_prototype_dice", "without report (bank)")):
-        ax_dice.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=label)
-    ax_dice.set(xlabel="epoch", ylabel="micro Dice", title="validation Dice")
+    for key, label in (("val_report_dice", "with report"), ("val_prototype_dice", "without report (bank)"),
+                       ("val_steering", "steering probe"), ("val_laterality", "laterality (balanced accuracy)")):
+        if any(key in row for row in history):
+            ax_dice.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=label)
+    ax_dice.set(xlabel="epoch", ylabel="micro Dice / probe", title="validation")
     ax_dice.legend(fontsize=8)
     ax_dice.grid(alpha=0.3)
     fig.tight_layout()

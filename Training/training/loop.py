@@ -20,12 +20,14 @@ from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import Segmenter
 from languageguidedseg.losses import SegmentationLoss, pseudo_label_positives
 from languageguidedseg.network import LanguageGuidedSegNet
+from languageguidedseg.package import load_package
+from languageguidedseg.probes import laterality_probe, steering_probe
 from languageguidedseg.reports import get_parser
 from languageguidedseg.text import TextEncoder
 
 from . import export
-from .bank import BankMembers, fill_bank, refresh_bank_keys
-from .config import NOT_SHAPING_RESULTS, TrainConfig, flatten
+from .bank import BankMembers, fill_bank, join_bank, refresh_bank_keys
+from .config import NOT_SHAPING_RESULTS, REPO_ROOT, TrainConfig, flatten
 from .data import Reports, augmenter, epoch_loader, load_samples, preload
 from .optim import build_optimizer, replace_parameter, warmup_cosine
 from .runtime import Runtime
@@ -62,14 +64,21 @@ class Trainer:
         c.data.report_sides()  # a data set that does not say what its left and right mean stops the run here
         train, val = load_samples(c.data, c.seed)
         self.text_encoder = TextEncoder(c.text_encoder)
-        self.reports = Reports.encode([s.report for s in train + val if s.report], self.text_encoder,
-                                      get_parser(c.data.report_parser))
-        self.train = preload(train, c.preprocessing, self.reports, "loading train", show)
+        parser = get_parser(c.data.report_parser)
+        self.reports = Reports.encode([s.report for s in train + val if s.report], self.text_encoder, parser)
+        edit_scheme = c.data.report_parser if c.data.report_edits > 0 else None
+        self.train = preload(train, c.preprocessing, self.reports, "loading train", show, edit_scheme)
+        if self.train.edit_reports:
+            self.reports = self.reports.extended(self.train.edit_reports, self.text_encoder, parser)
+            self.train.edit_report_index = torch.tensor([self.reports.index[r] for r in self.train.edit_reports])
+        # The steering and laterality probes run on data sets whose reports name the image's sides.
+        self.probes = c.data.report_sides() == "image"
         # Validation reads the images as lgseg evaluate does (scored on their own grid), kept in memory.
         self.val = val
         self.val_pairs = {s: load_pair(s) for s in tqdm(val, desc="loading val", disable=not show, file=sys.stderr,
                                                           leave=False)}
-        self.runtime.log(f"{len(train)} training images ({sum(s.report is not None for s in train)} with reports), "
+        self.runtime.log(f"{len(train)} training images ({sum(s.report is not None for s in train)} with reports, "
+                         f"{int((self.train.edit_count > 0).sum())} with report edits), "
                          f"{len(val)} validation images, {len(self.reports.index)} distinct reports")
 
     def steps_per_epoch(self) -> int:
@@ -85,6 +94,21 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, c.optimisation, self.steps_per_epoch())
         self.criterion = SegmentationLoss(c.losses)
         self._wrap()
+
+    def init_from(self, folder: str) -> None:
+        """Start from a model package's weights and prototype bank (``init_from``: fine-tuning)."""
+        path = Path(folder).expanduser()
+        package = load_package(path if path.is_absolute() else REPO_ROOT / path)
+        if package.config.text_encoder != self.config.text_encoder:
+            raise LgsegError(f"init_from model '{folder}' uses the text encoder '{package.config.text_encoder}', "
+                             f"this config '{self.config.text_encoder}'; use the same text_encoder")
+        self.build(package.config.network.bank_size)
+        if self.network.config != package.config.network:
+            raise LgsegError(f"init_from model '{folder}' has another network than this config's network: section; "
+                             "copy its network settings into the config")
+        self.network.load_state_dict(package.state_dict)
+        self.bank = join_bank(self.network, self.train, package.config.prototype_reports, self.runtime)
+        self.runtime.log(f"initialised from {folder} (prototype bank: {self.network.bank.size} prototypes)")
 
     def _wrap(self) -> None:
         self.model: torch.nn.Module = TrainStep(self.network, self.criterion)
@@ -113,7 +137,7 @@ class Trainer:
         transform = augmenter(c.augmentation, c.preprocessing.size)
         workers = runtime.loader_workers(c.data.workers, augmenting=transform is not None)
         loader = epoch_loader(self.train, epoch, c.seed, c.optimisation.batch_size, c.optimisation.report_dropout,
-                              transform, bank_ready, runtime, workers)
+                              transform, bank_ready, runtime, workers, c.data.report_edits)
         self.network.train()
         totals: dict[str, float] = {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.optimisation.epochs}{'' if bank_ready else ' (bank warm-up)'}",
@@ -135,7 +159,7 @@ class Trainer:
         images = batch["image"].to(device, memory_format=torch.channels_last)
         masks = batch["mask"].to(device)
         report_index = batch["report_index"]
-        tokens, token_mask = self.reports.guidance(report_index)
+        tokens, token_mask = self.reports.guidance(batch["guide_index"])
         has_report = report_index >= 0
         positives = pseudo_label_positives(self.reports.labels[report_index.clamp_min(0)], has_report,
                                            report_index[:, None] == report_index[None, :])
@@ -153,7 +177,8 @@ class Trainer:
     def validate(self, keep: int = 0) -> tuple[dict[str, float], dict[str, list[np.ndarray]]]:
         """Micro Dice/IoU on the validation split with reports and without (prototype bank), with the engine's
         evaluation (the same as ``lgseg evaluate``); the first ``keep`` predictions of each mode for the figure."""
-        config = dataclasses.replace(export.model_config(self.config), network=self.network.config)
+        config = dataclasses.replace(export.model_config(self.config), network=self.network.config,
+                                     prototype_reports=self.bank.reports)
         segmenter = Segmenter.from_network(self.network, config, self.runtime.device, self.text_encoder)
         # Before the bank exists, only the images with a report can be segmented.
         has_bank = self.network.bank.size > 0
@@ -171,9 +196,23 @@ class Trainer:
                 results.update({f"val_{mode}_dice": s.dice, f"val_{mode}_iou": s.iou,
                                 f"val_{mode}_mean_dice": s.mean_dice, f"val_{mode}_mean_iou": s.mean_iou})
                 kept[mode] = evaluation.predictions
+            if self.probes and has_bank:
+                results.update(self.run_probes(segmenter))
         finally:
             self.network.train()
         return results, kept
+
+    def run_probes(self, segmenter: Segmenter) -> dict[str, float]:
+        """The steering probe and the approximated report's laterality on the validation split (probes.py)."""
+        results = {}
+        steering = steering_probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], self.val,
+                                  segmenter.package.config.threshold, segmenter.batch_size)
+        if steering.n:
+            results["val_steering"] = steering.steering
+        laterality = laterality_probe(segmenter.approximated_reports, self.val, segmenter.batch_size)
+        if laterality.n:
+            results["val_laterality"] = laterality.balanced_accuracy
+        return results
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
@@ -185,7 +224,8 @@ class Trainer:
         state = {"epoch": epoch, "best": best, "history": history, "bank_size": self.network.bank.size,
                  "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "members": self.bank.members,
-                 "representatives": self.bank.representatives, "config": self.config.to_dict()}
+                 "representatives": self.bank.representatives, "prototype_reports": self.bank.reports,
+                 "config": self.config.to_dict()}
         with atomic_path(self.checkpoint_path()) as tmp:
             torch.save(state, tmp)
 
@@ -204,7 +244,7 @@ class Trainer:
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.bank = BankMembers(state["members"], state["representatives"])
+        self.bank = BankMembers(state["members"], state["representatives"], state["prototype_reports"])
         return state["epoch"] + 1, state["best"], state["history"]
 
     # -- the run -------------------------------------------------------------------------------------------------
@@ -217,7 +257,10 @@ class Trainer:
             start, best, history = self.load_checkpoint()
             runtime.log(f"resuming after epoch {start} of {c.optimisation.epochs}")
         else:
-            self.build(bank_size=0)
+            if c.init_from:
+                self.init_from(c.init_from)
+            else:
+                self.build(bank_size=0)
             start, best, history = 0, -1.0, []
         epochs = c.optimisation.epochs
         end = epochs if stop_after is None else min(epochs, start + stop_after)
@@ -249,8 +292,8 @@ class Trainer:
         score = float(np.mean(dice)) if dice else -1.0
         if score > best and self.network.bank.size:
             best = score
-            export.save_model(self.output, self.network, self.config, reports=self.reports, train=self.train,
-                              val_images=len(self.val), representatives=self.bank.representatives, metrics=row,
+            export.save_model(self.output, self.network, self.config, train=self.train,
+                              val_images=len(self.val), prototype_reports=self.bank.reports, metrics=row,
                               epoch=epoch, command=self.command, runtime=self.runtime)
         export.write_log(history, self.run_dir)
         cases = [self.val_pairs[s] for s in self.val_cases]

@@ -1,0 +1,118 @@
+"""Probes of the report loop, for data sets whose reports name the image's sides (QaTa: ``report_sides: image``).
+
+- **Steering** (:func:`steering_probe`): does editing the report move the mask? On the bilateral cases, each image
+  is segmented once with :data:`LEFT_REPORT` and once with :data:`RIGHT_REPORT`; the figure is the mean over images
+  of the left report's mask share in the left image half minus the right report's (1 = the mask follows the
+  report completely, 0 = the text is ignored). An empty mask has no side and counts as a share of 0.5.
+- **Laterality** (:func:`laterality_probe`): does the approximated report (no report given) name the sides that
+  the true report names? Balanced accuracy over bilateral / left / right (chance 1/3); an approximated report that
+  names no side counts as wrong.
+
+Both take plain callables, so they run on a :class:`~languageguidedseg.inference.Segmenter` (``lgseg evaluate``)
+or on a network in training: ``predict(images, reports) -> probabilities`` and ``approximate(images) -> reports``,
+where ``images`` is a stack ``[N, H, W(, 3)]`` of one data set's images of one size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from .data import Sample, load_pair
+from .laterality import LATERALITIES, left_share, report_laterality
+
+LEFT_REPORT = "unilateral pulmonary infection, one infected area, middle lower left lung."
+RIGHT_REPORT = "unilateral pulmonary infection, one infected area, middle lower right lung."
+
+Predict = Callable[[np.ndarray, Sequence[Optional[str]]], np.ndarray]
+Approximate = Callable[[np.ndarray], Sequence[str]]
+ProgressCallback = Callable[[int, int], None]  # (images done, images in all), as the engine's other loops
+
+
+@dataclass
+class SteeringResult:
+    """Mean left-report minus right-report left-half share over ``n`` bilateral images."""
+
+    steering: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return {"steering": round(self.steering, 4), "steering_n": self.n}
+
+
+@dataclass
+class LateralityResult:
+    """Balanced accuracy of the approximated report's laterality, the recall per true class and the counts."""
+
+    balanced_accuracy: float
+    recall: dict[str, float]
+    n: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"laterality_balanced_accuracy": round(self.balanced_accuracy, 4),
+                "laterality_recall": {k: round(v, 4) for k, v in self.recall.items()},
+                "laterality_n": self.n}
+
+
+def bilateral_cases(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples whose report names both sides."""
+    return [s for s in samples if report_laterality(s.report) == "bilateral"]
+
+
+def steering_probe(predict: Predict, samples: Sequence[Sample], threshold: float = 0.5, batch_size: int = 16,
+                   progress: Optional[ProgressCallback] = None) -> SteeringResult:
+    """The steering figure on the bilateral cases among ``samples`` (see the module docstring)."""
+    cases = bilateral_cases(samples)
+    differences: list[float] = []
+    for chunk, images in _image_batches(cases, batch_size):
+        shares = []
+        for report in (LEFT_REPORT, RIGHT_REPORT):
+            probabilities = predict(images, [report] * len(chunk))
+            shares.append([_side_share(p > threshold) for p in probabilities])
+        differences += [left - right for left, right in zip(*shares)]
+        if progress is not None:
+            progress(len(differences), len(cases))
+    return SteeringResult(float(np.mean(differences)) if differences else float("nan"), len(differences))
+
+
+def laterality_probe(approximate: Approximate, samples: Sequence[Sample], batch_size: int = 16,
+                     progress: Optional[ProgressCallback] = None) -> LateralityResult:
+    """Balanced accuracy of the approximated reports' laterality against the true reports' (samples whose true
+    report names no side are left out)."""
+    truths = {s.id: report_laterality(s.report) for s in samples}
+    cases = [s for s in samples if truths[s.id] is not None]
+    hits = {c: 0 for c in LATERALITIES}
+    counts = {c: 0 for c in LATERALITIES}
+    done = 0
+    for chunk, images in _image_batches(cases, batch_size):
+        for sample, approximated in zip(chunk, approximate(images)):
+            truth = str(truths[sample.id])
+            counts[truth] += 1
+            hits[truth] += int(report_laterality(approximated) == truth)
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(cases))
+    recall = {c: hits[c] / counts[c] for c in LATERALITIES if counts[c]}
+    balanced = float(np.mean(list(recall.values()))) if recall else float("nan")
+    return LateralityResult(balanced, recall, sum(counts.values()), counts)
+
+
+def _side_share(mask: np.ndarray) -> float:
+    share = left_share(mask)
+    return 0.5 if np.isnan(share) else share
+
+
+def _image_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[list[Sample], np.ndarray]]:
+    """Chunks of samples with their images stacked; images of one shape go together (a chunk may be split)."""
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        images = [load_pair(sample)[0] for sample in chunk]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(image.shape, []).append(index)
+        for indices in groups.values():
+            yield [chunk[i] for i in indices], np.stack([images[i] for i in indices])

@@ -1,0 +1,140 @@
+"""Report edits, laterality of reports and masks, and the steering / laterality probes on real data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import QATA_REPORT
+from languageguidedseg.data import load_pair, load_split
+from languageguidedseg.edits import kvasir_edits, qata_edits, report_edits
+from languageguidedseg.laterality import left_share, mask_laterality, report_laterality
+from languageguidedseg.probes import LEFT_REPORT, RIGHT_REPORT, laterality_probe, steering_probe
+
+
+@pytest.mark.parametrize("text, expected", [
+    (QATA_REPORT, "bilateral"),
+    ("unilateral pulmonary infection, one infected area, lower left lung.", "left"),
+    ("unilateral pulmonary infection, one infected area, all right lung.", "right"),
+    ("bilateral pulmonary infection.", "bilateral"),
+    ("pulmonary infection.", None),
+    (None, None),
+])
+def test_report_laterality(text, expected):
+    assert report_laterality(text) == expected
+
+
+def test_mask_sides():
+    mask = np.zeros((100, 101), dtype=bool)
+    assert np.isnan(left_share(mask)) and mask_laterality(mask) is None
+    mask[40:60, 5:30] = True
+    assert left_share(mask) == 1.0 and mask_laterality(mask) == "left"
+    mask[40:42, 80:82] = True  # a speck on the other side does not make it bilateral
+    assert mask_laterality(mask) == "left"
+    mask[40:60, 70:95] = True
+    assert mask_laterality(mask) == "bilateral"
+    mask[:, :50] = False
+    assert left_share(mask) == 0.0 and mask_laterality(mask) == "right"
+    middle = np.zeros((4, 5), dtype=bool)
+    middle[:, 2] = True  # the middle column of an odd width is split between the halves
+    assert left_share(middle) == 0.5
+
+
+def test_qata_edit_names_one_side_and_keeps_its_half_of_the_mask():
+    mask = np.zeros((224, 224), dtype=bool)
+    mask[150:200, 20:90] = True
+    mask[100:200, 130:200] = True
+    report = "bilateral pulmonary infection, two infected areas, lower left lung and middle lower right lung."
+    left, right = qata_edits(report, mask)
+    assert left.report == "unilateral pulmonary infection, one infected area, lower left lung."
+    assert right.report == "unilateral pulmonary infection, one infected area, middle lower right lung."
+    assert report_laterality(left.report) == "left" and report_laterality(right.report) == "right"
+    assert np.array_equal(left.mask | right.mask, mask) and not (left.mask & right.mask).any()
+    assert left.mask[:, 112:].sum() == 0 and right.mask[:, :112].sum() == 0
+    all_left = qata_edits("bilateral pulmonary infection, two infected areas, all left lung and lower right lung.",
+                          mask)[0]
+    assert all_left.report == "unilateral pulmonary infection, one infected area, all left lung."
+    # A unilateral case, a case without a report and other schemes have no edits.
+    assert qata_edits(left.report, mask) == []
+    assert report_edits(None, mask, "qata") == [] and report_edits(report, mask, None) == []
+
+
+def test_qata_edits_on_real_training_cases(qata):
+    samples = [s for s in load_split(qata, "train", validate=False)[:60] if report_laterality(s.report)]
+    with_edits = 0
+    for sample in samples:
+        _, mask = load_pair(sample)
+        edits = report_edits(sample.report, mask, "qata")
+        with_edits += bool(edits)
+        assert bool(edits) == (report_laterality(sample.report) == "bilateral" and mask.any())
+        for edit in edits:
+            assert edit.mask.shape == mask.shape and not (edit.mask & ~mask).any()
+            assert left_share(edit.mask) == {"left": 1.0, "right": 0.0}[report_laterality(edit.report)]
+    assert with_edits > 20
+
+
+def test_kvasir_edit_describes_one_polyp():
+    mask = np.zeros((256, 256), dtype=bool)
+    mask[10:40, 10:40] = True  # small, top left
+    mask[150:250, 150:250] = True  # medium, bottom right
+    edits = kvasir_edits("two small, medium white round polyp, located in top left, bottom right of the image", mask)
+    assert [e.report for e in edits] == ["one small white round polyp, located in top left of the image",
+                                         "one medium white round polyp, located in bottom right of the image"]
+    assert edits[0].mask.sum() == 900 and edits[1].mask.sum() == 10000
+    # As many components as counted polyps, or no edit; single polyps have none.
+    assert kvasir_edits("three small white round polyp, located in top left of the image", mask) == []
+    assert kvasir_edits("one small white round polyp, located in top left of the image", mask) == []
+
+
+def test_kvasir_edits_on_real_training_cases(kvasir):
+    found = 0
+    for sample in load_split(kvasir, "train", validate=False):
+        if sample.report and not sample.report.startswith("one"):
+            _, mask = load_pair(sample)
+            for edit in report_edits(sample.report, mask, "kvasir"):
+                found += 1
+                assert edit.report.startswith("one ") and "located in" in edit.report
+                assert edit.mask.any() and not (edit.mask & ~mask).any()
+    assert found >= 20
+
+
+def _side_predict(follow_text: bool):
+    """A predictor whose mask covers the half the report names (or, ignoring the text, the whole image)."""
+    def predict(images, reports):
+        out = np.zeros(images.shape[:3], dtype=np.float32)
+        half = images.shape[2] // 2
+        for i, report in enumerate(reports):
+            side = report_laterality(report) if follow_text else "bilateral"
+            if side in ("left", "bilateral"):
+                out[i, :, :half] = 1
+            if side in ("right", "bilateral"):
+                out[i, :, half:] = 1
+        return out
+    return predict
+
+
+def test_steering_probe_is_one_when_the_mask_follows_the_text_and_zero_when_it_ignores_it(qata):
+    samples = load_split(qata, "val", validate=False)[:12]
+    followed = steering_probe(_side_predict(True), samples)
+    ignored = steering_probe(_side_predict(False), samples)
+    assert followed.n == ignored.n == sum(report_laterality(s.report) == "bilateral" for s in samples) > 0
+    assert followed.steering == 1.0 and ignored.steering == 0.0
+    assert report_laterality(LEFT_REPORT) == "left" and report_laterality(RIGHT_REPORT) == "right"
+
+
+def test_laterality_probe_is_balanced_accuracy(qata):
+    samples = [s for s in load_split(qata, "val", validate=False) if report_laterality(s.report)][:40]
+    truth = {s.id: s.report for s in samples}
+    order = iter(samples)
+
+    def always_bilateral(images):
+        return [QATA_REPORT] * len(images)
+
+    result = laterality_probe(always_bilateral, samples, batch_size=8)
+    assert result.n == 40 and result.recall["bilateral"] == 1.0
+    assert result.balanced_accuracy == pytest.approx(1 / len(result.recall))
+
+    def the_true_report(images):
+        return [truth[next(order).id] for _ in range(len(images))]
+
+    assert laterality_probe(the_true_report, samples, batch_size=8).balanced_accuracy == 1.0
