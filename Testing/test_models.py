@@ -110,7 +110,7 @@ def test_qata_approximated_report_agrees_with_its_mask(qata):
         if side is not None:
             checked += 1
             assert report_laterality(result.report) == side, (sample.id, result.report)
-        approximation = segmenter.approximate(image, top_k=3)
+        approximation = segmenter.approximate(image, top_k=3, sides="image")
         assert approximation.report == result.report and approximation.similarity == pytest.approx(result.similarity)
         assert len(approximation.top) == 3
     assert checked >= 8
