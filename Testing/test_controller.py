@@ -92,6 +92,21 @@ def _scene_state(scene, parameters):
     return ids, mrml.segment_mask(node, segment_id, parameters.inputVolume)
 
 
+def _assert_cancel_leaves_scene(controller, events, scene, parameters, report, timeout):
+    """A run cancelled at once reports "cancelled", no result, and leaves the segment as it was (returned)."""
+    before = _scene_state(scene, parameters)
+    events.clear()
+    controller.set_report(report)
+    controller.run()
+    controller.cancel()
+    controller.wait(timeout)
+    assert "cancelled" in _names(events) and "result" not in _names(events)
+    ids, mask = _scene_state(scene, parameters)
+    assert ids == before[0]
+    np.testing.assert_array_equal(mask, before[1])
+    return before
+
+
 def test_importing_the_controller_needs_neither_slicer_nor_torch():
     """The engine's controller imports without slicer, VTK or torch; MRML use without slicer is a one-line error."""
     script = """
@@ -166,17 +181,7 @@ def test_cancel_and_failure_leave_the_scene_unchanged(scene, segmenter, tmp_path
     controller, events = _controller(parameters, segmenter)
     controller.run()
     controller.wait(120)
-    before = _scene_state(scene, parameters)
-
-    events.clear()
-    controller.set_report("right lower lobe")
-    controller.run()
-    controller.cancel()
-    controller.wait(120)
-    assert "cancelled" in _names(events) and "result" not in _names(events)
-    ids, mask = _scene_state(scene, parameters)
-    assert ids == before[0]
-    np.testing.assert_array_equal(mask, before[1])
+    before = _assert_cancel_leaves_scene(controller, events, scene, parameters, "right lower lobe", 120)
 
     # A failing run (a model that does not exist): the error is reported, nothing is written.
     events.clear()
@@ -454,16 +459,7 @@ def test_report_loop_in_a_worker_process_runs_while_the_gui_thread_holds_the_gil
     assert controller.last_result.report == "right lower lobe" and controller.last_result.report_source == "given"
 
     parameters.scope = "volume"
-    before = _scene_state(scene, parameters)
-    events.clear()
-    controller.set_report("left upper lobe")
-    controller.run()
-    controller.cancel()
-    controller.wait(60)
-    assert "cancelled" in _names(events) and "result" not in _names(events)
-    ids, mask = _scene_state(scene, parameters)
-    assert ids == before[0]
-    np.testing.assert_array_equal(mask, before[1])
+    before = _assert_cancel_leaves_scene(controller, events, scene, parameters, "left upper lobe", 60)
 
     events.clear()
     parameters.model = str(scene.GetURL() or "/no/such/model-folder")
