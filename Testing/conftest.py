@@ -77,6 +77,22 @@ def kvasir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def distilbert_encoder(tmp_path_factory) -> Path:
+    """A small random DistilBERT folder with the default encoder's tokenizer: a text encoder that is not a plain
+    BERT, so it loads through transformers."""
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    from languageguidedseg.text import DEFAULT_TEXT_ENCODER, resolve_encoder_path
+
+    folder = tmp_path_factory.mktemp("distilbert")
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(dim=64, hidden_dim=128, n_layers=2, n_heads=2)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_encoder_path(DEFAULT_TEXT_ENCODER)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A small random-weight model package with a 6-prototype bank (what a real package holds, untrained)."""
     import torch

@@ -45,7 +45,8 @@ def test_loading_and_running_a_model_leave_threads_and_the_fusion_flag_alone(tin
 
 
 @pytest.mark.parametrize("enabled", [False, True])
-def test_loading_the_text_encoder_leaves_the_progress_bar_and_log_level_alone(enabled):
+def test_loading_the_text_encoder_leaves_the_progress_bar_and_log_level_alone(enabled, distilbert_encoder):
+    """Through transformers (an encoder that is not a plain BERT), loading changes its settings only for a while."""
     from transformers.utils import logging as hf_logging
 
     from languageguidedseg.text import TextEncoder
@@ -54,7 +55,7 @@ def test_loading_the_text_encoder_leaves_the_progress_bar_and_log_level_alone(en
     was = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
     try:
-        TextEncoder()
+        TextEncoder(str(distilbert_encoder))
         assert hf_logging.is_progress_bar_enabled() is enabled
         assert hf_logging.get_verbosity() == verbosity
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,14 @@ import torch
 from conftest import QATA_REPORT
 from languageguidedseg.errors import LgsegError
 from languageguidedseg.network import masked_mean
-from languageguidedseg.text import MAX_TOKENS, TextEncoder, encoder_version, normalize_report
+from languageguidedseg.text import (
+    DEFAULT_TEXT_ENCODER,
+    MAX_TOKENS,
+    TextEncoder,
+    encoder_version,
+    normalize_report,
+    resolve_encoder_path,
+)
 
 LONG_REPORT = " ".join([QATA_REPORT] * 6)  # about 120 tokens
 
@@ -82,8 +90,9 @@ def test_long_report_truncated_with_warning(encoder):
     assert encoding.tokens.shape == (1, MAX_TOKENS, 384) and encoding.mask.all()
     assert QATA_REPORT not in str(record[0].message)  # the report text is never echoed
     # A report of exactly the maximum length is not truncated and gives no warning.
-    ids = encoder.tokenizer(LONG_REPORT, add_special_tokens=False)["input_ids"][: MAX_TOKENS - 2]
-    exact = encoder.tokenizer.decode(ids)
+    words = LONG_REPORT.split()
+    exact = next(" ".join(words[:n]) for n in range(len(words), 0, -1)
+                 if len(encoder._tokenize([" ".join(words[:n])], MAX_TOKENS + 1)["input_ids"][0]) == MAX_TOKENS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert encoder.encode([exact]).tokens.shape[1] == MAX_TOKENS
@@ -92,3 +101,45 @@ def test_long_report_truncated_with_warning(encoder):
 def test_unknown_encoder_is_a_user_error(tmp_path):
     with pytest.raises(LgsegError, match="cannot load text encoder"):
         TextEncoder(str(tmp_path))  # an empty folder is no Hugging Face model
+
+
+def _reports(folder: Path) -> list[str]:
+    return sorted({" ".join(p.read_text(encoding="utf-8").split()) for p in (folder / "reports").glob("*.txt")} - {""})
+
+
+def test_native_bert_equals_transformers(encoder, qata, kvasir):
+    """The default encoder loads without transformers; its token ids and features are those of transformers'
+    BertModel on every distinct report of both data sets (ids) and on a sample of them (features)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    assert encoder._native
+    reports = _reports(qata) + _reports(kvasir) + [LONG_REPORT, "Ünïcode façade — 12mm polyp; L/R?", "left lung"]
+    path = resolve_encoder_path(DEFAULT_TEXT_ENCODER)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    for start in range(0, len(reports), 512):
+        chunk = reports[start:start + 512]
+        ours = encoder._tokenize(chunk, MAX_TOKENS)
+        theirs = tokenizer(chunk, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        assert torch.equal(ours["input_ids"], theirs["input_ids"])
+        assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+    sample = reports[::max(1, len(reports) // 200)] + reports[-3:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long report's truncation warning
+        encoding = encoder.encode(sample)
+    batch = tokenizer(sample, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state * batch["attention_mask"][..., None]
+    assert torch.equal(encoding.mask, batch["attention_mask"].bool())
+    torch.testing.assert_close(encoding.tokens, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_other_architectures_load_through_transformers(distilbert_encoder):
+    """A folder that is not a plain BERT loads with transformers' AutoModel and encodes like it."""
+    from transformers import AutoModel, AutoTokenizer
+
+    other = TextEncoder(str(distilbert_encoder))
+    assert not other._native and other.dim == 64
+    batch = AutoTokenizer.from_pretrained(distilbert_encoder)(["left lung"], return_tensors="pt")
+    with torch.no_grad():
+        expected = AutoModel.from_pretrained(distilbert_encoder)(**batch).last_hidden_state
+    torch.testing.assert_close(other.encode(["left lung"]).tokens, expected)

@@ -13,7 +13,7 @@ from .ParameterNode import LanguageGuidedSegParameterNode
 # The engine's torch requirement (pyproject.toml); checked against an installed torch before the first run.
 TORCH_REQUIREMENT = ">=2.1"
 # What a run imports, beyond the engine itself (torch, the network's blocks, the weights' format, the text encoder).
-RUNTIME_MODULES = ("torch", "monai", "safetensors", "transformers")
+RUNTIME_MODULES = ("torch", "monai", "safetensors", "tokenizers", "transformers")
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .errors import LgsegError
 
@@ -74,43 +74,48 @@ def encoder_version(name: str) -> str:
 class TextEncoder:
     """A frozen Hugging Face encoder that returns contextual token features for reports.
 
-    ``encode`` caches the features per report, so re-running with an unchanged report costs no text encoding.
+    Plain BERT folders (the default encoder among them) load with :mod:`languageguidedseg.bert`, without importing
+    ``transformers`` (start-up time); other models load with ``transformers``' ``AutoModel``. ``encode`` caches the
+    features per report, so re-running with an unchanged report costs no text encoding.
     """
 
     def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_tokens: int = MAX_TOKENS, cache_size: int = 4096,
                  device: torch.device | str = "cpu"):
         import torch
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+
+        from .bert import load_bert
 
         self.name = name
         self.max_tokens = max_tokens
         self.device = torch.device(device)
         path = resolve_encoder_path(name)
-        local_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
-        verbosity = hf_logging.get_verbosity()
-        progress_bar = hf_logging.is_progress_bar_enabled()
-        # Keep "unused weights" chatter and the weight-loading progress bar off the console while loading, then
-        # leave both settings as the process had them (inside Slicer they belong to every extension).
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-            self.model = AutoModel.from_pretrained(path, local_files_only=local_only)
-        except (OSError, ValueError) as exc:
-            raise LgsegError(
-                f"cannot load text encoder '{name}': give a local folder with a Hugging Face model "
-                f"(config.json, tokenizer and weights) or an id already in the Hugging Face cache"
-            ) from exc
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if progress_bar:
-                hf_logging.enable_progress_bar()
+        bert = load_bert(path) if Path(path).is_dir() else None
+        self._native = bert is not None  # tokenizers + languageguidedseg.bert rather than transformers
+        self.tokenizer: Any
+        self.model: Any
+        if bert is not None:
+            self.tokenizer, self.model = bert
+            self.dim = self.model.word_embeddings.embedding_dim
+        else:
+            self.tokenizer, self.model = _load_transformers(name, path)
+            self.dim = int(self.model.config.hidden_size)
         self.model.eval().requires_grad_(False).to(self.device)
-        self.dim = int(self.model.config.hidden_size)
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
         self.encoded_count = 0  # how many reports actually went through the encoder (cache misses)
+
+    def _tokenize(self, reports: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` ``[N, L]``, padded to the longest report, at most ``max_length``."""
+        import torch
+
+        if self._native:
+            self.tokenizer.enable_truncation(max_length=max_length)
+            self.tokenizer.enable_padding()
+            encodings = self.tokenizer.encode_batch(reports)
+            return {"input_ids": torch.tensor([e.ids for e in encodings]),
+                    "attention_mask": torch.tensor([e.attention_mask for e in encodings])}
+        batch = self.tokenizer(reports, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def _encode_uncached(self, reports: Sequence[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         import torch
@@ -118,17 +123,17 @@ class TextEncoder:
         with torch.inference_mode():
             # One token more than allowed shows whether a report is too long, without tokenising all of a very long
             # text (which would also make transformers print its own "sequence length" warning).
-            batch = self.tokenizer(list(reports), padding=True, truncation=True, max_length=self.max_tokens + 1,
-                                   return_tensors="pt")
-            lengths = batch["attention_mask"].sum(1)
-            if int(lengths.max()) > self.max_tokens:
+            batch = self._tokenize(list(reports), self.max_tokens + 1)
+            if int(batch["attention_mask"].sum(1).max()) > self.max_tokens:
                 # Truncation keeps the first tokens; the report text itself is never echoed (it may identify a
                 # patient).
                 warnings.warn(f"a report is longer than {self.max_tokens} tokens and was truncated", stacklevel=2)
-                batch = self.tokenizer(list(reports), padding=True, truncation=True, max_length=self.max_tokens,
-                                       return_tensors="pt")
+                batch = self._tokenize(list(reports), self.max_tokens)
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            hidden = self.model(**batch).last_hidden_state.float()
+            if self._native:
+                hidden = self.model(batch["input_ids"], batch["attention_mask"]).float()
+            else:
+                hidden = self.model(**batch).last_hidden_state.float()
             self.encoded_count += len(reports)
             out = []
             for i in range(len(reports)):
@@ -165,3 +170,29 @@ class TextEncoder:
             mask[i, : f.shape[0]] = True
         return TextEncoding(tokens, mask)
 
+
+
+def _load_transformers(name: str, path: str) -> tuple[Any, Any]:
+    """Tokenizer and model through ``transformers`` (any Hugging Face encoder, a local folder or the cache)."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    local_only = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
+    verbosity = hf_logging.get_verbosity()
+    progress_bar = hf_logging.is_progress_bar_enabled()
+    # Keep "unused weights" chatter and the weight-loading progress bar off the console while loading, then
+    # leave both settings as the process had them (inside Slicer they belong to every extension).
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return (AutoTokenizer.from_pretrained(path, local_files_only=local_only),
+                AutoModel.from_pretrained(path, local_files_only=local_only))
+    except (OSError, ValueError) as exc:
+        raise LgsegError(
+            f"cannot load text encoder '{name}': give a local folder with a Hugging Face model "
+            f"(config.json, tokenizer and weights) or an id already in the Hugging Face cache"
+        ) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress_bar:
+            hf_logging.enable_progress_bar()
