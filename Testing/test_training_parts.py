@@ -206,3 +206,20 @@ def test_train_py_reports_a_config_typo_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith(f"error: config '{path}': unknown key 'decoder_chanels' in "
                                                    "network; known keys: encoder, text_dim, decoder_channels")
+
+
+def test_train_py_set_overrides_any_key_and_checks_it(tmp_path, capsys):
+    """--set (ablations) reaches any config key with a YAML value; a misspelt key or a bad item is one error line."""
+    import train
+
+    config = REPO / "Training" / "configs" / "kvasir-polyp.yaml"
+    overrides = train.parse_settings(["losses.tevia_alignment=0", "network.decoder_channels=[64, 48, 32, 24]"])
+    loaded = load_config(config, overrides)
+    assert loaded.losses.tevia_alignment == 0 and loaded.losses.tmca_contrastive == 0.1
+    assert tuple(loaded.network.decoder_channels) == (64, 48, 32, 24)
+    for item, message in (("losses.tevia_aligment=0", "unknown key 'tevia_aligment' in losses"),
+                          ("losses.tevia_alignment", "is not KEY=VALUE")):
+        assert train.main(["--config", str(config), "--set", item, "--output", str(tmp_path / "m")]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and message in error[0]
+        assert not (tmp_path / "m").exists()

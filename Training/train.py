@@ -1,7 +1,7 @@
 """Train a LanguageGuidedSeg model package.
 
     python Training/train.py --config Training/configs/qata-cxr.yaml [--data DIR] [--text-ratio R] [--epochs N]
-        [--batch-size B] [--limit N] [--output MODEL_DIR] [--resume]
+        [--batch-size B] [--limit N] [--output MODEL_DIR] [--resume] [--set KEY=VALUE ...]
     torchrun --nproc_per_node=2 Training/train.py --config ...     (distributed data-parallel; gloo on CPU)
 
 Images with a report train with report tokens, images without one (and a random share of those with one) with
@@ -52,14 +52,34 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stop-after", type=int, metavar="N",
                         help="stop after N epochs of this run (continue later with --resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="override any config key, e.g. --set losses.tevia_alignment=0 (the value is read as "
+                             "YAML; repeatable; for ablations)")
     return parser.parse_args(argv)
+
+
+def parse_settings(settings: list[str]) -> dict[str, object]:
+    """``--set`` items as dotted config keys and YAML values; the config's own checks then apply to them."""
+    import yaml
+
+    parsed: dict[str, object] = {}
+    for item in settings:
+        key, equals, text = item.partition("=")
+        if not equals or not key.strip():
+            raise LgsegError(f"--set {item!r} is not KEY=VALUE; give e.g. --set losses.tevia_alignment=0")
+        try:
+            parsed[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise LgsegError(f"--set {key.strip()}: the value is not valid YAML; quote it") from exc
+    return parsed
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        overrides = {key: getattr(args, option) for option, key in OVERRIDES.items()
-                     if getattr(args, option) is not None}
+        overrides = parse_settings(args.settings)
+        overrides.update({key: getattr(args, option) for option, key in OVERRIDES.items()
+                          if getattr(args, option) is not None})
         config = load_config(Path(args.config), overrides)
         output = Path(args.output) if args.output else REPO_ROOT / "Training" / "runs" / config.name / "model"
         runtime = Runtime.from_environment(config.amp, config.threads, show_progress=not args.no_progress)
