@@ -11,9 +11,10 @@ up-sampled bilinearly to the input resolution.
 The guidance tokens come either from a report (text encoder tokens) or from the prototype bank (ProLearn); both
 are ``[B, L, text_dim]`` with a mask, so one forward serves both. Bank guidance is refined before each attention
 stage by ProLearn's guided approximation (``GuidedApproximation``: the retrieved prototype tokens attend to the
-stage's visual features and to its skip features); report guidance goes to the stages as it is. ``forward(..., return_features=True)`` also
-returns what the training losses need: the decoder features per level (for TMCA's multi-level contrastive
-alignment), the pooled projected text per stage and the final features (for TeViA's alignment).
+stage's visual features and to its skip features); report guidance goes to the stages as it is.
+``forward(..., return_features=True)`` also returns what the training losses need: the decoder features per level
+(for TMCA's multi-level contrastive alignment), the pooled projected text per stage and the final features (for
+TeViA's alignment).
 """
 
 from __future__ import annotations
