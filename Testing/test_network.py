@@ -77,6 +77,77 @@ def test_batch_items_are_independent(network):
         torch.testing.assert_close(network(images[i:i + 1]), bank_batched[i:i + 1], atol=1e-4, rtol=1e-4)
 
 
+TOKENS = 5  # text tokens per prototype in the token-bank tests
+
+
+def _token_bank_network(approximation: bool = True) -> LanguageGuidedSegNet:
+    """A network whose 6 prototypes keep token features (1 to 5 real tokens each), as training builds them."""
+    torch.manual_seed(0)
+    net = LanguageGuidedSegNet(NetworkConfig(bank_size=6, bank_tokens=TOKENS, guided_approximation=approximation,
+                                             **SMALL))
+    generator = torch.Generator().manual_seed(1)
+    mask = torch.arange(TOKENS)[None] < torch.randint(1, TOKENS + 1, (6, 1), generator=generator)
+    net.bank.fill(torch.randn(6, 384, generator=generator), torch.randn(6, TOKENS, 384, generator=generator),
+                  torch.arange(6), mask)
+    return net.eval()
+
+
+@torch.inference_mode()
+def test_token_bank_guides_with_k_times_t_tokens():
+    net = _token_bank_network()
+    assert net.bank.tokens == TOKENS and "bank.token_mask" in net.state_dict()
+    out = net(torch.randn(2, 3, SIZE, SIZE), return_features=True)
+    query, k = out["bank_query"], net.config.bank_top_k
+    assert query.tokens.shape == (2, k * TOKENS, 384) and query.mask.shape == (2, k * TOKENS)
+    for row in range(2):  # the k prototypes' token sequences one after the other, with their own masks
+        indices = query.indices[row]
+        torch.testing.assert_close(query.tokens[row], net.bank.text_values[indices].flatten(0, 1))
+        assert torch.equal(query.mask[row], net.bank.token_mask[indices].flatten())
+    assert out["logits"].shape == (2, 1, SIZE, SIZE) and torch.isfinite(out["logits"]).all()
+
+
+def test_bank_fill_needs_a_token_mask_with_token_values():
+    net = _token_bank_network()
+    with pytest.raises(ValueError, match="token mask"):
+        net.bank.fill(torch.randn(3, 384), torch.randn(3, TOKENS, 384), torch.arange(3))
+    with pytest.raises(ValueError, match="token mask"):
+        net.bank.fill(torch.randn(3, 384), torch.randn(3, 384), torch.arange(3), torch.ones(3, 1, dtype=torch.bool))
+
+
+@torch.inference_mode()
+def test_guided_approximation_changes_prototype_guidance_only():
+    """The blocks refine the bank's tokens with the image; a report reaches the stages unchanged."""
+    with_blocks, without = _token_bank_network(True), _token_bank_network(False)
+    missing, unexpected = with_blocks.load_state_dict(without.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("approximations.") for k in missing)
+    assert len(with_blocks.approximations) == with_blocks.config.attention_stages and not len(without.approximations)
+    images, (tokens, mask) = torch.randn(2, 3, SIZE, SIZE), _report_tokens(2)
+    torch.testing.assert_close(with_blocks(images, tokens, mask), without(images, tokens, mask), atol=0, rtol=0)
+    refined, plain = with_blocks(images), without(images)
+    assert (refined - plain).abs().max() > 1e-3
+
+
+@torch.inference_mode()
+def test_mixed_batch_refines_only_the_bank_guided_samples():
+    """Training mixes report and bank guidance in one batch: each sample gets what it gets alone."""
+    net = _token_bank_network()
+    images, (tokens, mask) = torch.randn(3, 3, SIZE, SIZE), _report_tokens(3)
+    use_bank = torch.tensor([True, False, True])
+    mixed = net(images, tokens, mask, use_bank=use_bank)
+    for i in range(3):
+        alone = net(images[i:i + 1]) if use_bank[i] else net(images[i:i + 1], tokens[i:i + 1], mask[i:i + 1])
+        torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_guided_approximation_trains_with_the_bank():
+    """The segmentation loss reaches the blocks and the bank's token values through bank-guided samples."""
+    net = _token_bank_network().train()
+    images, (tokens, mask) = torch.randn(2, 3, SIZE, SIZE), _report_tokens(2)
+    net(images, tokens, mask, use_bank=torch.tensor([True, False])).mean().backward()
+    assert net.bank.text_values.grad is not None and net.bank.text_values.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in net.approximations.parameters())
+
+
 @torch.inference_mode()
 def test_other_input_size(network):
     assert network(torch.randn(2, 3, 96, 160), *_report_tokens(2)).shape == (2, 1, 96, 160)

@@ -233,16 +233,16 @@ def test_import_model_refuses_a_changed_package(tiny_model, own_models_folder, t
 # ---------------------------------------------------------------- what left and right mean in the reports
 
 
-def _without_report_sides(package: Path, target: Path, name: str) -> Path:
-    """A package as saved before ``report_sides`` existed: the key absent, both hashes consistent."""
+def _resaved(package: Path, target: Path, change) -> Path:
+    """A copy of a package whose ``model.json`` content ``change`` edits in place, with both hashes consistent: a
+    package as an earlier version saved it."""
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import save as save_safetensors
 
     from languageguidedseg.package import FORMAT, _canonical, _json_file_text, _sha256
 
     values = json.loads((package / CONFIG_FILE).read_text())
-    del values["config"]["report_sides"]
-    values["config"]["name"] = name
+    change(values["config"])
     content = {k: v for k, v in values.items() if k != "weights"}
     data = save_safetensors(load_safetensors((package / WEIGHTS_FILE).read_bytes()),
                             metadata={"config_sha256": _sha256(_canonical(content)), "format": FORMAT})
@@ -251,6 +251,16 @@ def _without_report_sides(package: Path, target: Path, name: str) -> Path:
     (target / WEIGHTS_FILE).write_bytes(data)
     (target / CONFIG_FILE).write_bytes(_json_file_text(values).encode())
     return target
+
+
+def _without_report_sides(package: Path, target: Path, name: str) -> Path:
+    """A package as saved before ``report_sides`` existed: the key absent."""
+
+    def change(config: dict) -> None:
+        del config["report_sides"]
+        config["name"] = name
+
+    return _resaved(package, target, change)
 
 
 def test_packages_declare_report_sides(tiny_model, tmp_path):
@@ -275,3 +285,52 @@ def test_package_without_report_sides_is_read_as_shipped_or_refused(tiny_model, 
     assert legacy.config.report_sides == "image"
     message = _refused(_without_report_sides(tiny_model, tmp_path / "other", "other"), "report_sides")
     assert "does not declare" in message and "image, patient, none" in message
+
+
+# ---------------------------------------------------------------- token banks and guided approximation
+
+
+def _token_bank_network() -> LanguageGuidedSegNet:
+    torch.manual_seed(3)
+    net = LanguageGuidedSegNet(NetworkConfig(bank_size=5, bank_tokens=4, decoder_channels=(64, 48, 32, 24, 16)))
+    mask = torch.tensor([[True] * n + [False] * (4 - n) for n in (1, 2, 3, 4, 4)])
+    net.bank.fill(torch.randn(5, 384), torch.randn(5, 4, 384), torch.arange(5), mask)
+    return net.eval()
+
+
+def test_round_trip_token_bank_with_guided_approximation_is_exact(tmp_path):
+    net = _token_bank_network()
+    assert net.config.guided_approximation and len(net.approximations)
+    package = load_package(save_package(tmp_path / "tokens", net, _config(), half=False))
+    assert package.config.network.bank_tokens == 4 and package.config.network.guided_approximation
+    loaded = package.build_network()
+    assert torch.equal(loaded.bank.token_mask, net.bank.token_mask)
+    for expected, actual in zip(_outputs(net), _outputs(loaded)):
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+
+
+def test_package_saved_before_token_banks_loads_as_it_was_saved(tmp_path):
+    """A package without ``bank_tokens`` and ``guided_approximation`` (the first shipped models) is a pooled bank
+    without approximation blocks, and gives exactly what the network that saved it gave."""
+    torch.manual_seed(0)
+    net = LanguageGuidedSegNet(NetworkConfig(bank_size=5, guided_approximation=False,
+                                             decoder_channels=(64, 48, 32, 24, 16)))
+    net.bank.fill(torch.randn(5, 384), torch.randn(5, 384), torch.arange(5))
+    net.eval()
+    saved = save_package(tmp_path / "saved", net, _config(), half=False)
+
+    def change(config: dict) -> None:
+        del config["network"]["bank_tokens"], config["network"]["guided_approximation"]
+
+    old = load_package(_resaved(saved, tmp_path / "old", change))
+    assert old.config.network.bank_tokens == 0 and not old.config.network.guided_approximation
+    loaded = old.build_network()
+    assert not len(loaded.approximations) and loaded.bank.tokens == 0 and loaded.bank.token_mask is None
+    for expected, actual in zip(_outputs(net), _outputs(loaded)):
+        torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    # The shipped packages are such packages.
+    for name in ("qata-cxr", "kvasir-polyp"):
+        values = json.loads((find_model(name) / CONFIG_FILE).read_text())["config"]["network"]
+        if "guided_approximation" not in values:
+            network = load_package(name).build_network()
+            assert not len(network.approximations) and network.bank.tokens == values.get("bank_tokens", 0)

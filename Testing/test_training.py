@@ -86,6 +86,8 @@ def test_single_process_run_writes_a_verified_package_with_bank_and_logs(trained
     package = load_package(trained)
     config = package.config
     assert config.network.bank_size > 0
+    # ProLearn's design: prototypes keep token features, refined per stage by the guided approximation blocks.
+    assert config.network.bank_tokens > 0 and config.network.guided_approximation
     assert len(config.prototype_reports) == config.network.bank_size
     # Each prototype stands for real training reports: its report is one of them, not an invented text.
     train_reports = {sample.report for sample in load_split(qata, "train", validate=False)}
@@ -186,3 +188,27 @@ def test_bank_is_deterministic_for_a_seed():
     assert a.image_keys.shape == (8, 16) and a.classes.tolist() == [0] * 4 + [1] * 4
     # Each representative is one of its prototype's members.
     assert all(r in m for r, m in zip(a.representatives, a.members))
+
+
+def test_token_bank_averages_its_members_tokens():
+    """Each prototype's text half is its members' token features averaged position by position, over the members
+    that have a token there; positions that fewer than half of them have are masked."""
+    from languageguidedseg.prototypes import build_bank
+
+    generator = torch.Generator().manual_seed(0)
+    image, text = torch.randn(40, 16, generator=generator), torch.randn(40, 16, generator=generator)
+    tokens = torch.randn(40, 6, 16, generator=generator)
+    mask = torch.arange(6)[None] < torch.randint(1, 7, (40, 1), generator=generator)
+    content = build_bank(image, text, None, clusters_per_class=4, seed=0, text_tokens=(tokens, mask))
+    pooled = build_bank(image, text, None, clusters_per_class=4, seed=0)
+    assert content.members == pooled.members  # the clustering is the same; only the text halves differ
+    assert content.text_values.shape == (4, 6, 16) and content.token_mask.shape == (4, 6)
+    assert pooled.text_values.shape == (4, 16) and pooled.token_mask is None
+    for value, keep, members in zip(content.text_values, content.token_mask, content.members):
+        present = mask[members]
+        assert keep[0] and torch.equal(keep[1:], present[:, 1:].float().mean(0) >= 0.5)
+        for t in range(6):
+            if keep[t]:
+                torch.testing.assert_close(value[t], tokens[members][present[:, t], t].mean(0))
+            else:
+                assert not value[t].any()

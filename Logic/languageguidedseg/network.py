@@ -9,9 +9,12 @@ the decoder's finest level (stride 4 by default, as in GuideDecoder), where a he
 up-sampled bilinearly to the input resolution.
 
 The guidance tokens come either from a report (text encoder tokens) or from the prototype bank (ProLearn); both
-are ``[B, L, text_dim]`` with a mask, so one forward serves both. ``forward(..., return_features=True)`` also
-returns what the training losses need: the decoder features per level (for TMCA's multi-level contrastive
-alignment), the pooled projected text per stage and the final features (for TeViA's alignment).
+are ``[B, L, text_dim]`` with a mask, so one forward serves both. Bank guidance is refined before each attention
+stage by ProLearn's guided approximation (``GuidedApproximation``: the retrieved prototype tokens attend to the
+stage's visual features and to its skip features); report guidance goes to the stages as it is.
+``forward(..., return_features=True)`` also returns what the training losses need: the decoder features per level
+(for TMCA's multi-level contrastive alignment), the pooled projected text per stage and the final features (for
+TeViA's alignment).
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ class NetworkConfig(Config):
     contrast_dim: int = 128
     bank_size: int = 0
     bank_top_k: int = 3
+    # Text tokens per prototype, set when the bank is built: 0 = one pooled vector per prototype (the first
+    # shipped models), else the members' token features averaged position by position (ProLearn).
+    bank_tokens: int = 0
+    # ProLearn's guided approximation before each attention stage, for bank guidance only. Packages saved before
+    # this key existed have none (package.py).
+    guided_approximation: bool = True
     prototype_momentum: float = 0.99
 
 
@@ -121,6 +130,68 @@ class GuideStage(nn.Module):
         return tokens.transpose(1, 2).reshape(b, c, h, w), pooled_text
 
 
+class _ApproximationBranch(nn.Module):
+    """Self-attention among the prototype tokens, then cross-attention from them to one map of visual tokens, at
+    ``width`` channels; returns the change to the tokens."""
+
+    position: torch.Tensor
+
+    def __init__(self, text_dim: int, context_dim: int, width: int, heads: int, grid: int):
+        super().__init__()
+        self.heads, self.width = heads, width
+        self.norm_self = nn.LayerNorm(text_dim)
+        self.qkv = nn.Linear(text_dim, 3 * width)
+        self.proj_self = nn.Linear(width, text_dim)
+        self.norm_cross = nn.LayerNorm(text_dim)
+        self.q_cross = nn.Linear(text_dim, width)
+        self.kv_cross = nn.Linear(context_dim, 2 * width)
+        self.proj_cross = nn.Linear(width, text_dim)
+        # Where on the image a visual token lies matters (reports name places): a 2D position encoding on the keys.
+        self.register_buffer("position", _sincos_2d(grid, grid, width, torch.device("cpu")), persistent=False)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        return x.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = x.shape
+        return x.transpose(1, 2).reshape(b, n, self.width)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self._split(t) for t in self.qkv(self.norm_self(tokens)).chunk(3, dim=-1))
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+        refined = tokens + self.proj_self(self._merge(attn))
+
+        h, w = context.shape[-2:]
+        k, v = self.kv_cross(context.flatten(2).transpose(1, 2)).chunk(2, dim=-1)
+        pos = self.position if self.position.shape[0] == h * w else _sincos_2d(h, w, self.width, context.device)
+        k = k + pos.to(k.dtype)
+        q = self._split(self.q_cross(self.norm_cross(refined)))
+        attn = F.scaled_dot_product_attention(q, self._split(k), self._split(v))
+        return refined + self.proj_cross(self._merge(attn)) - tokens
+
+
+class GuidedApproximation(nn.Module):
+    """ProLearn's guided approximation at one decoder stage: the retrieved prototype tokens look at this image.
+
+    Two branches, each self-attention among the tokens then cross-attention from the tokens to visual tokens: one to
+    the stage's own features, one to the skip features of the next finer level. The output is the tokens plus both
+    branches' changes, layer-normed. Attention runs at the stage's width rather than the text's, so even the stride-4
+    skip map (3136 tokens at 224) costs little.
+    """
+
+    def __init__(self, text_dim: int, dim: int, skip_dim: int, heads: int, grid: int):
+        super().__init__()
+        self.visual = _ApproximationBranch(text_dim, dim, dim, heads, grid)
+        self.skip = _ApproximationBranch(text_dim, skip_dim, dim, heads, 2 * grid)
+        self.norm = nn.LayerNorm(text_dim)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor,
+                skip: torch.Tensor) -> torch.Tensor:
+        """``tokens [B, L, text_dim]`` with ``mask [B, L]``, ``visual [B, dim, h, w]``, ``skip [B, skip_dim, H, W]``."""
+        return self.norm(tokens + self.visual(tokens, mask, visual) + self.skip(tokens, mask, skip))
+
+
 class UpStage(nn.Module):
     """Bilinear x2 up-sampling, concatenation with the skip, and a MONAI residual conv block."""
 
@@ -168,12 +239,18 @@ class LanguageGuidedSegNet(nn.Module):
         self.up_stages = nn.ModuleList(
             UpStage(dec[i], enc_ch[-2 - i], dec[i + 1]) for i in range(len(dec) - 1)
         )
+        # ProLearn: per attention stage, the bank's tokens refined with the stage's and the skip's features.
+        self.approximations = nn.ModuleList(
+            GuidedApproximation(config.text_dim, dec[i], enc_ch[-2 - i], config.heads,
+                                image_size // enc_strides[-1 - i])
+            for i in range(config.attention_stages if config.guided_approximation else 0)
+        )
         self.head = UnetOutBlock(final_dim, 1)
         self.final_stride = enc_strides[-len(dec)]
 
         # ProLearn: image embedding for the prototype bank, from the encoder's deepest features.
         self.embed_head = nn.Sequential(nn.Linear(enc_ch[-1], 512), nn.GELU(), nn.Linear(512, config.text_dim))
-        self.bank = PrototypeBank(config.bank_size, config.text_dim, config.bank_top_k)
+        self.bank = PrototypeBank(config.bank_size, config.text_dim, config.bank_top_k, config.bank_tokens)
         # TeViA: alignment heads (projected text per stage -> final feature space) and the momentum prototype.
         self.align_heads = nn.ModuleList(nn.Linear(dec[i], final_dim) for i in range(config.attention_stages))
         self.register_buffer("visual_prototype", torch.zeros(final_dim))
@@ -195,6 +272,7 @@ class LanguageGuidedSegNet(nn.Module):
         """
         feats = self.encoder(images)
         query = None
+        bank_rows: Optional[torch.Tensor] = None  # the samples that the bank guides; None with query: all of them
         if tokens is None:
             query = self.bank.query(self.image_embedding(feats[-1]))
             tokens, token_mask = query.tokens, query.mask
@@ -204,6 +282,7 @@ class LanguageGuidedSegNet(nn.Module):
             if use_bank is not None and bool(use_bank.any()):
                 query = self.bank.query(self.image_embedding(feats[-1]))
                 tokens, token_mask = _merge_guidance(tokens, token_mask, query.tokens, query.mask, use_bank)
+                bank_rows = torch.nonzero(use_bank).flatten()
         tokens = tokens.to(feats[-1].dtype)
 
         x = self.bottleneck(feats[-1])
@@ -212,7 +291,11 @@ class LanguageGuidedSegNet(nn.Module):
         levels, stage_text = [], []
         for i, up in enumerate(self.up_stages):
             if i < len(self.guide_stages):
-                x, pooled = self.guide_stages[i](x, tokens, token_mask, prototype)
+                guide = tokens
+                if query is not None and i < len(self.approximations):
+                    guide = self._approximate(i, tokens, token_mask, bank_rows, query.tokens.shape[1], x,
+                                              feats[-2 - i])
+                x, pooled = self.guide_stages[i](x, guide, token_mask, prototype)
                 stage_text.append(pooled)
             levels.append(x)
             x = up(x, feats[-2 - i])
@@ -224,6 +307,17 @@ class LanguageGuidedSegNet(nn.Module):
             return logits
         return {"logits": logits, "levels": levels, "stage_text": stage_text, "tokens": tokens,
                 "token_mask": token_mask, "bank_query": query, "image_features": feats[-1]}
+
+    def _approximate(self, stage: int, tokens: torch.Tensor, mask: torch.Tensor, rows: Optional[torch.Tensor],
+                     length: int, visual: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The guidance of attention stage ``stage``: the bank's tokens refined by its guided approximation, in the
+        ``rows`` that the bank guides (None: all); report tokens stay as they are."""
+        block = self.approximations[stage]
+        if rows is None:
+            return block(tokens, mask, visual, skip)
+        # The bank's ``length`` tokens come first in each bank row (see _merge_guidance), then padding.
+        refined = block(tokens[rows, :length], mask[rows, :length], visual[rows], skip[rows])
+        return tokens.index_put((rows,), F.pad(refined, (0, 0, 0, tokens.shape[1] - length)))
 
     @torch.no_grad()
     def update_visual_prototype(self, foreground: torch.Tensor) -> None:

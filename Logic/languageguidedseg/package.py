@@ -42,6 +42,10 @@ def _default_network_config() -> NetworkConfig:
 
     return NetworkConfig()
 
+# Network settings that packages saved before the setting existed lack, with the design those packages have (their
+# JSON is hash-locked, so the value is supplied on load): no guided approximation blocks.
+LEGACY_NETWORK = {"guided_approximation": False}
+
 FORMAT = "languageguidedseg-model"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -276,8 +280,12 @@ def load_package(model: Optional[PathLike] = None) -> ModelPackage:
     dtypes = {str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()}
     if weights.get("file") != WEIGHTS_FILE or dtypes - {weights.get("dtype")}:
         raise LgsegError(f"{config_path} was changed after the model was saved; reinstall the model")
+    stored = content["config"]
+    network = stored.get("network")
+    if isinstance(network, dict) and any(key not in network for key in LEGACY_NETWORK):
+        stored = dict(stored, network={**LEGACY_NETWORK, **network})
     try:
-        config = ModelConfig.from_dict(content["config"], "config")
+        config = ModelConfig.from_dict(stored, "config")
     except LgsegError as exc:
         raise LgsegError(f"{config_path}: {exc}; the model was written by another version of languageguidedseg, "
                          "install a matching version") from exc
@@ -313,6 +321,7 @@ def save_package(folder: PathLike, network: LanguageGuidedSegNet, config: ModelC
     folder.mkdir(parents=True, exist_ok=True)
     config.network = network.config
     config.network.bank_size = network.bank.size
+    config.network.bank_tokens = network.bank.tokens
     content = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict()}
     state = {}
     for key, value in network.state_dict().items():

@@ -1,5 +1,6 @@
-"""ProLearn's prototype bank during training: k-means over joint image+text vectors of the samples with reports
-(on rank 0, shared with the others), and the image keys following the encoder after every epoch."""
+"""ProLearn's prototype bank during training: the image query aligned with the reports, k-means over joint
+image+text vectors of the samples with reports (on rank 0, shared with the others), and the image keys following the
+encoder after every epoch."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from languageguidedseg.losses import info_nce, pseudo_label_positives
 from languageguidedseg.network import LanguageGuidedSegNet
 from languageguidedseg.prototypes import build_bank, refresh_keys
 
@@ -18,15 +20,72 @@ from .runtime import Runtime
 def image_embeddings(network: LanguageGuidedSegNet, data: Preloaded, indices: list[int], runtime: Runtime,
                      batch_size: int = 64) -> torch.Tensor:
     """Eval-mode bank query vectors of some preloaded samples."""
+    pooled = pooled_features(network, data, indices, runtime, batch_size)
+    out = []
+    for start in range(0, len(indices), batch_size):
+        with runtime.autocast():
+            out.append(network.embed_head(pooled[start:start + batch_size].to(runtime.device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, network.config.text_dim)
+
+
+@torch.no_grad()
+def pooled_features(network: LanguageGuidedSegNet, data: Preloaded, indices: list[int], runtime: Runtime,
+                    batch_size: int = 64) -> torch.Tensor:
+    """Eval-mode encoder features of some preloaded samples, pooled as the bank's query pools them ``[N, C]``."""
     network.eval()
     out = []
     for start in range(0, len(indices), batch_size):
         batch = data.images[indices[start:start + batch_size]].float().to(runtime.device,
                                                                           memory_format=torch.channels_last)
         with runtime.autocast():
-            out.append(network.image_embedding(network.encoder(batch)[-1]).float().cpu())
+            out.append(network.encoder(batch)[-1].float().mean(dim=(2, 3)).cpu())
     network.train()
-    return torch.cat(out) if out else torch.zeros(0, network.config.text_dim)
+    return torch.cat(out) if out else torch.zeros(0, network.encoder.channels[-1])
+
+
+def _retrieval_accuracy(image: torch.Tensor, text: torch.Tensor, positives: torch.Tensor) -> float:
+    """Share of samples whose most similar report (by the query's cosine similarity) is one of their positives."""
+    sims = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).t()
+    return float(positives.gather(1, sims.argmax(1, keepdim=True)).float().mean())
+
+
+def align_query(network: LanguageGuidedSegNet, data: Preloaded, reports: Reports, epochs: int, lr: float,
+                temperature: float, seed: int, runtime: Runtime, batch_size: int = 128) -> tuple[float, float]:
+    """Train the bank's image query head alone before clustering, ``epochs`` passes of InfoNCE against the report
+    embeddings (same pseudo-label or report = positive), on the encoder's features of the samples with reports,
+    computed once: ProLearn's contrastive warm-up of the query, for the price of one forward pass over them.
+
+    Returns the image-to-report retrieval accuracy before and after (on those samples). Runs on rank 0; the head's
+    weights are shared with the others.
+    """
+    head = network.embed_head
+    accuracy = (float("nan"), float("nan"))
+    state: list = [None]
+    if runtime.main:
+        with_report = [i for i, r in enumerate(data.report_index.tolist()) if r >= 0]
+        features = pooled_features(network, data, with_report, runtime)
+        rows = data.report_index[with_report]
+        text = reports.pooled[rows].to(runtime.device)
+        positives = pseudo_label_positives(reports.labels[rows], torch.ones(len(rows), dtype=torch.bool),
+                                           rows[:, None] == rows[None, :]).to(runtime.device)
+        features = features.to(runtime.device)
+        with torch.no_grad():
+            before = _retrieval_accuracy(head(features), text, positives)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            order = torch.randperm(len(rows), generator=generator).to(runtime.device)
+            for start in range(0, len(order) - 1, batch_size):  # a batch of one has no negatives
+                batch = order[start:start + batch_size]
+                loss = info_nce(head(features[batch]), text[batch], positives[batch][:, batch], temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        with torch.no_grad():
+            accuracy = (before, _retrieval_accuracy(head(features), text, positives))
+        state = [{k: v.cpu() for k, v in head.state_dict().items()}]
+    head.load_state_dict(runtime.broadcast(state)[0])
+    return accuracy
 
 
 @dataclass
@@ -39,13 +98,14 @@ class BankMembers:
 
 
 def fill_bank(network: LanguageGuidedSegNet, data: Preloaded, reports: Reports, clusters_per_class: int, seed: int,
-              runtime: Runtime) -> BankMembers:
-    """Cluster the samples with reports into the network's bank (per pseudo-label class where there is a parser).
+              runtime: Runtime, tokens: bool = True) -> BankMembers:
+    """Cluster the samples with reports into the network's bank (per pseudo-label class where there is a parser);
+    with ``tokens`` each prototype keeps its members' averaged token features, else their pooled embedding.
 
     The bank's text values become a new parameter: the caller puts it in the optimiser.
     """
     with_report = [i for i, r in enumerate(data.report_index.tolist()) if r >= 0]
-    payload: list = [None] * 5
+    payload: list = [None] * 6
     if runtime.main:
         image = image_embeddings(network, data, with_report, runtime)
         rows = data.report_index[with_report]
@@ -54,13 +114,14 @@ def fill_bank(network: LanguageGuidedSegNet, data: Preloaded, reports: Reports, 
         if reports.labels.shape[1]:
             labels = reports.labels[rows]
             classes = [torch.nonzero(labels[:, c]).flatten().tolist() for c in range(labels.shape[1])]
-        content = build_bank(image, text, classes, clusters_per_class, seed)
+        content = build_bank(image, text, classes, clusters_per_class, seed,
+                             (reports.tokens[rows], reports.mask[rows]) if tokens else None)
         payload = [content.image_keys, content.text_values, content.classes,
                    [[with_report[i] for i in m] for m in content.members],
-                   [with_report[i] for i in content.representatives]]
-    keys, values, classes, members, representatives = runtime.broadcast(payload)
-    network.bank.fill(keys, values, classes)
-    network.config.bank_size = network.bank.size
+                   [with_report[i] for i in content.representatives], content.token_mask]
+    keys, values, classes, members, representatives, token_mask = runtime.broadcast(payload)
+    network.bank.fill(keys, values, classes, token_mask)
+    network.config.bank_size, network.config.bank_tokens = network.bank.size, network.bank.tokens
     text_of = {row: report for report, row in reports.index.items()}
     return BankMembers(members, representatives, [text_of[int(data.report_index[i])] for i in representatives])
 

@@ -86,10 +86,19 @@ class OptimisationConfig(Config):
 
 @dataclass
 class BankConfig(Config):
-    """ProLearn's prototype bank: contrastive warm-up epochs, then k-means clusters per pseudo-label class."""
+    """ProLearn's prototype bank: warm-up epochs, the query's contrastive alignment, then k-means clusters per
+    pseudo-label class."""
 
-    warmup_epochs: int = 1
+    warmup_epochs: int = 1  # epochs in which only the samples with reports train, before the bank is built
+    # Passes of the query head alone over the encoder's features of the samples with reports (InfoNCE against their
+    # reports), right before clustering: aligns the image query with the text at the cost of one forward pass.
+    query_epochs: int = 20
     clusters_per_class: int = 16
+    tokens: bool = True  # each prototype keeps its members' averaged token features (ProLearn), else one vector
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs < 0 or self.query_epochs < 0 or self.clusters_per_class < 1:
+            raise LgsegError("bank: warmup_epochs and query_epochs must be 0 or more, clusters_per_class 1 or more")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from languageguidedseg.reports import get_parser
 from languageguidedseg.text import TextEncoder
 
 from . import export
-from .bank import BankMembers, fill_bank, join_bank, refresh_bank_keys
+from .bank import BankMembers, align_query, fill_bank, join_bank, refresh_bank_keys
 from .config import NOT_SHAPING_RESULTS, REPO_ROOT, TrainConfig, flatten
 from .data import Reports, augmenter, epoch_loader, load_samples, preload
 from .optim import build_optimizer, replace_parameter, warmup_cosine
@@ -84,9 +84,10 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.train) / (self.config.optimisation.batch_size * self.runtime.world)))
 
-    def build(self, bank_size: int) -> None:
+    def build(self, bank_size: int, bank_tokens: int = 0) -> None:
         c = self.config
-        network_config = dataclasses.replace(c.network, text_dim=self.reports.dim, bank_size=bank_size)
+        network_config = dataclasses.replace(c.network, text_dim=self.reports.dim, bank_size=bank_size,
+                                             bank_tokens=bank_tokens)
         torch.manual_seed(c.seed)
         self.network = LanguageGuidedSegNet(network_config, pretrained_encoder=True).to(self.runtime.device)
         self.network = self.network.to(memory_format=torch.channels_last)
@@ -102,7 +103,7 @@ class Trainer:
         if package.config.text_encoder != self.config.text_encoder:
             raise LgsegError(f"init_from model '{folder}' uses the text encoder '{package.config.text_encoder}', "
                              f"this config '{self.config.text_encoder}'; use the same text_encoder")
-        self.build(package.config.network.bank_size)
+        self.build(package.config.network.bank_size, package.config.network.bank_tokens)
         if self.network.config != package.config.network:
             raise LgsegError(f"init_from model '{folder}' has another network than this config's network: section; "
                              "copy its network settings into the config")
@@ -121,12 +122,19 @@ class Trainer:
                                                  device_ids=[device.index] if device.type == "cuda" else None)
 
     def build_bank(self) -> None:
+        c = self.config
+        if c.bank.query_epochs:
+            before, after = align_query(self.network, self.train, self.reports, c.bank.query_epochs,
+                                        c.optimisation.lr, c.losses.bank_temperature, c.seed, self.runtime)
+            self.runtime.log(f"bank query aligned in {c.bank.query_epochs} passes: image-to-report retrieval "
+                             f"accuracy on the training reports {before:.3f} -> {after:.3f}")
         old = self.network.bank.text_values
-        self.bank = fill_bank(self.network, self.train, self.reports, self.config.bank.clusters_per_class,
-                              self.config.seed, self.runtime)
+        self.bank = fill_bank(self.network, self.train, self.reports, c.bank.clusters_per_class, c.seed,
+                              self.runtime, c.bank.tokens)
         replace_parameter(self.optimizer, old, self.network.bank.text_values)
         self._wrap()
-        self.runtime.log(f"prototype bank: {self.network.bank.size} prototypes")
+        tokens = f", {self.network.bank.tokens} tokens each" if self.network.bank.tokens else ""
+        self.runtime.log(f"prototype bank: {self.network.bank.size} prototypes{tokens}")
 
     # -- one epoch -----------------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -222,6 +230,7 @@ class Trainer:
         if not self.runtime.main:
             return
         state = {"epoch": epoch, "best": best, "history": history, "bank_size": self.network.bank.size,
+                 "bank_tokens": self.network.bank.tokens,
                  "network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "members": self.bank.members,
                  "representatives": self.bank.representatives, "prototype_reports": self.bank.reports,
@@ -240,7 +249,7 @@ class Trainer:
                          if k not in NOT_SHAPING_RESULTS and before.get(k) != now.get(k))
         if changed:
             raise LgsegError(f"--resume needs the same settings as the interrupted run (changed: {', '.join(changed)})")
-        self.build(state["bank_size"])
+        self.build(state["bank_size"], state.get("bank_tokens", 0))
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
