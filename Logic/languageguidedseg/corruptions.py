@@ -15,22 +15,27 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import LgsegError
 
+if TYPE_CHECKING:  # the operations import torch when they run: parsing a --corrupt option does not load it
+    import torch
+
 # Rec. 601 luma and the YIQ chroma axes: a hue rotation turns the (I, Q) plane, a saturation change scales it.
-_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
-def _yiq_transform(image: torch.Tensor, chroma: torch.Tensor) -> torch.Tensor:
+def _yiq_transform(image: torch.Tensor, chroma: np.ndarray) -> torch.Tensor:
     """``image`` [3, H, W] with the 2 x 2 matrix ``chroma`` applied to its (I, Q) chroma plane, clipped to [0, 1]."""
-    yiq = torch.eye(3, dtype=torch.float64)
+    import torch
+
+    yiq = np.eye(3)
     yiq[1:, 1:] = chroma
-    matrix = (_YIQ_TO_RGB.double() @ yiq @ _RGB_TO_YIQ.double()).to(image.dtype)
+    matrix = torch.from_numpy(_YIQ_TO_RGB @ yiq @ _RGB_TO_YIQ).to(image.dtype)
     return torch.einsum("ij,jhw->ihw", matrix, image).clamp(0.0, 1.0)
 
 
@@ -38,21 +43,22 @@ def rotate_hue(image: torch.Tensor, degrees: float) -> torch.Tensor:
     """Hue turned by ``degrees`` (luma kept)."""
     angle = math.radians(degrees)
     c, s = math.cos(angle), math.sin(angle)
-    return _yiq_transform(image, torch.tensor([[c, -s], [s, c]], dtype=torch.float64))
+    return _yiq_transform(image, np.array([[c, -s], [s, c]]))
 
 
 def scale_saturation(image: torch.Tensor, factor: float) -> torch.Tensor:
     """Saturation times ``factor`` (0 = grey, 1 = unchanged; luma kept)."""
-    return _yiq_transform(image, torch.eye(2, dtype=torch.float64) * factor)
+    return _yiq_transform(image, np.eye(2) * factor)
 
 
 def scale_channels(image: torch.Tensor, gains: Sequence[float]) -> torch.Tensor:
     """Colour balance: each channel times its gain, clipped to [0, 1]."""
-    return (image * torch.tensor(gains, dtype=image.dtype).view(3, 1, 1)).clamp(0.0, 1.0)
+    return (image * image.new_tensor(gains).view(3, 1, 1)).clamp(0.0, 1.0)
 
 
 def jpeg_roundtrip(image: torch.Tensor, quality: int) -> torch.Tensor:
     """The image saved as a JPEG of ``quality`` (1-95, PIL's scale, 4:2:0 chroma) and read back."""
+    import torch
     from PIL import Image
 
     pixels = (image.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -90,14 +96,14 @@ class Corruption:
         return f"{self.name}:{self.severity:g}"
 
 
-# name: (meaning of the severity, its valid range)
+# name: (meaning of the severity, its valid range, the severity of the documented measurement)
 CORRUPTIONS = {
-    "hue": ("hue turned by this many degrees", (-180.0, 180.0)),
-    "saturation": ("saturation times this factor (0 = grey)", (0.0, 10.0)),
-    "colour": ("colour cast: red times 1 + C, blue times 1 - C (C < 0: a blue cast)", (-0.9, 0.9)),
-    "gamma": ("contrast: intensities to the power G within the image's range", (0.1, 10.0)),
-    "blur": ("Gaussian blur, sigma in pixels of the network's input (scaled to the image's size)", (0.0, 20.0)),
-    "jpeg": ("JPEG compression at this quality (1-95)", (1.0, 95.0)),
+    "hue": ("hue turned by this many degrees", (-180.0, 180.0), 15.0),
+    "saturation": ("saturation times this factor (0 = grey)", (0.0, 10.0), 0.5),
+    "colour": ("colour cast: red times 1 + C, blue times 1 - C (C < 0: a blue cast)", (-0.9, 0.9), 0.2),
+    "gamma": ("contrast: intensities to the power G within the image's range", (0.1, 10.0), 1.5),
+    "blur": ("Gaussian blur, sigma in pixels of the network's input (scaled to the image's size)", (0.0, 20.0), 2.0),
+    "jpeg": ("JPEG compression at this quality (1-95)", (1.0, 95.0), 15.0),
 }
 
 
@@ -114,7 +120,7 @@ def parse_corruptions(spec: str) -> list[Corruption]:
             severity = float(value)
         except ValueError:
             raise LgsegError(f"corruption {part!r} needs a number after the colon, e.g. {name}:"
-                             f"{CORRUPTIONS[name][1][1] / 2:g}") from None
+                             f"{CORRUPTIONS[name][2]:g}") from None
         low, high = CORRUPTIONS[name][1]
         if not low <= severity <= high or not math.isfinite(severity):
             raise LgsegError(f"corruption {part!r}: the severity must lie in [{low:g}, {high:g}] "
@@ -126,6 +132,8 @@ def parse_corruptions(spec: str) -> list[Corruption]:
 def corrupt_image(image: np.ndarray, corruptions: Sequence[Corruption], input_size: int = 224) -> np.ndarray:
     """An 8-bit image (``[H, W]`` or ``[H, W, 3]``, uint8) with the corruptions applied in order, as uint8 RGB
     (a grey image becomes RGB). ``input_size`` is the network's input size, the unit of the blur's sigma."""
+    import torch
+
     if image.dtype != np.uint8:
         raise LgsegError(f"corruptions apply to 8-bit images (colonoscopy frames, photographs), not {image.dtype}")
     pixels = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
