@@ -3,6 +3,7 @@ per-epoch sampling across processes (the end-to-end runs are in test_training.py
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -13,12 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "Training"))
 
 from languageguidedseg.errors import LgsegError  # noqa: E402
+from languageguidedseg.preprocess import PreprocessConfig  # noqa: E402
 from training.config import AugmentationConfig, OptimisationConfig, TrainConfig, load_config  # noqa: E402
+from training.augment import augmenter  # noqa: E402
 from training.data import Preloaded, epoch_loader  # noqa: E402
 from training.optim import warmup_cosine  # noqa: E402
 from training.runtime import Runtime  # noqa: E402
 
 CONFIGS = sorted((REPO / "Training" / "configs").glob("*.yaml"))
+# The appearance augmentation of the kvasir-polyp config
+APPEARANCE = dict(colour_balance=0.15, hue_degrees=10, saturation=0.4, gamma=0.4, blur_sigma=1.5, jpeg_quality=20)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -125,11 +130,9 @@ def _runtime(rank: int = 0, world: int = 1) -> Runtime:
 
 
 def test_augmentation_moves_image_and_mask_together_and_never_flips():
-    from training.data import augmenter
-
     data = _blob_set()
     transform = augmenter(AugmentationConfig(rotate_degrees=10, scale=0.1, translate=0.05, intensity=0.1,
-                                             affine_probability=1.0), size=64)
+                                             affine_probability=1.0), PreprocessConfig(size=64))
     moved = 0
     for epoch in range(4):
         loader = epoch_loader(data, epoch, seed=0, batch_size=4, report_dropout=0.0, transform=transform,
@@ -146,11 +149,13 @@ def test_augmentation_moves_image_and_mask_together_and_never_flips():
     assert moved > 20  # the affine transform does move most masks
 
 
-def test_augmentation_is_reproducible_for_a_seed_and_epoch():
-    from training.data import augmenter
-
+@pytest.mark.parametrize("config", [
+    AugmentationConfig(rotate_degrees=10, scale=0.1, translate=0.05, intensity=0.1),
+    AugmentationConfig(rotate_degrees=10, intensity=0.1, **APPEARANCE),
+], ids=["geometry", "geometry+appearance"])
+def test_augmentation_is_reproducible_for_a_seed_and_epoch(config):
     data = _blob_set()
-    transform = augmenter(AugmentationConfig(rotate_degrees=10, scale=0.1, translate=0.05, intensity=0.1), 64)
+    transform = augmenter(config, PreprocessConfig(size=64))
 
     def images(epoch: int, workers: int = 0) -> torch.Tensor:
         loader = epoch_loader(data, epoch, 0, 4, 0.3, transform, True, _runtime(), workers=workers)
@@ -158,7 +163,63 @@ def test_augmentation_is_reproducible_for_a_seed_and_epoch():
 
     first = images(1)
     assert torch.equal(first, images(1, workers=1))  # whatever the number of loader workers
+    assert torch.equal(first, images(1))  # a resumed run draws the same epoch again
     assert not torch.equal(first, images(2))
+
+
+def _colour_set(count: int = 8, size: int = 64) -> Preloaded:
+    """Normalised colour images (a reddish frame with a brighter blob and fine texture) and the blob's mask."""
+    preprocess = PreprocessConfig(size=size)
+    generator = torch.Generator().manual_seed(0)
+    unit = torch.empty(count, 3, size, size)
+    unit[:, 0], unit[:, 1], unit[:, 2] = 0.7, 0.35, 0.3
+    unit += 0.1 * torch.rand(count, 3, size, size, generator=generator)
+    masks = torch.zeros(count, 1, size, size, dtype=torch.bool)
+    for i in range(count):
+        masks[i, 0, 10 + 3 * i:30 + 3 * i, 8:28] = True
+    unit = torch.where(masks, unit + 0.2, unit)
+    mean = torch.tensor(preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std).view(1, 3, 1, 1)
+    return Preloaded([None] * count, ((unit - mean) / std).half(), masks, torch.arange(count))
+
+
+@pytest.mark.parametrize("key", sorted(APPEARANCE))
+def test_appearance_augmentation_changes_the_image_never_the_mask(key):
+    """Each appearance change alters the image (within its range) and leaves the mask exactly as it was: no flip,
+    no shift."""
+    data = _colour_set()
+    transform = augmenter(AugmentationConfig(appearance_probability=1.0, **{key: APPEARANCE[key]}),
+                          PreprocessConfig(size=64))
+    changed = 0
+    for epoch in range(2):
+        for batch in epoch_loader(data, epoch, 0, 4, 0.0, transform, True, _runtime()):
+            for image, mask, i in zip(batch["image"], batch["mask"], batch["report_index"]):
+                assert torch.equal(mask, data.masks[i].float())
+                assert image.shape == data.images[i].shape and torch.isfinite(image).all()
+                difference = (image - data.images[i].float()).abs().mean()
+                assert difference < 1.0  # a plausible frame, not noise
+                changed += int(difference > 0.01)
+    assert changed >= 14  # almost every one of the 16 draws changes the image
+
+
+def test_appearance_off_keeps_the_geometry_augmentation_draws():
+    """Configs without the appearance keys (QaTa's) give the same augmented images as before they existed."""
+    from monai.transforms import Compose, RandAffined, RandScaleIntensityd, RandShiftIntensityd
+
+    config = AugmentationConfig(rotate_degrees=10, scale=0.1, translate=0.05, intensity=0.1)
+    before = Compose([  # the transforms of the augmentation before the appearance keys
+        RandAffined(keys=("image", "mask"), prob=0.7, rotate_range=math.radians(10), scale_range=0.1,
+                    translate_range=0.05 * 64, mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+    ])
+    data = _blob_set()
+
+    def images(transform) -> torch.Tensor:
+        return torch.cat([batch["image"] for batch in epoch_loader(data, 1, 0, 4, 0.3, transform, True, _runtime())])
+
+    assert torch.equal(images(augmenter(config, PreprocessConfig(size=64))), images(before))
+    assert augmenter(AugmentationConfig(), PreprocessConfig()) is None
 
 
 def test_epoch_batches_split_the_pool_across_processes():

@@ -149,7 +149,10 @@ def _approximate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .data import dataset_report_sides, load_split
+    import numpy as np
+
+    from .corruptions import corrupt_image, parse_corruptions
+    from .data import dataset_report_sides, load_pair, load_split
 
     if args.limit is not None and args.limit < 1:
         raise LgsegError(f"--limit must be at least 1, not {args.limit}")
@@ -159,6 +162,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         samples = samples[:args.limit]
     if not samples:
         raise LgsegError(f"the {args.split} split of '{args.data_dir}' has no images; choose another split or folder")
+    corruptions = parse_corruptions(args.corrupt) if args.corrupt else []
 
     from .evaluation import evaluate  # imports torch: only once the data set is known to be usable
     from .inference import Segmenter
@@ -172,13 +176,21 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"warning: '{args.data_dir}' has no dataset.json declaring report_sides; its reports are read in the "
               f"model's own convention ({data_sides}); pass --sides to say otherwise", file=sys.stderr)
     progress = _Progress(f"evaluating {args.split}", enabled=not args.quiet, unit="image")
+
+    def load(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = load_pair(sample)
+        return corrupt_image(image, corruptions, segmenter.preprocess.size), mask
+
     try:
-        evaluation = evaluate(segmenter, samples, args.reports, sides=data_sides, progress=progress)
+        evaluation = evaluate(segmenter, samples, args.reports, sides=data_sides, progress=progress,
+                              load=load if corruptions else load_pair)
     finally:
         progress.close()
     result, threshold = evaluation.scores, segmenter.package.config.threshold
     without_report = evaluation.without_report
-    probes = _probes(segmenter, samples, args) if args.probes and data_sides == "image" else {}
+    # The probes read the clean images: with --corrupt they are left out rather than reported for other images.
+    probes = (_probes(segmenter, samples, args) if args.probes and data_sides == "image" and not corruptions
+              else {})
     summary = {
         "dice": round(result.dice, 6),
         "iou": round(result.iou, 6),
@@ -189,6 +201,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "without_report": without_report,
         "split": args.split,
         "sides": data_sides,
+        "corrupt": ",".join(str(c) for c in corruptions) or None,
         "model": segmenter.package.name,
         "threshold": threshold,
         "seconds": round(evaluation.seconds, 2),
@@ -200,6 +213,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         guidance = ("the reports" if args.reports == "given" else "the prototype bank (reports ignored)")
         print(f"{result.n} {args.split} images of {args.data_dir}, guided by {guidance} (left/right: {data_sides}), "
               f"model {summary['model']}")
+        if corruptions:
+            print(f"images corrupted: {summary['corrupt']}")
         print(f"Dice {result.dice:.4f}  IoU {result.iou:.4f}  (micro-averaged over all pixels, as in the papers)")
         print(f"mean per-image Dice {result.mean_dice:.4f}  IoU {result.mean_iou:.4f}")
         if args.reports == "given" and without_report:
@@ -328,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     evaluate.add_argument("--sides", choices=("image", "patient", "none"),
                           help="what left and right mean in the data set's reports (default: its dataset.json)")
+    evaluate.add_argument("--corrupt", metavar="SPEC",
+                          help="corrupt each 8-bit image first, at fixed severities applied in order, e.g. "
+                               "jpeg:30,blur:2 (names: hue, saturation, colour, gamma, blur, jpeg; see "
+                               "languageguidedseg/corruptions.py); skips the probes")
     evaluate.add_argument("--no-probes", dest="probes", action="store_false",
                           help="skip the steering and laterality probes (run where the data set's reports name the "
                                "image's sides)")

@@ -103,7 +103,8 @@ class BankConfig(Config):
 
 @dataclass
 class AugmentationConfig(Config):
-    """MONAI random affine and intensity changes; never flips, because reports name the patient's sides."""
+    """MONAI random affine and intensity changes (never flips, because reports name the patient's sides), and the
+    appearance of other cameras and clinics (Training/training/augment.py); every one off by default."""
 
     rotate_degrees: float = 0.0
     scale: float = 0.0  # relative zoom range, e.g. 0.1 = +-10 %
@@ -111,10 +112,31 @@ class AugmentationConfig(Config):
     intensity: float = 0.0  # relative scale and shift of intensities
     affine_probability: float = 0.7
     intensity_probability: float = 0.5
+    # Appearance, drawn on the image in [0, 1] (languageguidedseg.corruptions, the operations of lgseg evaluate
+    # --corrupt); each applied with appearance_probability.
+    colour_balance: float = 0.0  # each RGB channel times its own 1 +- colour_balance
+    hue_degrees: float = 0.0  # hue turned by up to +- hue_degrees
+    saturation: float = 0.0  # saturation times 1 +- saturation
+    gamma: float = 0.0  # contrast: intensities to the power 1 +- gamma
+    blur_sigma: float = 0.0  # Gaussian blur, sigma from 0.25 to blur_sigma pixels of the network's input
+    jpeg_quality: int = 0  # JPEG round trip at a quality from jpeg_quality to 95; 0 = off
+    appearance_probability: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.jpeg_quality <= 95:
+            raise LgsegError(f"augmentation jpeg_quality must lie in 1-95 (0 = off), not {self.jpeg_quality}")
+        if not 0.0 <= self.appearance_probability <= 1.0:
+            raise LgsegError(f"augmentation appearance_probability must lie in [0, 1], not "
+                             f"{self.appearance_probability}")
 
     @property
     def enabled(self) -> bool:
         return any((self.rotate_degrees, self.scale, self.translate, self.intensity))
+
+    @property
+    def appearance_enabled(self) -> bool:
+        return any((self.colour_balance, self.hue_degrees, self.saturation, self.gamma, self.blur_sigma,
+                    self.jpeg_quality))
 
 
 @dataclass

@@ -7,7 +7,6 @@ uninterrupted one exactly, whatever the number of loader workers.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -24,7 +23,7 @@ from languageguidedseg.preprocess import PreprocessConfig, prepare_slices
 from languageguidedseg.reports import ReportParser
 from languageguidedseg.text import TextEncoder
 
-from .config import AugmentationConfig, DataConfig
+from .config import DataConfig
 from .runtime import Runtime
 
 # An epoch's seed is SEED_STRIDE * seed + epoch: the sampler's shuffle and the epoch's draws share it.
@@ -146,21 +145,6 @@ def preload(samples: list[Sample], preprocess: PreprocessConfig, reports: Report
     stacked = torch.stack(edit_masks) if edit_masks else torch.zeros(0, 1, size, size, dtype=torch.bool)
     return Preloaded(samples, images, masks, reports.rows(samples), edit_reports, stacked,
                      torch.cumsum(count, 0) - count, count)
-
-
-def augmenter(config: AugmentationConfig, size: int) -> Optional[Any]:
-    """MONAI dictionary transforms moving image and mask together; no flips, because reports name the sides."""
-    if not config.enabled:
-        return None
-    from monai.transforms import Compose, RandAffined, RandScaleIntensityd, RandShiftIntensityd
-
-    return Compose([
-        RandAffined(keys=("image", "mask"), prob=config.affine_probability,
-                    rotate_range=math.radians(config.rotate_degrees), scale_range=config.scale,
-                    translate_range=config.translate * size, mode=("bilinear", "nearest"), padding_mode="zeros"),
-        RandScaleIntensityd(keys="image", factors=config.intensity, prob=config.intensity_probability),
-        RandShiftIntensityd(keys="image", offsets=config.intensity, prob=config.intensity_probability),
-    ])
 
 
 @dataclass

@@ -28,7 +28,8 @@ from languageguidedseg.text import TextEncoder
 from . import export
 from .bank import BankMembers, align_query, fill_bank, join_bank, refresh_bank_keys
 from .config import NOT_SHAPING_RESULTS, REPO_ROOT, TrainConfig, flatten
-from .data import Reports, augmenter, epoch_loader, load_samples, preload
+from .augment import augmenter
+from .data import Reports, epoch_loader, load_samples, preload
 from .optim import build_optimizer, replace_parameter, warmup_cosine
 from .runtime import Runtime
 
@@ -142,7 +143,7 @@ class Trainer:
 
         c, runtime = self.config, self.runtime
         bank_ready = epoch >= c.bank.warmup_epochs
-        transform = augmenter(c.augmentation, c.preprocessing.size)
+        transform = augmenter(c.augmentation, c.preprocessing)
         workers = runtime.loader_workers(c.data.workers, augmenting=transform is not None)
         loader = epoch_loader(self.train, epoch, c.seed, c.optimisation.batch_size, c.optimisation.report_dropout,
                               transform, bank_ready, runtime, workers, c.data.report_edits)
