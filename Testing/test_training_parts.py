@@ -15,8 +15,8 @@ sys.path.insert(0, str(REPO / "Training"))
 
 from languageguidedseg.errors import LgsegError  # noqa: E402
 from languageguidedseg.preprocess import PreprocessConfig  # noqa: E402
-from training.config import AugmentationConfig, OptimisationConfig, TrainConfig, load_config  # noqa: E402
 from training.augment import augmenter  # noqa: E402
+from training.config import AugmentationConfig, OptimisationConfig, TrainConfig, load_config  # noqa: E402
 from training.data import Preloaded, epoch_loader  # noqa: E402
 from training.optim import warmup_cosine  # noqa: E402
 from training.runtime import Runtime  # noqa: E402

@@ -72,8 +72,14 @@ def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig) -> Optio
     None when every augmentation is off."""
     if not (config.enabled or config.appearance_enabled):
         return None
-    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandGaussianSmoothd,
-                                  RandScaleIntensityd, RandShiftIntensityd)
+    from monai.transforms import (
+        Compose,
+        RandAdjustContrastd,
+        RandAffined,
+        RandGaussianSmoothd,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+    )
 
     size = preprocess.size
     transforms: list[Any] = []

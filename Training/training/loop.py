@@ -26,9 +26,9 @@ from languageguidedseg.reports import get_parser
 from languageguidedseg.text import TextEncoder
 
 from . import export
+from .augment import augmenter
 from .bank import BankMembers, align_query, fill_bank, join_bank, refresh_bank_keys
 from .config import NOT_SHAPING_RESULTS, REPO_ROOT, TrainConfig, flatten
-from .augment import augmenter
 from .data import Reports, epoch_loader, load_samples, preload
 from .optim import build_optimizer, replace_parameter, warmup_cosine
 from .runtime import Runtime
