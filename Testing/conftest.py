@@ -102,7 +102,9 @@ def tiny_model(tmp_path_factory) -> Path:
     from languageguidedseg.preprocess import PreprocessConfig
 
     torch.manual_seed(0)
-    network = LanguageGuidedSegNet(NetworkConfig(bank_size=6, decoder_channels=(64, 48, 32, 24, 16)))
+    # Like the shipped packages: a pooled bank without guided-approximation blocks (their own tests cover those).
+    network = LanguageGuidedSegNet(NetworkConfig(bank_size=6, decoder_channels=(64, 48, 32, 24, 16),
+                                                 guided_approximation=False))
     network.bank.fill(torch.randn(6, 384), torch.randn(6, 384), torch.arange(6))
     config = ModelConfig(name="tiny", task="test model", licence="Apache-2.0",
                          preprocessing=PreprocessConfig().to_dict(), segment_name="Infection",
