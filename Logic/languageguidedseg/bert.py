@@ -25,8 +25,9 @@ from .fileio import PathLike
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-# The config.json values this implementation covers; other values go through transformers.
-_SUPPORTED = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
+# The config.json values this implementation covers (these are transformers' defaults when a key is absent); other
+# values go through transformers.
+_SUPPORTED = {"hidden_act": "gelu", "position_embedding_type": "absolute"}
 
 
 @dataclass(frozen=True)

@@ -263,12 +263,11 @@ class Segmenter:
         if not len(probabilities):
             return []
         bank = self.network.bank
-        query = bank.query(self.network.image_embedding(image_features), top_k=bank.size)
+        similarities, indices = bank.rank(self.network.image_embedding(image_features), top_k=bank.size)
         threshold, sides = self.package.config.threshold, self._prototype_sides
         ranked = []
-        for indices, sims, slice_probabilities in zip(query.indices.tolist(), query.similarities.tolist(),
-                                                      probabilities):
-            pairs = list(zip(indices, sims))
+        for row, sims, slice_probabilities in zip(indices.tolist(), similarities.tolist(), probabilities):
+            pairs = list(zip(row, sims))
             side = mask_laterality(slice_probabilities > threshold) if sides else None
             if sides and side is not None:
                 pairs.sort(key=lambda pair: sides[pair[0]] != side)  # a stable sort: similarity order within

@@ -73,13 +73,18 @@ class PrototypeBank(nn.Module):
         self.token_mask = None if token_mask is None else token_mask.bool().to(device)
         self.classes = classes.long().to(device)
 
-    def query(self, image_embedding: torch.Tensor, top_k: int | None = None) -> BankQuery:
-        """Top-k prototypes by cosine similarity of ``image_embedding [B, D]`` to the image keys."""
+    def rank(self, image_embedding: torch.Tensor, top_k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Similarities and indices ``[B, k]`` of the top-k prototypes by cosine similarity of ``image_embedding
+        [B, D]`` to the image keys, without gathering their text (ranking every prototype stays cheap)."""
         if self.size == 0:
             raise LgsegError("this model has no prototype bank; give a report, or use a model trained with a bank")
         k = min(top_k or self.top_k, self.size)
         sims = nn.functional.normalize(image_embedding.float(), dim=-1) @ self.image_keys.t()
-        best, idx = sims.topk(k, dim=-1)
+        return sims.topk(k, dim=-1)
+
+    def query(self, image_embedding: torch.Tensor, top_k: int | None = None) -> BankQuery:
+        """The top-k prototypes of :meth:`rank` with their text tokens, the guidance for the decoder."""
+        best, idx = self.rank(image_embedding, top_k)
         if self.token_mask is None:
             tokens = self.text_values[idx]
             mask = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)

@@ -133,7 +133,7 @@ def join_bank(network: LanguageGuidedSegNet, data: Preloaded, reports: list[str]
     members: list = [None]
     if runtime.main:
         with_report = [i for i, r in enumerate(data.report_index.tolist()) if r >= 0]
-        nearest = network.bank.query(image_embeddings(network, data, with_report, runtime), top_k=1).indices[:, 0]
+        nearest = network.bank.rank(image_embeddings(network, data, with_report, runtime), top_k=1)[1][:, 0]
         members = [[[s for s, p in zip(with_report, nearest.tolist()) if p == k] for k in range(network.bank.size)]]
     return BankMembers(runtime.broadcast(members)[0], [], list(reports))
 
