@@ -143,3 +143,19 @@ def test_other_architectures_load_through_transformers(distilbert_encoder):
     with torch.no_grad():
         expected = AutoModel.from_pretrained(distilbert_encoder)(**batch).last_hidden_state
     torch.testing.assert_close(other.encode(["left lung"]).tokens, expected)
+
+
+def test_one_encoder_serves_several_threads():
+    """The web page's server and Slicer's timers share one encoder: encodes at once give the serial result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reports = [f"{QATA_REPORT} case {i}" + (" " + LONG_REPORT if i % 2 else "") for i in range(160)]
+    serial = TextEncoder(cache_size=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long reports' truncation warning
+        expected = [serial.encode([r]).tokens for r in reports]
+        shared = TextEncoder(cache_size=1)  # no cache hits: every call tokenises and encodes
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            got = list(pool.map(lambda r: shared.encode([r]).tokens, reports))
+    for a, b in zip(expected, got):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)

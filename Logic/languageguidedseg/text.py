@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -103,6 +104,9 @@ class TextEncoder:
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
         self.encoded_count = 0  # how many reports actually went through the encoder (cache misses)
+        # The tokenizer's truncation/padding settings and the cache are shared state: one encoder serves every
+        # thread (the web page's server, a Slicer timer), one encode at a time.
+        self._lock = threading.Lock()
 
     def _tokenize(self, reports: list[str], max_length: int) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` ``[N, L]``, padded to the longest report, at most ``max_length``."""
@@ -142,7 +146,11 @@ class TextEncoder:
             return out
 
     def encode(self, reports: Sequence[str]) -> TextEncoding:
-        """Encode reports to padded token features ``[N, L, D]`` and mask ``[N, L]`` (L <= max_tokens)."""
+        """Encode reports to padded token features ``[N, L, D]`` and mask ``[N, L]`` (L <= max_tokens); thread-safe."""
+        with self._lock:
+            return self._encode(reports)
+
+    def _encode(self, reports: Sequence[str]) -> TextEncoding:
         texts = []
         for report in reports:
             text = normalize_report(report)
