@@ -131,7 +131,7 @@ class TextEncoder:
             if int(batch["attention_mask"].sum(1).max()) > self.max_tokens:
                 # Truncation keeps the first tokens; the report text itself is never echoed (it may identify a
                 # patient).
-                warnings.warn(f"a report is longer than {self.max_tokens} tokens and was truncated", stacklevel=2)
+                warnings.warn(f"a report is longer than {self.max_tokens} tokens and was truncated", stacklevel=4)
                 batch = self._tokenize(list(reports), self.max_tokens)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             if self._native:
