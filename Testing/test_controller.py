@@ -183,6 +183,18 @@ def test_cancel_and_failure_leave_the_scene_unchanged(scene, segmenter, tmp_path
     controller.wait(120)
     before = _assert_cancel_leaves_scene(controller, events, scene, parameters, "right lower lobe", 120)
 
+    # Cancelled after the model finished but before the GUI thread took the result: dropped all the same.
+    events.clear()
+    controller.set_report("left upper lobe")
+    controller.run()
+    controller._run.thread.join(120)
+    controller.cancel()
+    controller.wait(120)
+    assert "cancelled" in _names(events) and "result" not in _names(events)
+    ids, mask = _scene_state(scene, parameters)
+    assert ids == before[0]
+    np.testing.assert_array_equal(mask, before[1])
+
     # A failing run (a model that does not exist): the error is reported, nothing is written.
     events.clear()
     failing = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu",

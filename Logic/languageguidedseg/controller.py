@@ -566,8 +566,11 @@ class ReportLoopController:
         self.last_run_kind = run.kind
         stale = run.generation != self._generation
         self.fell_back_to_cpu = run.fell_back_to_cpu
+        # A run cancelled after its last batch (the thread or the worker process finished before it saw the cancel)
+        # is dropped too: the user asked for the scene to stay as it was.
+        cancelled = event == "cancelled" or (event == "done" and run.cancel_event.is_set())
         try:
-            if event == "cancelled" or stale:
+            if cancelled or stale:
                 if not stale:
                     self._emit("status", "Cancelled; the scene was not changed.")
                     self._emit("cancelled", None)
