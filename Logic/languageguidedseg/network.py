@@ -258,9 +258,14 @@ class LanguageGuidedSegNet(nn.Module):
         self.contrast_visual = nn.ModuleList(nn.Linear(c, config.contrast_dim) for c in dec)
         self.contrast_text = nn.ModuleList(nn.Linear(config.text_dim, config.contrast_dim) for _ in dec)
 
+    @staticmethod
+    def query_features(deepest: torch.Tensor) -> torch.Tensor:
+        """The encoder's deepest feature map pooled as the bank query's head takes it ``[B, C]``."""
+        return deepest.mean(dim=(2, 3)).float()
+
     def image_embedding(self, deepest: torch.Tensor) -> torch.Tensor:
         """The bank query vector ``[B, text_dim]`` from the encoder's deepest feature map."""
-        return self.embed_head(deepest.mean(dim=(2, 3)).float())
+        return self.embed_head(self.query_features(deepest))
 
     def forward(self, images: torch.Tensor, tokens: Optional[torch.Tensor] = None,
                 token_mask: Optional[torch.Tensor] = None, use_bank: Optional[torch.Tensor] = None,

@@ -21,24 +21,22 @@ def image_embeddings(network: LanguageGuidedSegNet, data: Preloaded, indices: li
                      batch_size: int = 64) -> torch.Tensor:
     """Eval-mode bank query vectors of some preloaded samples."""
     pooled = pooled_features(network, data, indices, runtime, batch_size)
-    out = []
-    for start in range(0, len(indices), batch_size):
-        with runtime.autocast():
-            out.append(network.embed_head(pooled[start:start + batch_size].to(runtime.device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, network.config.text_dim)
+    with runtime.autocast():
+        return network.embed_head(pooled.to(runtime.device)).float().cpu()
 
 
 @torch.no_grad()
 def pooled_features(network: LanguageGuidedSegNet, data: Preloaded, indices: list[int], runtime: Runtime,
                     batch_size: int = 64) -> torch.Tensor:
-    """Eval-mode encoder features of some preloaded samples, pooled as the bank's query pools them ``[N, C]``."""
+    """Eval-mode encoder features of some preloaded samples, pooled as the bank's query pools them ``[N, C]``
+    (:meth:`LanguageGuidedSegNet.query_features`)."""
     network.eval()
     out = []
     for start in range(0, len(indices), batch_size):
         batch = data.images[indices[start:start + batch_size]].float().to(runtime.device,
                                                                           memory_format=torch.channels_last)
         with runtime.autocast():
-            out.append(network.encoder(batch)[-1].float().mean(dim=(2, 3)).cpu())
+            out.append(network.query_features(network.encoder(batch)[-1]).cpu())
     network.train()
     return torch.cat(out) if out else torch.zeros(0, network.encoder.channels[-1])
 
