@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import QATA_REPORT
 from languageguidedseg.data import load_pair, load_split
 from languageguidedseg.edits import kvasir_edits, qata_edits, report_edits
-from languageguidedseg.laterality import left_share, mask_laterality, report_laterality
+from languageguidedseg.laterality import left_share, probability_laterality, report_laterality, side_presence
 from languageguidedseg.probes import LEFT_REPORT, RIGHT_REPORT, laterality_probe, steering_probe
 
 
@@ -26,18 +27,31 @@ def test_report_laterality(text, expected):
 
 def test_mask_sides():
     mask = np.zeros((100, 101), dtype=bool)
-    assert np.isnan(left_share(mask)) and mask_laterality(mask) is None
+    assert np.isnan(left_share(mask))
     mask[40:60, 5:30] = True
-    assert left_share(mask) == 1.0 and mask_laterality(mask) == "left"
-    mask[40:42, 80:82] = True  # a speck on the other side does not make it bilateral
-    assert mask_laterality(mask) == "left"
-    mask[40:60, 70:95] = True
-    assert mask_laterality(mask) == "bilateral"
+    assert left_share(mask) == 1.0
     mask[:, :50] = False
-    assert left_share(mask) == 0.0 and mask_laterality(mask) == "right"
+    mask[40:60, 70:95] = True
+    assert left_share(mask) == 0.0
     middle = np.zeros((4, 5), dtype=bool)
     middle[:, 2] = True  # the middle column of an odd width is split between the halves
     assert left_share(middle) == 0.5
+
+
+def test_laterality_of_probabilities():
+    """A side is involved where its most confident 0.5% of the half is foreground: a confident trace counts, a faint
+    haze over a whole half does not."""
+    probabilities = np.zeros((200, 201), dtype=np.float32)
+    probabilities[40:60, 5:30] = 0.9
+    assert side_presence(torch.from_numpy(probabilities)).tolist() == pytest.approx([0.9, 0.0])
+    assert probability_laterality(probabilities) == "left"
+    probabilities[:, 101:] = 0.4  # haze on the right
+    assert probability_laterality(probabilities) == "left"
+    probabilities[150:155, 150:160] = 0.95  # 50 pixels: exactly the top 0.5% of the right half (200 x 100)
+    assert probability_laterality(probabilities) == "bilateral"
+    probabilities[40:60, 5:30] = 0.2
+    assert probability_laterality(probabilities) == "right"
+    assert probability_laterality(np.zeros((8, 8), dtype=np.float32)) is None  # no foreground: a tie
 
 
 def test_qata_edit_names_one_side_and_keeps_its_half_of_the_mask():

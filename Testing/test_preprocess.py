@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from languageguidedseg.errors import LgsegError
-from languageguidedseg.preprocess import PreprocessConfig, prepare_slices, restore_size, scale_intensity
+from languageguidedseg.preprocess import PreprocessConfig, prepare_slices, restore_size, scale_intensity, zoom
 
 CONFIG = PreprocessConfig()
 
@@ -128,3 +128,14 @@ def test_config_with_an_unknown_key_is_refused_by_name():
 def test_bad_config_is_a_user_error(values):
     with pytest.raises(LgsegError):
         PreprocessConfig.from_dict(values)
+
+
+def test_zoom_magnifies_about_the_centre_and_back():
+    image = torch.zeros(1, 1, 100, 100)
+    image[:, :, 40:60, 40:60] = 1.0
+    assert torch.allclose(zoom(image, 1.0), image, atol=1e-5)
+    assert float(zoom(image, 2.0).sum()) == pytest.approx(4 * 400, rel=0.02)  # twice the width and height
+    assert float(zoom(image, 0.5).sum()) == pytest.approx(400 / 4, rel=0.05)
+    ramp = torch.linspace(0, 1, 100).expand(1, 1, 100, 100).contiguous()  # a smooth image survives the round trip
+    back = zoom(zoom(ramp, 1.1), 1 / 1.1)
+    assert torch.allclose(back[..., 10:90, 10:90], ramp[..., 10:90, 10:90], atol=1e-3)

@@ -16,10 +16,10 @@ import torch
 
 from .errors import LgsegError
 from .fileio import PathLike
-from .laterality import mask_laterality, report_laterality
+from .laterality import probability_laterality, report_laterality
 from .network import LanguageGuidedSegNet, fold_batchnorm, fuse_convolutions
 from .package import ModelConfig, ModelPackage, load_package
-from .preprocess import PreprocessConfig, prepare_slices, restore_size
+from .preprocess import PreprocessConfig, prepare_slices, restore_size, zoom
 from .sides import Geometry, Orientation, check_sides, orientation_of, result_sides, sides_label, translate_report
 from .text import TextEncoder, normalize_report
 
@@ -217,19 +217,24 @@ class Segmenter:
                 raise SegmentationCancelled()
             batch = slices[start:start + self.batch_size]
             images = prepare_slices(batch, self.preprocess).to(self.device, memory_format=torch.channels_last)
+            bank_rows: list[int] = []
             if per_slice:
                 out = self._mixed_forward(images, texts[start:start + len(batch)])
                 logits = out["logits"]
+                bank_rows = [i for i in range(len(batch)) if texts[start + i] is None]
             elif guidance is None:
                 out = self.network(images, return_features=True)
                 logits = out["logits"]
+                bank_rows = list(range(len(batch)))
             else:
                 tokens, mask = guidance
                 logits = self.network(images, tokens.expand(len(batch), -1, -1), mask.expand(len(batch), -1))
-            probs = restore_size(torch.sigmoid(logits.float()), batch.shape[1:3]).cpu().numpy()
+            maps = torch.sigmoid(logits.float())
+            if bank_rows:
+                maps[bank_rows] = self._zoom_average(images[bank_rows], maps[bank_rows])
+            probs = restore_size(maps, batch.shape[1:3]).cpu().numpy()
             probabilities[start:start + len(batch)] = probs
             if per_slice or guidance is None:
-                bank_rows = [i for i in range(len(batch)) if not per_slice or texts[start + i] is None]
                 ranked = self._rank_prototypes(out["image_features"][bank_rows], probs[bank_rows])
                 best = dict(zip(bank_rows, (pairs[0] for pairs in ranked)))
                 nearest += [best[i][0] if i in best else -1 for i in range(len(batch))]
@@ -256,19 +261,30 @@ class Segmenter:
             out = self.network(images, tokens, mask, use_bank=use_bank, return_features=True)
         return out
 
+    def _zoom_average(self, images: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+        """Bank-guided probabilities ``[N, 1, s, s]`` of ``images`` averaged with those of the images zoomed by the
+        model's ``no_report_scales`` (mapped back), a test-time augmentation of the no-report mode."""
+        scales = [scale for scale in self.package.config.no_report_scales if scale != 1.0]
+        total = probabilities.clone()
+        for scale in scales:
+            zoomed = torch.sigmoid(self.network(zoom(images, scale)).float())
+            total += zoom(zoomed, 1.0 / scale)
+        return total / (1 + len(scales))
+
     def _rank_prototypes(self, image_features: torch.Tensor,
                          probabilities: np.ndarray) -> list[list[tuple[int, float]]]:
         """Every prototype per slice as (index, similarity), most similar first; where the model's reports name
-        sides, the prototypes whose report agrees with the slice's mask come first (similarity order within)."""
+        sides, the prototypes whose report names the sides where the slice's probabilities say foreground lies
+        (:func:`~languageguidedseg.laterality.probability_laterality`) come first (similarity order within)."""
         if not len(probabilities):
             return []
         bank = self.network.bank
         similarities, indices = bank.rank(self.network.image_embedding(image_features), top_k=bank.size)
-        threshold, sides = self.package.config.threshold, self._prototype_sides
+        sides = self._prototype_sides
         ranked = []
         for row, sims, slice_probabilities in zip(indices.tolist(), similarities.tolist(), probabilities):
             pairs = list(zip(row, sims))
-            side = mask_laterality(slice_probabilities > threshold) if sides else None
+            side = probability_laterality(slice_probabilities, self.package.config.side_presence) if sides else None
             if sides and side is not None:
                 pairs.sort(key=lambda pair: sides[pair[0]] != side)  # a stable sort: similarity order within
             ranked.append(pairs)
@@ -361,7 +377,8 @@ class Segmenter:
         one = stack[index:index + 1]
         images = prepare_slices(one, self.preprocess).to(self.device, memory_format=torch.channels_last)
         out = self.network(images, return_features=True)
-        probabilities = restore_size(torch.sigmoid(out["logits"].float()), one.shape[1:3]).cpu().numpy()
+        maps = self._zoom_average(images, torch.sigmoid(out["logits"].float()))
+        probabilities = restore_size(maps, one.shape[1:3]).cpu().numpy()
         ranked = self._rank_prototypes(out["image_features"], probabilities)[0][:top_k or self.network.bank.top_k]
         top = [(translate_report(self.prototype_report(i), self.report_sides, sides, orientation), float(s))
                for i, s in ranked]

@@ -7,17 +7,21 @@ of the array are the left half.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
+import torch
 
 from .reports import ZONES, parse_qata_report
 
 LATERALITIES = ("bilateral", "left", "right")
-# A side counts as involved when the mask covers at least this share of the image's area there (chosen on 1500
-# QaTa training images with the shipped model: balanced accuracy 0.86 against the true reports; a share-of-mask
-# rule did worse, 0.84, as small spurious specks on the other side are common).
-SIDE_AREA = 0.015
+# A side counts as involved where its most confident SIDE_SHARE of the image half is confidently foreground (the mean
+# probability there reaches the model's side_presence). With the true QaTa val masks (presence 0.5: 0.25% of the half
+# covered) this agrees with the true reports' laterality in 99% (balanced accuracy). Area rules on the thresholded
+# mask do worse with a network's masks (val, shipped qata-cxr: 0.75 against 0.78): small spurious specks on the other
+# side and faint true areas are common.
+SIDE_SHARE = 0.005
 
 
 def report_laterality(text: Optional[str]) -> Optional[str]:
@@ -51,15 +55,31 @@ def left_share(mask: np.ndarray) -> float:
     return float((columns * weights).sum() / total)
 
 
-def mask_laterality(mask: np.ndarray, min_area: float = SIDE_AREA) -> Optional[str]:
-    """``bilateral`` when the mask covers at least ``min_area`` of the image's area in each half, else the half
-    with more mask; None for an empty mask."""
-    mask = np.asarray(mask, dtype=np.float64)
-    share = left_share(mask)
-    if np.isnan(share):
-        return None
-    total = mask.sum()
-    left, right = share * total, (1.0 - share) * total
-    if min(left, right) >= min_area * mask.size:
+def side_presence(probabilities: torch.Tensor, share: float = SIDE_SHARE) -> torch.Tensor:
+    """How surely each image half holds foreground: the mean of its ``share`` highest probabilities.
+
+    ``[..., H, W]`` -> ``[..., 2]`` (left half, right half); of an odd width the middle column belongs to neither.
+    On a binary mask this is ``min(1, area / (share * half area))`` per half.
+    """
+    height, width = probabilities.shape[-2:]
+    half = width // 2
+    k = max(1, round(share * height * half))
+    halves = (probabilities[..., :half], probabilities[..., width - half:])
+    return torch.stack([h.flatten(-2).topk(k, dim=-1).values.mean(-1) for h in halves], dim=-1)
+
+
+def presence_laterality(presence: Sequence[float], threshold: float = 0.5) -> Optional[str]:
+    """``bilateral`` when both halves' :func:`side_presence` reach ``threshold``, else the half with the higher
+    presence; None for a tie (no foreground anywhere)."""
+    left, right = (float(v) for v in presence)
+    if min(left, right) >= threshold:
         return "bilateral"
-    return "left" if left >= right else "right"
+    if left == right:
+        return None
+    return "left" if left > right else "right"
+
+
+def probability_laterality(probabilities: np.ndarray, threshold: float = 0.5) -> Optional[str]:
+    """The laterality of a 2D probability map ``[H, W]`` (see :data:`SIDE_SHARE`)."""
+    presence = side_presence(torch.from_numpy(np.asarray(probabilities, dtype=np.float32)))
+    return presence_laterality(presence, threshold)

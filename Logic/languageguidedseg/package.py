@@ -75,6 +75,11 @@ class ModelConfig(Config):
     # No default: save_package refuses a package that does not say.
     report_sides: Optional[str] = None
     report_parser: Optional[str] = None
+    # Without a report: the scales at which the image is also segmented (zoomed about its centre) before the
+    # probabilities are averaged ((1.0,): one pass), and the side presence from which the approximated report names
+    # a side (laterality.py). Chosen on the validation split (Training/README.md).
+    no_report_scales: tuple[float, ...] = (1.0,)
+    side_presence: float = 0.5
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 

@@ -104,6 +104,14 @@ def restore_size(probabilities: torch.Tensor, shape: tuple[int, int]) -> torch.T
     return maps[:, 0].contiguous()
 
 
+def zoom(batch: torch.Tensor, scale: float) -> torch.Tensor:
+    """``[N, C, H, W]`` magnified by ``scale`` about the centre, same size (bilinear; beyond the image its border
+    repeats). ``zoom(zoom(x, s), 1 / s)`` gives back ``x`` where the zoomed image still showed it."""
+    theta = batch.new_tensor([[1 / scale, 0.0, 0.0], [0.0, 1 / scale, 0.0]]).expand(len(batch), 2, 3)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def _check_stack(stack: np.ndarray) -> None:
     if stack.ndim == 3 or (stack.ndim == 4 and stack.shape[-1] == 3):
         if 0 in stack.shape:

@@ -36,6 +36,8 @@ class PackageConfig(Config):
     segment_name: str = ModelConfig.segment_name
     segment_color: tuple[float, float, float] = ModelConfig.segment_color
     threshold: float = ModelConfig.threshold
+    no_report_scales: tuple[float, ...] = ModelConfig.no_report_scales
+    side_presence: float = ModelConfig.side_presence
 
 
 @dataclass
