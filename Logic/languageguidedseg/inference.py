@@ -18,7 +18,7 @@ from .errors import LgsegError
 from .fileio import PathLike
 from .laterality import probability_laterality, report_laterality
 from .network import LanguageGuidedSegNet, fold_batchnorm, fuse_convolutions
-from .package import ModelConfig, ModelPackage, load_package
+from .package import FLIP_AXES, ModelConfig, ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size, zoom
 from .sides import Geometry, Orientation, check_sides, orientation_of, result_sides, sides_label, translate_report
 from .text import TextEncoder, normalize_report
@@ -231,7 +231,7 @@ class Segmenter:
                 logits = self.network(images, tokens.expand(len(batch), -1, -1), mask.expand(len(batch), -1))
             maps = torch.sigmoid(logits.float())
             if bank_rows:
-                maps[bank_rows] = self._zoom_average(images[bank_rows], maps[bank_rows])
+                maps[bank_rows] = self._average_views(images[bank_rows], maps[bank_rows])
             probs = restore_size(maps, batch.shape[1:3]).cpu().numpy()
             probabilities[start:start + len(batch)] = probs
             if per_slice or guidance is None:
@@ -261,15 +261,20 @@ class Segmenter:
             out = self.network(images, tokens, mask, use_bank=use_bank, return_features=True)
         return out
 
-    def _zoom_average(self, images: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
-        """Bank-guided probabilities ``[N, 1, s, s]`` of ``images`` averaged with those of the images zoomed by the
-        model's ``no_report_scales`` (mapped back), a test-time augmentation of the no-report mode."""
-        scales = [scale for scale in self.package.config.no_report_scales if scale != 1.0]
+    def _average_views(self, images: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+        """Bank-guided probabilities ``[N, 1, s, s]`` of ``images`` averaged with those of the model's zoomed and
+        mirrored views (``no_report_scales``, ``no_report_flips``), each mapped back: test-time augmentation."""
+        config = self.package.config
+        views: list[tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = [
+            (functools.partial(zoom, scale=scale), functools.partial(zoom, scale=1.0 / scale))
+            for scale in config.no_report_scales if scale != 1.0]
+        for flip in config.no_report_flips:
+            mirror = functools.partial(torch.flip, dims=(FLIP_AXES[flip],))
+            views.append((mirror, mirror))
         total = probabilities.clone()
-        for scale in scales:
-            zoomed = torch.sigmoid(self.network(zoom(images, scale)).float())
-            total += zoom(zoomed, 1.0 / scale)
-        return total / (1 + len(scales))
+        for forward, back in views:
+            total += back(torch.sigmoid(self.network(forward(images)).float()))
+        return total / (1 + len(views))
 
     def _rank_prototypes(self, image_features: torch.Tensor,
                          probabilities: np.ndarray) -> list[list[tuple[int, float]]]:
@@ -377,7 +382,7 @@ class Segmenter:
         one = stack[index:index + 1]
         images = prepare_slices(one, self.preprocess).to(self.device, memory_format=torch.channels_last)
         out = self.network(images, return_features=True)
-        maps = self._zoom_average(images, torch.sigmoid(out["logits"].float()))
+        maps = self._average_views(images, torch.sigmoid(out["logits"].float()))
         probabilities = restore_size(maps, one.shape[1:3]).cpu().numpy()
         ranked = self._rank_prototypes(out["image_features"], probabilities)[0][:top_k or self.network.bank.top_k]
         top = [(translate_report(self.prototype_report(i), self.report_sides, sides, orientation), float(s))

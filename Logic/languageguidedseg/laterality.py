@@ -82,4 +82,4 @@ def presence_laterality(presence: Sequence[float], threshold: float = 0.5) -> Op
 def probability_laterality(probabilities: np.ndarray, threshold: float = 0.5) -> Optional[str]:
     """The laterality of a 2D probability map ``[H, W]`` (see :data:`SIDE_SHARE`)."""
     presence = side_presence(torch.from_numpy(np.asarray(probabilities, dtype=np.float32)))
-    return presence_laterality(presence, threshold)
+    return presence_laterality(presence.tolist(), threshold)

@@ -53,6 +53,9 @@ CONFIG_FILE = "model.json"
 DEFAULT_MODEL = "qata-cxr"
 
 
+FLIP_AXES = {"horizontal": -1, "vertical": -2}  # no_report_flips: the image axis each mirrors
+
+
 @dataclass
 class ModelConfig(Config):
     """Everything about a model except its weights; written to ``model.json``."""
@@ -75,13 +78,22 @@ class ModelConfig(Config):
     # No default: save_package refuses a package that does not say.
     report_sides: Optional[str] = None
     report_parser: Optional[str] = None
-    # Without a report: the scales at which the image is also segmented (zoomed about its centre) before the
-    # probabilities are averaged ((1.0,): one pass), and the side presence from which the approximated report names
-    # a side (laterality.py). Chosen on the validation split (Training/README.md).
+    # Without a report the image is also segmented zoomed about its centre by each of no_report_scales and mirrored
+    # along each of no_report_flips ("horizontal", "vertical"), and the probabilities mapped back and averaged (the
+    # defaults: one pass); side_presence decides the sides that the approximated report names (laterality.py).
+    # Chosen on the validation split (Training/README.md).
     no_report_scales: tuple[float, ...] = (1.0,)
+    no_report_flips: tuple[str, ...] = ()
     side_presence: float = 0.5
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not all(scale > 0 for scale in self.no_report_scales):
+            raise LgsegError(f"no_report_scales must be positive, not {list(self.no_report_scales)}")
+        unknown = [flip for flip in self.no_report_flips if flip not in FLIP_AXES]
+        if unknown:
+            raise LgsegError(f"unknown no_report_flips {unknown}; use {', '.join(FLIP_AXES)}")
 
 
 @dataclass

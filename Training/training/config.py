@@ -37,6 +37,7 @@ class PackageConfig(Config):
     segment_color: tuple[float, float, float] = ModelConfig.segment_color
     threshold: float = ModelConfig.threshold
     no_report_scales: tuple[float, ...] = ModelConfig.no_report_scales
+    no_report_flips: tuple[str, ...] = ModelConfig.no_report_flips
     side_presence: float = ModelConfig.side_presence
 
 

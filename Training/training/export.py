@@ -29,7 +29,8 @@ def model_config(config: TrainConfig) -> ModelConfig:
         licence=package.licence, text_encoder=config.text_encoder,
         text_encoder_version=encoder_version(config.text_encoder), preprocessing=config.preprocessing.to_dict(),
         threshold=package.threshold, segment_name=package.segment_name, segment_color=package.segment_color,
-        no_report_scales=package.no_report_scales, side_presence=package.side_presence,
+        no_report_scales=package.no_report_scales, no_report_flips=package.no_report_flips,
+        side_presence=package.side_presence,
         report_sides=config.data.report_sides(), report_parser=config.data.report_parser,
     )
 
