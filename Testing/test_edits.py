@@ -9,7 +9,8 @@ import torch
 from conftest import QATA_REPORT
 from languageguidedseg.data import load_pair, load_split
 from languageguidedseg.edits import kvasir_edits, qata_edits, report_edits
-from languageguidedseg.laterality import left_share, probability_laterality, report_laterality, side_presence
+from languageguidedseg.laterality import (keep_to_side, left_share, probability_laterality, report_laterality,
+                                          side_presence)
 from languageguidedseg.probes import LEFT_REPORT, RIGHT_REPORT, laterality_probe, steering_probe
 
 
@@ -52,6 +53,20 @@ def test_laterality_of_probabilities():
     probabilities[40:60, 5:30] = 0.2
     assert probability_laterality(probabilities) == "right"
     assert probability_laterality(np.zeros((8, 8), dtype=np.float32)) is None  # no foreground: a tie
+
+
+def test_a_mask_keeps_to_the_one_side_its_report_names():
+    probabilities = np.zeros((10, 11), dtype=np.float32)
+    probabilities[2:8, 1:4] = 0.6  # left: 18 pixels
+    probabilities[2:8, 6:11] = 0.9  # right: 30 pixels, the mask's larger part
+    kept = probabilities.copy()
+    keep_to_side(kept, "right", 0.5)  # agrees already: unchanged
+    assert np.array_equal(kept, probabilities)
+    keep_to_side(kept, "bilateral", 0.5)
+    assert np.array_equal(kept, probabilities)
+    keep_to_side(kept, "left", 0.5)  # the mask would lie mostly on the right: the right half goes
+    assert left_share(kept > 0.5) == 1.0 and np.array_equal(kept[:, :5], probabilities[:, :5])
+    assert not kept[:, 5:].any()  # the middle column of an odd width too
 
 
 def test_qata_edit_names_one_side_and_keeps_its_half_of_the_mask():

@@ -16,7 +16,7 @@ import torch
 
 from .errors import LgsegError
 from .fileio import PathLike
-from .laterality import probability_laterality, report_laterality
+from .laterality import keep_to_side, probability_laterality, report_laterality
 from .network import LanguageGuidedSegNet, fold_batchnorm, fuse_convolutions
 from .package import FLIP_AXES, ModelConfig, ModelPackage, load_package
 from .preprocess import PreprocessConfig, prepare_slices, restore_size, zoom
@@ -233,12 +233,14 @@ class Segmenter:
             if bank_rows:
                 maps[bank_rows] = self._average_views(images[bank_rows], maps[bank_rows])
             probs = restore_size(maps, batch.shape[1:3]).cpu().numpy()
-            probabilities[start:start + len(batch)] = probs
             if per_slice or guidance is None:
-                ranked = self._rank_prototypes(out["image_features"][bank_rows], probs[bank_rows])
+                bank_probs = probs[bank_rows]
+                ranked = self._rank_prototypes(out["image_features"][bank_rows], bank_probs)
+                probs[bank_rows] = bank_probs
                 best = dict(zip(bank_rows, (pairs[0] for pairs in ranked)))
                 nearest += [best[i][0] if i in best else -1 for i in range(len(batch))]
                 similarity += [best[i][1] if i in best else float("nan") for i in range(len(batch))]
+            probabilities[start:start + len(batch)] = probs
             if progress is not None:
                 progress(min(start + len(batch), total), total)
         return probabilities, nearest, similarity
@@ -280,18 +282,22 @@ class Segmenter:
                          probabilities: np.ndarray) -> list[list[tuple[int, float]]]:
         """Every prototype per slice as (index, similarity), most similar first; where the model's reports name
         sides, the prototypes whose report names the sides where the slice's probabilities say foreground lies
-        (:func:`~languageguidedseg.laterality.probability_laterality`) come first (similarity order within)."""
+        (:func:`~languageguidedseg.laterality.probability_laterality`) come first (similarity order within), and
+        each slice's probabilities ``[N, H, W]`` are made to agree with the side that its first report names
+        (:func:`~languageguidedseg.laterality.keep_to_side`, in place)."""
         if not len(probabilities):
             return []
         bank = self.network.bank
         similarities, indices = bank.rank(self.network.image_embedding(image_features), top_k=bank.size)
-        sides = self._prototype_sides
+        sides, config = self._prototype_sides, self.package.config
         ranked = []
         for row, sims, slice_probabilities in zip(indices.tolist(), similarities.tolist(), probabilities):
             pairs = list(zip(row, sims))
-            side = probability_laterality(slice_probabilities, self.package.config.side_presence) if sides else None
-            if sides and side is not None:
-                pairs.sort(key=lambda pair: sides[pair[0]] != side)  # a stable sort: similarity order within
+            if sides:
+                side = probability_laterality(slice_probabilities, config.side_presence)
+                if side is not None:
+                    pairs.sort(key=lambda pair: sides[pair[0]] != side)  # a stable sort: similarity order within
+                keep_to_side(slice_probabilities, sides[pairs[0][0]], config.threshold)
             ranked.append(pairs)
         return ranked
 

@@ -83,3 +83,18 @@ def probability_laterality(probabilities: np.ndarray, threshold: float = 0.5) ->
     """The laterality of a 2D probability map ``[H, W]`` (see :data:`SIDE_SHARE`)."""
     presence = side_presence(torch.from_numpy(np.asarray(probabilities, dtype=np.float32)))
     return presence_laterality(presence.tolist(), threshold)
+
+
+def keep_to_side(probabilities: np.ndarray, side: Optional[str], threshold: float) -> None:
+    """Make a 2D map ``[H, W]`` agree with a report that names one side (in place): where the mask
+    (``probabilities > threshold``) would lie mostly in the other image half, that half's probabilities become 0."""
+    if side not in ("left", "right"):
+        return
+    share = left_share(probabilities > threshold)
+    if np.isnan(share) or (share > 0.5 if side == "left" else share < 0.5):
+        return
+    width = probabilities.shape[-1]
+    if side == "left":
+        probabilities[..., width // 2:] = 0.0
+    else:
+        probabilities[..., :(width + 1) // 2] = 0.0
