@@ -40,8 +40,9 @@ class SegmentationCancelled(Exception):  # noqa: N818 - a request the user made,
 class Approximation:
     """The prototype approximation of a report: the chosen prototype's report and its similarity, plus the top k.
 
-    Where the model's reports name sides, the most similar prototype whose report agrees with the mask that the
-    approximation produces is chosen (so the text never names a side the mask avoids), else the nearest one.
+    Where the model's reports name sides, the most similar prototype whose report names the sides where the
+    no-report probabilities say foreground lies is chosen, else the nearest one; the mask keeps to a side that the
+    report names alone (``keep_to_side``), so the text never names one side while the mask lies on the other.
     Reports are in the ``sides`` convention ("patient", "image", or "none" for models whose reports name no patient
     sides); ``orientation`` says where the image's orientation came from, ``sides_label`` says both in one line.
     """
