@@ -9,8 +9,13 @@ import torch
 from conftest import QATA_REPORT
 from languageguidedseg.data import load_pair, load_split
 from languageguidedseg.edits import kvasir_edits, qata_edits, report_edits
-from languageguidedseg.laterality import (keep_to_side, left_share, probability_laterality, report_laterality,
-                                          side_presence)
+from languageguidedseg.laterality import (
+    keep_to_side,
+    left_share,
+    probability_laterality,
+    report_laterality,
+    side_presence,
+)
 from languageguidedseg.probes import LEFT_REPORT, RIGHT_REPORT, laterality_probe, steering_probe
 
 
