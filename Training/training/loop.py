@@ -245,7 +245,9 @@ class Trainer:
             raise LgsegError(f"no checkpoint to resume at {path}; start without --resume")
         # weights_only: the checkpoint is read as tensors and plain containers, never as arbitrary objects.
         state = torch.load(path, map_location="cpu", weights_only=True)
-        before, now = flatten(state["config"]), flatten(self.config.to_dict())
+        # Read through TrainConfig: a key added since the checkpoint was written counts at its default, which keeps
+        # the behaviour from before the key existed.
+        before, now = flatten(TrainConfig.from_dict(state["config"]).to_dict()), flatten(self.config.to_dict())
         changed = sorted(k for k in set(before) | set(now)
                          if k not in NOT_SHAPING_RESULTS and before.get(k) != now.get(k))
         if changed:
