@@ -195,9 +195,11 @@ class Segmenter:
         """Foreground probabilities ``[N, H, W]`` for a stack of slices ``[N, H, W(, 3)]``.
 
         ``report`` is one report for every slice, or a sequence of one report per slice (e.g. a batch of different
-        images); None or an empty report means the prototype bank guides that slice. Returns the probabilities and,
-        in prototype mode (``report`` None or empty), each slice's approximated report as a prototype index and its
-        similarity (see :class:`Approximation`); with a sequence of reports, slices that had a report get -1 and NaN.
+        images); None or an empty report means the prototype bank guides that slice, averaged over the model's
+        zoomed and mirrored views and kept to a side that its approximated report names alone (see
+        :class:`Approximation`). Returns the probabilities and, in prototype mode (``report`` None or empty), each
+        slice's approximated report as a prototype index and its similarity; with a sequence of reports, slices that
+        had a report get -1 and NaN.
         """
         total = slices.shape[0]
         self._compile_when_worth_it(total)
