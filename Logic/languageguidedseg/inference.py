@@ -237,10 +237,11 @@ class Segmenter:
                 maps[bank_rows] = self._average_views(images[bank_rows], maps[bank_rows])
             probs = restore_size(maps, batch.shape[1:3]).cpu().numpy()
             if per_slice or guidance is None:
-                bank_probs = probs[bank_rows]
-                ranked = self._rank_prototypes(out["image_features"][bank_rows], bank_probs)
-                probs[bank_rows] = bank_probs
+                ranked = self._rank_prototypes(out["image_features"][bank_rows], probs[bank_rows])
                 best = dict(zip(bank_rows, (pairs[0] for pairs in ranked)))
+                if self._prototype_sides:
+                    for row, (index, _) in best.items():  # the mask agrees with the report it comes with
+                        keep_to_side(probs[row], self._prototype_sides[index], self.package.config.threshold)
                 nearest += [best[i][0] if i in best else -1 for i in range(len(batch))]
                 similarity += [best[i][1] if i in best else float("nan") for i in range(len(batch))]
             probabilities[start:start + len(batch)] = probs
@@ -285,22 +286,18 @@ class Segmenter:
                          probabilities: np.ndarray) -> list[list[tuple[int, float]]]:
         """Every prototype per slice as (index, similarity), most similar first; where the model's reports name
         sides, the prototypes whose report names the sides where the slice's probabilities say foreground lies
-        (:func:`~languageguidedseg.laterality.probability_laterality`) come first (similarity order within), and
-        each slice's probabilities ``[N, H, W]`` are made to agree with the side that its first report names
-        (:func:`~languageguidedseg.laterality.keep_to_side`, in place)."""
+        (:func:`~languageguidedseg.laterality.probability_laterality`) come first (similarity order within)."""
         if not len(probabilities):
             return []
         bank = self.network.bank
         similarities, indices = bank.rank(self.network.image_embedding(image_features), top_k=bank.size)
-        sides, config = self._prototype_sides, self.package.config
+        sides = self._prototype_sides
         ranked = []
         for row, sims, slice_probabilities in zip(indices.tolist(), similarities.tolist(), probabilities):
             pairs = list(zip(row, sims))
-            if sides:
-                side = probability_laterality(slice_probabilities, config.side_presence)
-                if side is not None:
-                    pairs.sort(key=lambda pair: sides[pair[0]] != side)  # a stable sort: similarity order within
-                keep_to_side(slice_probabilities, sides[pairs[0][0]], config.threshold)
+            side = probability_laterality(slice_probabilities, self.package.config.side_presence) if sides else None
+            if sides and side is not None:
+                pairs.sort(key=lambda pair: sides[pair[0]] != side)  # a stable sort: similarity order within
             ranked.append(pairs)
         return ranked
 
