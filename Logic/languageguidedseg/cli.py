@@ -175,6 +175,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         data_sides = segmenter.report_sides
         print(f"warning: '{args.data_dir}' has no dataset.json declaring report_sides; its reports are read in the "
               f"model's own convention ({data_sides}); pass --sides to say otherwise", file=sys.stderr)
+    elif (data_sides == "none") != (segmenter.report_sides == "none"):
+        # Likely the wrong model (the default one on another data set): its scores would mean nothing.
+        data_kind = "name no sides" if data_sides == "none" else f"name sides ({data_sides})"
+        model_kind = "that do not" if segmenter.report_sides == "none" else "that do"
+        print(f"warning: the reports of '{args.data_dir}' {data_kind} but model '{segmenter.package.name}' was "
+              f"trained on reports {model_kind}; check --model ('lgseg models' lists the installed ones)",
+              file=sys.stderr)
     progress = _Progress(f"evaluating {args.split}", enabled=not args.quiet, unit="image")
 
     def load(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
