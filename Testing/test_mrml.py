@@ -577,3 +577,27 @@ def test_slice_write_keeps_the_segments_other_slices_and_other_segments(scene):
     # A new segment written one slice at a time holds just that slice.
     single = mrml.write_mask(new, volume, segmentation, segment_name="Single", axis=2, slice_index=2)
     np.testing.assert_array_equal(mrml.segment_mask(segmentation, single, volume), new)
+
+
+def test_writing_from_another_grid_leaves_the_other_segments_on_theirs(scene):
+    """A segmentation drawn on a finer grid (Segment Editor's oversampling) keeps its segments' voxels and its
+    reference geometry when the module writes a segment from a coarser volume, whole or one slice."""
+    fine = _synthetic_volume(scene, dims=(40, 40, 40), ijk_to_ras=np.diag([0.5, 0.5, 0.5, 1.0]))
+    coarse = _synthetic_volume(scene, dims=(10, 10, 10), ijk_to_ras=np.diag([2.0, 2.0, 2.0, 1.0]))
+    segmentation = mrml.new_segmentation_node(fine)
+    drawn = np.zeros((40, 40, 40), dtype=np.uint8)
+    drawn[20:23, 20:23, 20:23] = 1
+    user = mrml.write_mask(drawn, fine, segmentation, segment_name="Drawn")
+    geometry = segmentation.GetSegmentation().GetConversionParameter("Reference image geometry")
+    mask = np.zeros((10, 10, 10), dtype=np.uint8)
+    mask[1:4, 1:4, 1:4] = 1
+    written = mrml.write_mask(mask, coarse, segmentation, segment_name="Infection")
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation, written, coarse), mask)
+    mask[2, 5:7, 5:7] = 1
+    mrml.write_mask(mask, coarse, segmentation, segment_name="Infection", axis=2, slice_index=2)
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation, written, coarse), mask)
+    np.testing.assert_array_equal(mrml.segment_mask(segmentation, user, fine), drawn)
+    labelmap = slicer.vtkOrientedImageData()
+    segmentation.GetBinaryLabelmapRepresentation(user, labelmap)
+    assert labelmap.GetSpacing() == (0.5, 0.5, 0.5)
+    assert segmentation.GetSegmentation().GetConversionParameter("Reference image geometry") == geometry
