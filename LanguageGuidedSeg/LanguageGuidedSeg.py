@@ -199,6 +199,8 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.statusLabel.text = payload
         elif event == "report":
             self._showReportStatus(payload)
+        elif event == "pending":
+            self._startPolling()
         elif event == "result":
             self.ui.sidesLabel.text = self.controller.sides_label()
         elif event == "error" and self.controller.last_run_kind == "apply":

@@ -238,9 +238,11 @@ def test_slice_mode_follows_the_slice_view_and_reapproximates_when_it_moves(scen
     segment = mrml.segment_mask(parameters.outputSegmentation, first.segment_id, volume)
     assert not segment[[0, 1, 3, 4, 5]].any()
 
-    # Moving to another slice with the box holding the approximation: approximated again there.
+    # Moving to another slice with the box holding the approximation: approximated again there. The front end
+    # hears of it ("pending"), so one that polls only while busy (the Slicer module's timer) starts polling.
+    events.clear()
     _show_slice(red, volume, 4)
-    assert controller.live_pending
+    assert controller.live_pending and _names(events) == ["pending"]
     clock.now += 0.31
     controller.wait(120)
     second = controller.last_result
@@ -313,6 +315,45 @@ def test_live_refine_waits_for_a_pause_and_drops_stale_runs(scene, segmenter):
     parameters.scope = "volume"
     clock.now = 10.0
     assert not controller.poll() and not controller.running and not controller.live_pending
+
+
+def test_apply_during_a_live_run_drops_it_and_runs_once_it_stops(scene, segmenter):
+    """Apply pressed while a live update works (e.g. the model still loading): no error; the live result is
+    dropped and the Apply run follows with the box's report."""
+    volume = _volume(scene)
+    _red_slice_node(scene, volume, 3)
+    clock = Clock()
+    release = threading.Event()
+
+    def gated_loader(model, device):
+        release.wait(60)
+        return segmenter
+
+    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
+    controller, events = _controller(parameters, None, clock=clock)
+    controller._load_segmenter = gated_loader
+    controller.set_report("left lower lobe")
+    clock.now = 0.5
+    controller.poll()
+    assert controller.run_kind == "live"
+    controller.apply()
+    assert controller.running and not controller.live_pending
+    release.set()
+    controller.wait(120)
+    results = [payload for event, payload in events if event == "result"]
+    assert len(results) == 1 and results[0].report == "left lower lobe"
+    assert controller.last_run_kind == "apply" and "error" not in _names(events)
+    # Cancel after such an Apply: nothing runs and nothing is written.
+    controller.set_report("right lower lobe")
+    release.clear()
+    clock.now = 1.0
+    controller.poll()
+    assert controller.run_kind == "live"
+    controller.apply()
+    controller.cancel()
+    release.set()
+    controller.wait(120)
+    assert len([e for e in _names(events) if e == "result"]) == 1 and not controller.running
 
 
 def test_worker_progresses_while_the_gui_thread_is_idle(scene, segmenter):

@@ -50,6 +50,7 @@ Observers: ``controller.add_observer(callback)``; ``callback(event, payload)`` w
 ``result``     ``languageguidedseg.mrml.NodeSegmentationResult`` (written into the scene)
 ``error``      the exception of a failed run (the scene was not changed)
 ``cancelled``  None (the scene was not changed)
+``pending``    None: a live run was scheduled (a report edit, a move to another slice); poll until idle
 =============  =================================================================================
 
 What a front end calls (all from its GUI thread):
@@ -185,6 +186,7 @@ class ReportLoopController:
         self._run: Optional[_Run] = None
         self._generation = 0
         self._due: Optional[float] = None  # when the pending live run may start
+        self._apply_queued = False  # Apply pressed during a live run: starts when that run has stopped
         self._segmenter: Any = None
         self._segmenter_key: Any = None
         self._segmenter_lock = threading.Lock()
@@ -292,10 +294,14 @@ class ReportLoopController:
         self._due = self._clock() + self.debounce_s
         run = self._run
         if run is not None and run.kind == "live":
-            # A newer edit makes the running live run stale: stop it if it has not started its batch, and drop its
-            # result in any case (the generation check in _finish).
-            self._cancel_run(run)
-            self._generation += 1
+            self._drop_live(run)
+        self._emit("pending", None)  # a front end that polls only while busy starts polling
+
+    def _drop_live(self, run: _Run) -> None:
+        """A newer edit or an Apply makes the running live run stale: stop it if it has not started its batch, and
+        drop its result in any case (the generation check in _finish)."""
+        self._cancel_run(run)
+        self._generation += 1
 
     # Slices ---------------------------------------------------------------------------------------------------
 
@@ -421,9 +427,21 @@ class ReportLoopController:
     # Running --------------------------------------------------------------------------------------------------
 
     def apply(self) -> None:
-        """The Apply button: cancel a running run, else start one (raises LgsegError when one cannot start)."""
+        """The Apply button: cancel a running Apply, else start one (raises LgsegError when one cannot start).
+
+        A running live run is dropped and the Apply starts as soon as it has stopped (see :meth:`poll`).
+        """
         if self._run is not None and self._run.kind == "apply":
             self.cancel()
+            return
+        if self._run is not None:
+            ok, why = self.can_run()
+            if not ok:
+                raise LgsegError(why)
+            self._drop_live(self._run)
+            self._due = None
+            self._apply_queued = True
+            self._emit("status", "Segmenting as soon as the running update stops...")
             return
         self.run()
 
@@ -464,6 +482,7 @@ class ReportLoopController:
     def cancel(self) -> None:
         """Stop the running run after its current batch; its result is dropped and the scene stays as it was."""
         self._due = None
+        self._apply_queued = False
         if self._run is not None:
             self._cancel_run(self._run)
             self._emit("status", "Cancelling after the current batch...")
@@ -476,6 +495,7 @@ class ReportLoopController:
     def abandon(self) -> None:
         """Cancel and forget the running run at once (its scene is closing); no event is emitted for it."""
         self._due = None
+        self._apply_queued = False
         self.unwatch_slices()
         if self._run is not None:
             self._cancel_run(self._run)
@@ -536,6 +556,14 @@ class ReportLoopController:
                     continue
                 self._finish(run, event, payload)
                 break
+        if self._run is None and self._apply_queued:
+            self._apply_queued = False
+            try:
+                self.run()
+            except LgsegError as exc:
+                self.last_run_kind = "apply"
+                self._emit("status", str(exc))
+                self._emit("error", exc)
         if self._run is None and self._due is not None and self._clock() >= self._due:
             self._due = None
             if not self.live_enabled():  # switched off (or to whole-volume scope) since it was scheduled
@@ -544,7 +572,7 @@ class ReportLoopController:
                 self.run(kind="live")
             except LgsegError as exc:
                 self._emit("status", str(exc))
-        return self._run is not None or self._due is not None
+        return self._run is not None or self._due is not None or self._apply_queued
 
     def _pump_worker(self, run: Optional[_Run]) -> None:
         """Move the worker process's replies for the current run into its events (replies to abandoned runs are
