@@ -189,8 +189,8 @@ def test_seg_nrrd_2d_is_one_slice_volume(tmp_path):
     np.testing.assert_array_equal(read_mask(path), mask[np.newaxis])
 
 
-def test_dicom_series_folder_reads_as_volume(tmp_path):
-    volume = sitk.GetImageFromArray((np.arange(4 * 8 * 9).reshape(4, 8, 9) - 100).astype(np.int16))
+def _write_dicom_series(folder: Path, depth: int = 4) -> sitk.Image:
+    volume = sitk.GetImageFromArray((np.arange(depth * 8 * 9).reshape(depth, 8, 9) - 100).astype(np.int16))
     volume.SetSpacing((0.8, 0.6, 2.0))
     volume.SetOrigin((1.0, 2.0, 3.0))
     writer = sitk.ImageFileWriter()
@@ -210,13 +210,32 @@ def test_dicom_series_folder_reads_as_volume(tmp_path):
         }
         for tag, value in tags.items():
             slice_k.SetMetaData(tag, value)
-        writer.SetFileName(str(tmp_path / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(slice_k)
+    return volume
+
+
+def test_dicom_series_folder_reads_as_volume(tmp_path):
+    volume = _write_dicom_series(tmp_path)
     image = read_image(tmp_path)
     assert spatial_shape(image) == (4, 8, 9)
     np.testing.assert_allclose(image.GetSpacing(), (0.8, 0.6, 2.0), atol=1e-6)
     np.testing.assert_allclose(image.GetOrigin(), (1.0, 2.0, 3.0), atol=1e-6)
     np.testing.assert_array_equal(image_array(image), sitk.GetArrayFromImage(volume))
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_dicom_series_with_a_missing_or_damaged_slice_is_refused(tmp_path, damage):
+    """Read as one evenly spaced volume, a series with a gap would put the mask beside the anatomy."""
+    _write_dicom_series(tmp_path, depth=6)
+    victim = tmp_path / "slice003.dcm"
+    if damage == "missing":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(LgsegError, match="missing or doubled slice|cannot read the DICOM series") as caught:
+        read_image(tmp_path)
+    assert "\n" not in str(caught.value)
 
 
 # ---------------------------------------------------------------- real data

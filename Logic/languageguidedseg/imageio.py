@@ -171,10 +171,34 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         series_ids = reader.GetGDCMSeriesIDs(str(folder))
         if not series_ids:
             raise LgsegError(f"folder '{folder}' contains no DICOM series; choose {_READABLE}")
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series_ids[0]))
+        files = reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+        _check_slice_spacing(folder, files)
+        reader.SetFileNames(files)
         return reader.Execute()
     except RuntimeError as exc:
         raise LgsegError(f"cannot read the DICOM series in '{folder}' ({_reason(exc)}); check the DICOM files") from exc
+
+
+def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
+    """Reject a series with a missing, unreadable or doubled slice: read as one volume of even spacing, its voxels
+    would no longer lie where the patient's anatomy is (ITK only prints a warning)."""
+    if len(files) < 3:
+        return
+    positions = []
+    header = sitk.ImageFileReader()
+    for name in files:
+        header.SetFileName(name)
+        header.ReadImageInformation()
+        positions.append(header.GetOrigin())
+    normal = np.asarray(header.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    steps = np.diff(np.asarray(positions, dtype=np.float64) @ normal)
+    typical = float(np.median(np.abs(steps)))
+    worst = int(np.argmax(np.abs(np.abs(steps) - typical)))
+    if typical <= 0 or abs(abs(steps[worst]) - typical) > 0.1 * typical:
+        raise LgsegError(
+            f"the DICOM series in '{folder}' has a missing or doubled slice ({abs(steps[worst]):.3g} mm between "
+            f"'{Path(files[worst]).name}' and '{Path(files[worst + 1]).name}', {typical:.3g} mm elsewhere); the mask "
+            "would not line up with the scan; check that every file of the series is there and readable")
 
 
 def _holds_dicom_file(folder: Path) -> bool:
