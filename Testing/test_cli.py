@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -54,14 +55,14 @@ def qata_image(qata) -> tuple[Path, str]:
     return qata / "images" / f"{sample_id}.png", (qata / "reports" / f"{sample_id}.txt").read_text().strip()
 
 
-def lgseg(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+def lgseg(*args: object, cwd: Path, stdin: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run the tool in a new process with this process's environment (LGSEG_MODELS as the test set it)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env.pop("LGSEG_DEBUG", None)
     if PACKAGE_PARENT.name not in ("site-packages", "dist-packages"):  # testing the checkout, not an installation
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "languageguidedseg.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, input=stdin)
 
 
 def run_main(capsys, *args: object) -> tuple[int, str, str]:
@@ -210,6 +211,10 @@ def _bad_case(case: str, tmp_path: Path, out: Path, tiny_model: Path, image: Pat
     if case == "missing report file":
         return ["segment", image, "--model", tiny_model, "--report-file", tmp_path / "none.txt", "--output",
                 output], "report file"
+    if case == "report file is a folder":
+        return ["segment", image, "--model", tiny_model, "--report-file", tmp_path, "--output", output], "folder"
+    if case == "top-k below 1":
+        return ["approximate", image, "--model", tiny_model, "--top-k", "0"], "at least 1"
     if case == "no output option":
         return ["segment", image, "--model", tiny_model], "--output"
     if case.startswith("model "):
@@ -224,7 +229,8 @@ def _bad_case(case: str, tmp_path: Path, out: Path, tiny_model: Path, image: Pat
 
 BAD_CASES = ["missing image", "truncated image", "not an image", "4D image", "zero-size image",
              "output folder missing", "output is a folder", "output under a file", "unknown output type",
-             "3D mask as PNG", "missing report file", "no output option", "model weights byte", "model json byte",
+             "3D mask as PNG", "missing report file", "report file is a folder", "top-k below 1",
+             "no output option", "model weights byte", "model json byte",
              "model missing weights", "model missing json", "unknown model name"]
 
 
@@ -267,6 +273,15 @@ def test_report_file(qata_image, tiny_model, models_folder, out, tmp_path, capsy
     code, _, stderr = run_main(capsys, "segment", qata_image[0], "--model", tiny_model, "--report", "x",
                                "--report-file", tmp_path / "report.txt", "--output", out / "c.png")
     assert code == 2 and stderr.startswith("error:") and "not both" in stderr
+
+
+def test_report_from_a_pipe(qata_image, tiny_model, models_folder, out, tmp_path):
+    """--report-file /dev/stdin: the report is piped in, never on the command line or in the shell's history."""
+    result = lgseg("segment", qata_image[0], "--model", tiny_model, "--report-file", "/dev/stdin", "--output",
+                   out / "a.png", "--json", cwd=tmp_path, stdin=QATA_REPORT + "\n")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["report"] == QATA_REPORT and summary["report_source"] == "given"
 
 
 def test_segmentation_output_for_slicer(qata_image, tiny_model, models_folder, out, capsys):

@@ -58,6 +58,8 @@ def test_laterality_of_probabilities():
     probabilities[40:60, 5:30] = 0.2
     assert probability_laterality(probabilities) == "right"
     assert probability_laterality(np.zeros((8, 8), dtype=np.float32)) is None  # no foreground: a tie
+    # One column (a thin volume seen from the side, a one-pixel-wide image) has no halves: no side, no error.
+    assert probability_laterality(np.ones((16, 1), dtype=np.float32)) is None
 
 
 def test_a_mask_keeps_to_the_one_side_its_report_names():

@@ -19,6 +19,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -490,15 +491,21 @@ def test_access_rules():
 
 
 def test_serve_refuses_bad_arguments_in_one_line(tmp_path):
-    for args, message in (([str(tmp_path / "missing.png")], "does not exist"),
-                          (["--max-upload", "huge"], "--max-upload"),
-                          (["--port", "70000"], "--port"),
-                          (["--model", "no-such-model"], "unknown model")):
-        result = subprocess.run([sys.executable, "-m", "languageguidedseg.cli", "serve", *args],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2, result.stderr
-        assert result.stderr.startswith("error: ") and message in result.stderr
-        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with taken:
+        for args, message in (([str(tmp_path / "missing.png")], "does not exist"),
+                              (["--max-upload", "huge"], "--max-upload"),
+                              (["--port", "70000"], "--port"),
+                              (["--port", str(taken.getsockname()[1])], "in use"),
+                              (["--host", "no-such-host.invalid"], "--host"),
+                              (["--model", "no-such-model"], "unknown model")):
+            result = subprocess.run([sys.executable, "-m", "languageguidedseg.cli", "serve", *args],
+                                    capture_output=True, text=True, timeout=120)
+            assert result.returncode == 2, result.stderr
+            assert result.stderr.startswith("error: ") and message in result.stderr
+            assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_volume_node_from_the_engine_reader_matches_slicer_reader():

@@ -65,6 +65,16 @@ def _median_process_s(command: list[str], runs: int) -> float:
 
 def run_benchmark(device: str = "cpu", volume_slices: int = 100, repeats: int = 10,
                   process_runs: int = 5) -> dict[str, float | int | str | None]:
+    """The figures of :func:`_measure`, with seeded random networks; the caller's torch random state is kept."""
+    if min(volume_slices, repeats, process_runs) < 1:
+        raise ValueError("volume_slices, repeats and process_runs must be at least 1")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _measure(device, volume_slices, repeats, process_runs)
+
+
+def _measure(device: str, volume_slices: int, repeats: int,
+             process_runs: int) -> dict[str, float | int | str | None]:
     """Measure ``slice_ms``, ``reference_slice_ms``, ``speedup``, ``volume_s``, ``peak_rss_mb``, ``cli_first_mask_s``,
     ``torch_import_s`` and ``edit_to_mask_ms`` (with ``edit_to_mask_path``: "mrml" or "mask", see
     :func:`_edit_to_mask_ms`) and, with MRML, ``edit_to_mask_process_ms``: the same with the model in a worker
@@ -77,7 +87,6 @@ def run_benchmark(device: str = "cpu", volume_slices: int = 100, repeats: int = 
     from .package import ModelConfig, save_package
     from .preprocess import PreprocessConfig
 
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         network = LanguageGuidedSegNet(NetworkConfig(bank_size=96), pretrained_encoder=False)

@@ -29,7 +29,10 @@ def _read_report(args: argparse.Namespace) -> Optional[str]:
     if args.report is not None and args.report_file is not None:
         raise LgsegError("give either --report or --report-file, not both")
     if args.report_file is not None:
-        if not Path(args.report_file).is_file():
+        path = Path(args.report_file)
+        if path.is_dir():
+            raise LgsegError(f"report file '{args.report_file}' is a folder; give a UTF-8 text file")
+        if not path.exists():  # a pipe (e.g. /dev/stdin) is not a regular file but reads like one
             raise LgsegError(f"report file '{args.report_file}' does not exist; check the path")
         try:
             return Path(args.report_file).read_text(encoding="utf-8")
@@ -272,6 +275,17 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not '{text}'")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one ``error:`` line (exit code 2), like every other error of the tool."""
 
@@ -336,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     approx.add_argument("image")
     approx.add_argument("--slice", type=int, help="slice of a volume (default: the middle one)")
     approx.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
-    approx.add_argument("--top-k", type=int, default=3)
+    approx.add_argument("--top-k", type=_positive_int, default=3)
     approx.add_argument("--sides", default="patient", choices=("patient", "image"), help=SIDES_HELP)
     approx.set_defaults(func=_approximate)
 
@@ -361,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("benchmark", parents=[_device_option("cpu"), output],
                            help="per-slice latency and start-up time against a GuideDecoder-sized reference")
-    bench.add_argument("--volume-slices", type=int, default=100)
-    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--volume-slices", type=_positive_int, default=100)
+    bench.add_argument("--repeats", type=_positive_int, default=10)
     bench.set_defaults(func=_benchmark)
 
     from .web.command import add_serve_command  # the web page: needs the [web] extra only when it runs
@@ -390,6 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # the reader stopped early (e.g. '| head'): nothing more to say
+            return 141
         except Exception as exc:  # noqa: BLE001 - users get one line; developers set LGSEG_DEBUG=1
             if os.environ.get("LGSEG_DEBUG"):
                 raise

@@ -63,6 +63,8 @@ def side_presence(probabilities: torch.Tensor, share: float = SIDE_SHARE) -> tor
     """
     height, width = probabilities.shape[-2:]
     half = width // 2
+    if half == 0:  # one column (e.g. a thin volume seen from the side): no halves, no side holds anything
+        return probabilities.new_zeros(probabilities.shape[:-2] + (2,))
     k = max(1, round(share * height * half))
     halves = (probabilities[..., :half], probabilities[..., width - half:])
     return torch.stack([h.flatten(-2).topk(k, dim=-1).values.mean(-1) for h in halves], dim=-1)

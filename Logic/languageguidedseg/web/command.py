@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import socket
 import sys
@@ -37,6 +38,7 @@ def serve_command(args: argparse.Namespace) -> int:
     """Check the arguments, start the server, block until it stops (Ctrl+C or SIGTERM), remove the upload folder."""
     if not 0 <= args.port <= 65535:
         raise LgsegError(f"--port {args.port} is not a port number; give 0 to 65535 (0 picks a free port)")
+    _check_address(args.host, args.port)
     max_upload = parse_size(args.max_upload)
     token = resolve_token(args.host, args.token)
     paths = [Path(path) for path in args.paths]
@@ -55,6 +57,27 @@ def serve_command(args: argparse.Namespace) -> int:
 
     with _server_environment():
         return _run_server(args, paths, token, max_upload)
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail now, in one line, where the server could not listen (a port in use, an unknown host), rather than
+    after loading the model."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                                flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise LgsegError(f"--host '{host}' is not an address of this machine ({exc.strerror}); "
+                         "give 127.0.0.1 or a name that resolves") from exc
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise LgsegError(f"port {port} on {host} is in use; choose another --port, or 0 for a free "
+                                 "one") from exc
+            raise LgsegError(f"cannot listen on {host} port {port} ({exc.strerror}); choose another --host or "
+                             "--port") from exc
 
 
 @contextlib.contextmanager
