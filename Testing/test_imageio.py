@@ -278,6 +278,19 @@ def test_text_file_named_png(tmp_path):
     assert "fake.png" in _one_line_error(read_image, path)
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".nii", ".nii.gz"])
+def test_cut_off_file_is_refused_whole_one_is_read(tmp_path, suffix):
+    """An interrupted copy: SimpleITK would fill the missing part with grey or zeros and carry on."""
+    values = np.random.default_rng(0).integers(0, 255, (64, 80) if suffix == ".jpg" else (12, 64, 80))
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(values.astype(np.uint8 if suffix == ".jpg" else np.int16)), str(whole))
+    assert read_image(whole).GetSize()[:2] == (80, 64)
+    cut = tmp_path / f"cut{suffix}"
+    data = whole.read_bytes()
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    assert "incomplete" in _one_line_error(read_image, cut)
+
+
 def test_4d_nifti_rejected(tmp_path):
     frames = [sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)) for _ in range(2)]
     path = tmp_path / "series.nii.gz"

@@ -6,7 +6,10 @@ for RGB images.
 
 from __future__ import annotations
 
+import gzip
 import re
+import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
@@ -155,10 +158,54 @@ def read_mask(path: PathLike, segment_name: Optional[str] = None) -> np.ndarray:
 
 
 def _read_file(source: Path) -> sitk.Image:
+    _check_complete(source)
     try:
         return sitk.ReadImage(str(source))
     except RuntimeError as exc:
         raise LgsegError(f"cannot read '{source}' as an image ({_reason(exc)}); use {_READABLE}") from exc
+
+
+def _check_complete(source: Path) -> None:
+    """Refuse a cut-off JPEG or NIfTI file (an interrupted copy or download): their readers fill the missing part
+    with grey or zeros and only print a warning, if anything."""
+    suffix = full_suffix(source)
+    cut = f"'{source}' is incomplete (cut off, e.g. by an interrupted copy); copy the whole file again"
+    if suffix in (".jpg", ".jpeg"):
+        data = source.read_bytes()
+        # The main image's scan data (after its last start-of-scan marker) ends with the end-of-image marker.
+        if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+            raise LgsegError(cut)
+    elif suffix in (".nii", ".nii.gz"):
+        opener = gzip.open if suffix == ".nii.gz" else open
+        try:
+            with opener(source, "rb") as file:
+                header = file.read(352)
+                if len(header) < 348:
+                    raise LgsegError(cut)
+                size = len(header) + sum(len(chunk) for chunk in iter(lambda: file.read(1 << 22), b""))
+        except (EOFError, OSError, zlib.error) as exc:
+            raise LgsegError(cut if isinstance(exc, EOFError) else
+                             f"cannot read '{source}' as an image ({_reason(exc)}); use {_READABLE}") from exc
+        needed = _nifti_bytes(header)
+        if needed is not None and size < needed:
+            raise LgsegError(cut)
+
+
+def _nifti_bytes(header: bytes) -> Optional[int]:
+    """The size a single-file NIfTI-1 image must have (header, extensions, voxels); None if the header is not one."""
+    for order in ("<", ">"):
+        if struct.unpack(order + "i", header[:4])[0] == 348:
+            break
+    else:
+        return None
+    if header[344:348] not in (b"n+1\0", b"n+2\0"):
+        return None  # not a single-file NIfTI-1 (an Analyze or .hdr/.img pair): left to the reader
+    dims = struct.unpack(order + "8h", header[40:56])
+    bitpix = struct.unpack(order + "h", header[72:74])[0]
+    offset = int(struct.unpack(order + "f", header[108:112])[0])
+    if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1:dims[0] + 1]):
+        return None
+    return offset + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64)) * bitpix // 8
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
