@@ -549,6 +549,31 @@ def test_logic_segments_through_the_controller_on_the_parameter_node(release, sc
     assert controller.report_status().kind == "approximated"
 
 
+def test_logic_process_that_times_out_stops_its_worker_and_writes_nothing(release, scene, tiny_model):
+    """Scripted use: ``process(..., timeout)`` past its time raises TimeoutError, the worker stops after its batch
+    instead of segmenting on unseen, and the scene gets no segmentation."""
+    import threading
+    import time
+
+    import numpy as np
+    import slicer
+
+    _, module = release
+    volume = slicer.util.addVolumeFromArray(np.full((40, 32, 40), 100, dtype=np.int16), name="synthetic")
+    logic = module.LanguageGuidedSegLogic()
+    controllers = []
+    create = logic.createController
+    logic.createController = lambda *args, **kwargs: controllers.append(create(*args, **kwargs)) or controllers[-1]
+    with pytest.raises(TimeoutError):
+        logic.process(volume, model=str(tiny_model), device="cpu", timeout=0.0)
+    assert not controllers[0].running  # cancelled and let go
+    deadline = time.monotonic() + 60
+    while any(t.name == "LanguageGuidedSeg" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "LanguageGuidedSeg" for t in threading.enumerate())
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
 def _used_names(module_prefix: str) -> set:
     """Names the module and its library use from ``slicer.<module_prefix>``: imported, or as attributes."""
     names = set()

@@ -132,7 +132,11 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
         errors = []
         controller.add_observer(lambda event, payload: errors.append(payload) if event == "error" else None)
         controller.run()
-        controller.wait(timeout)
+        try:
+            controller.wait(timeout)
+        except TimeoutError:
+            controller.abandon()  # the worker stops after its current batch; nothing is written
+            raise
         if errors:
             raise errors[0]
         return controller.last_result
