@@ -208,7 +208,8 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
 
     def _showRunning(self, running):
         longRun = running and self._longRun()
-        for widget in (self.ui.outputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.inputVolumeSelector):
+        for widget in (self.ui.outputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.inputVolumeSelector,
+                       self.ui.scopeComboBox):
             widget.enabled = not longRun
         self.ui.applyButton.text = _("Cancel") if longRun else _("Apply")
         self.ui.progressBar.setVisible(longRun)
