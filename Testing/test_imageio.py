@@ -291,6 +291,23 @@ def test_cut_off_file_is_refused_whole_one_is_read(tmp_path, suffix):
     assert "incomplete" in _one_line_error(read_image, cut)
 
 
+def test_gray_alpha_png_is_named_as_such(tmp_path):
+    """ITK reads no gray + alpha PNG; the error says what the file is and what to do, not 'use a PNG'."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    width, height = 6, 4
+    rows = b"".join(b"\x00" + bytes([40, 255] * width) for _ in range(height))  # filter 0, (gray, alpha) pixels
+    path = tmp_path / "gray-alpha.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 4, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    line = _one_line_error(read_image, path)
+    assert "transparency" in line and "alpha" in line
+
+
 def test_4d_nifti_rejected(tmp_path):
     frames = [sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)) for _ in range(2)]
     path = tmp_path / "series.nii.gz"

@@ -162,6 +162,12 @@ def _read_file(source: Path) -> sitk.Image:
     try:
         return sitk.ReadImage(str(source))
     except RuntimeError as exc:
+        with open(source, "rb") as file:
+            header = file.read(26)
+        # ITK's PNG reader has no pixel type for gray + alpha (PNG colour type 4).
+        if header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR" and header[25:26] == b"\x04":
+            raise LgsegError(f"'{source}' is a grayscale PNG with transparency, which cannot be read; save it "
+                             "without the alpha channel (or as RGBA)") from exc
         raise LgsegError(f"cannot read '{source}' as an image ({_reason(exc)}); use {_READABLE}") from exc
 
 
