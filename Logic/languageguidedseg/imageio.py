@@ -204,7 +204,7 @@ def _nifti_bytes(header: bytes) -> Optional[int]:
             break
     else:
         return None
-    if header[344:348] not in (b"n+1\0", b"n+2\0"):
+    if header[344:348] != b"n+1\0":
         return None  # not a single-file NIfTI-1 (an Analyze or .hdr/.img pair): left to the reader
     dims = struct.unpack(order + "8h", header[40:56])
     bitpix = struct.unpack(order + "h", header[72:74])[0]

@@ -310,7 +310,7 @@ def write_mask(
 
     segmentation = segmentation_node.GetSegmentation()
     segment_id = find_segment(segmentation_node, segment_name, tag_value)
-    others = [i for i in range(segmentation.GetNumberOfSegments()) if segmentation.GetNthSegmentID(i) != segment_id]
+    others = any(segmentation.GetNthSegmentID(i) != segment_id for i in range(segmentation.GetNumberOfSegments()))
     if not others:  # a segmentation of other segments keeps the grid they were drawn on (e.g. oversampled)
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     if segment_id is None:
