@@ -133,6 +133,24 @@ def test_resume_refuses_changed_settings(trained, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_new_run_never_overwrites_a_package_or_a_checkpoint(trained, tmp_path):
+    """Without --resume, a run into the folder of a finished one (or of an interrupted one) stops at once in one
+    line and changes nothing; nonsense epochs are refused the same way."""
+    weights = (trained / "model.safetensors").read_bytes()
+    interrupted = tmp_path / "model"
+    _train(interrupted, "--stop-after", "1")
+    for output, extra, message in ((trained, (), "already holds a model package"),
+                                   (interrupted, (), "continue it with --resume"),
+                                   (tmp_path / "other", ("--epochs", "0"), "epochs")):
+        command = [sys.executable, str(REPO / "Training" / "train.py"), "--config", str(CONFIG), "--output",
+                   str(output), *TINY, *extra]
+        result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+        assert result.returncode == 2 and result.stderr.startswith("error:") and message in result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert (trained / "model.safetensors").read_bytes() == weights
+    assert not (tmp_path / "other").exists()
+
+
 def test_torchrun_two_processes(qata, tmp_path):
     output = tmp_path / "model"
     result = _train(output, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))

@@ -86,6 +86,13 @@ class OptimisationConfig(Config):
     freeze_encoder_blocks: int = 3  # the encoder's early blocks keep their ImageNet weights
     report_dropout: float = 0.3  # share of reports dropped at random so one model serves both modes
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise LgsegError(f"optimisation: epochs and batch_size must be 1 or more, not {self.epochs} and "
+                             f"{self.batch_size}")
+        if not 0.0 <= self.report_dropout <= 1.0:
+            raise LgsegError(f"optimisation report_dropout must lie in [0, 1], not {self.report_dropout}")
+
 
 @dataclass
 class BankConfig(Config):

@@ -20,7 +20,7 @@ from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import Segmenter
 from languageguidedseg.losses import SegmentationLoss, pseudo_label_positives
 from languageguidedseg.network import LanguageGuidedSegNet
-from languageguidedseg.package import load_package
+from languageguidedseg.package import CONFIG_FILE, load_package
 from languageguidedseg.probes import laterality_probe, steering_probe
 from languageguidedseg.reports import get_parser
 from languageguidedseg.text import TextEncoder
@@ -227,6 +227,15 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.run_dir / "checkpoint.pt"
 
+    def check_fresh_output(self) -> None:
+        """A new run never overwrites a model package or an interrupted run's checkpoint without being told."""
+        if (self.output / CONFIG_FILE).exists():
+            raise LgsegError(f"'{self.output}' already holds a model package; choose another --output, or remove it "
+                             "first")
+        if self.checkpoint_path().exists():
+            raise LgsegError(f"'{self.run_dir}' holds the checkpoint of an earlier run; continue it with --resume, "
+                             "or remove that folder first")
+
     def save_checkpoint(self, epoch: int, best: float, history: list[dict[str, Any]]) -> None:
         if not self.runtime.main:
             return
@@ -263,6 +272,8 @@ class Trainer:
     def fit(self, resume: bool = False, stop_after: Optional[int] = None) -> dict[str, Any]:
         """Train (or continue) for the configured epochs, or ``stop_after`` epochs of this call; the last row."""
         runtime, c = self.runtime, self.config
+        if not resume:
+            self.check_fresh_output()
         self.load_data()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
