@@ -78,6 +78,19 @@ def _controller(parameters, segmenter, **kwargs):
     return controller, events
 
 
+def _gated_controller(parameters, segmenter, clock):
+    """A controller whose worker holds each model load until the test sets ``release``."""
+    release = threading.Event()
+
+    def gated_loader(model, device):
+        release.wait(60)
+        return segmenter
+
+    controller, events = _controller(parameters, None, clock=clock)
+    controller._load_segmenter = gated_loader
+    return controller, events, release
+
+
 def _names(events):
     return [event for event, _ in events]
 
@@ -268,15 +281,8 @@ def test_live_refine_waits_for_a_pause_and_drops_stale_runs(scene, segmenter):
     volume = _volume(scene)
     _red_slice_node(scene, volume, 3)
     clock = Clock()
-    release = threading.Event()
-
-    def gated_loader(model, device):
-        release.wait(60)  # holds the first live run in the worker until the test lets it go
-        return segmenter
-
     parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
-    controller, events = _controller(parameters, None, clock=clock)
-    controller._load_segmenter = gated_loader
+    controller, events, release = _gated_controller(parameters, segmenter, clock)
 
     # Typing: nothing runs until 0.3 s after the last keystroke.
     controller.set_report("l")
@@ -323,15 +329,8 @@ def test_apply_during_a_live_run_drops_it_and_runs_once_it_stops(scene, segmente
     volume = _volume(scene)
     _red_slice_node(scene, volume, 3)
     clock = Clock()
-    release = threading.Event()
-
-    def gated_loader(model, device):
-        release.wait(60)
-        return segmenter
-
     parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
-    controller, events = _controller(parameters, None, clock=clock)
-    controller._load_segmenter = gated_loader
+    controller, events, release = _gated_controller(parameters, segmenter, clock)
     controller.set_report("left lower lobe")
     clock.now = 0.5
     controller.poll()
