@@ -22,8 +22,9 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
+from languageguidedseg.cli import at_least
 from languageguidedseg.errors import LgsegError
 from training.config import REPO_ROOT, load_config
 from training.loop import Trainer
@@ -35,21 +36,6 @@ OVERRIDES = {"data": "data.path", "text_ratio": "data.text_ratio", "limit": "dat
              "threads": "threads", "workers": "data.workers"}
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``minimum`` (a usage error otherwise, exit code 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, not '{text}'")
-        return value
-
-    return parse
-
-
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,13 +44,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--text-ratio", type=float, help="fraction of training reports kept, e.g. 0.01")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--limit", type=_at_least(1), help="use only N training (and at most N validation) images")
+    parser.add_argument("--limit", type=at_least(1), help="use only N training (and at most N validation) images")
     parser.add_argument("--output", help="model package folder (default Training/runs/<name>/model)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--threads", type=_at_least(1), help="CPU threads per process (default: cores / processes)")
-    parser.add_argument("--workers", type=_at_least(0), help="DataLoader worker processes (default: the config's)")
-    parser.add_argument("--stop-after", type=_at_least(1), metavar="N",
+    parser.add_argument("--threads", type=at_least(1), help="CPU threads per process (default: cores / processes)")
+    parser.add_argument("--workers", type=at_least(0), help="DataLoader worker processes (default: the config's)")
+    parser.add_argument("--stop-after", type=at_least(1), metavar="N",
                         help="stop after N epochs of this run (continue later with --resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",

@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
 
 from . import __version__
 from .errors import LgsegError
@@ -275,15 +275,19 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not '{text}'")
-    return value
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum`` (a usage error otherwise, exit code 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, not '{text}'")
+        return value
+
+    return parse
 
 
 class _Parser(argparse.ArgumentParser):
@@ -350,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     approx.add_argument("image")
     approx.add_argument("--slice", type=int, help="slice of a volume (default: the middle one)")
     approx.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
-    approx.add_argument("--top-k", type=_positive_int, default=3)
+    approx.add_argument("--top-k", type=at_least(1), default=3)
     approx.add_argument("--sides", default="patient", choices=("patient", "image"), help=SIDES_HELP)
     approx.set_defaults(func=_approximate)
 
@@ -375,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("benchmark", parents=[_device_option("cpu"), output],
                            help="per-slice latency and start-up time against a GuideDecoder-sized reference")
-    bench.add_argument("--volume-slices", type=_positive_int, default=100)
-    bench.add_argument("--repeats", type=_positive_int, default=10)
+    bench.add_argument("--volume-slices", type=at_least(1), default=100)
+    bench.add_argument("--repeats", type=at_least(1), default=10)
     bench.set_defaults(func=_benchmark)
 
     from .web.command import add_serve_command  # the web page: needs the [web] extra only when it runs
