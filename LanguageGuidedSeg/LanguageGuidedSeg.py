@@ -63,6 +63,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNodeGuiTag = None
         self._pollTimer = None
         self._updatingModels = False
+        self._eventHandlers = {}
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -72,6 +73,16 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = LanguageGuidedSegLogic()
         self.ui.progressBar.setVisible(False)
+        LoopEvent = importEngine("controller").LoopEvent  # the controller's events, each with its handler
+        self._eventHandlers = {
+            LoopEvent.RUNNING: self._showRunning,
+            LoopEvent.PROGRESS: self._showProgress,
+            LoopEvent.STATUS: self._showStatus,
+            LoopEvent.REPORT: self._showReportStatus,
+            LoopEvent.PENDING: lambda payload: self._startPolling(),
+            LoopEvent.RESULT: lambda payload: self._showSidesLabel(),
+            LoopEvent.ERROR: self._showError,
+        }
 
         # The model runs in a worker process (the logic's workerProcess), which never touches Qt or MRML; this timer
         # runs only while a run is running or pending and hands its news to the widgets. No sleeping on the GUI
@@ -162,7 +173,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self.ui.sliceViewComboBox.enabled = self._parameterNode.scope == "slice"
         self.ui.liveUpdateCheckBox.enabled = self._parameterNode.scope == "slice"
-        self.ui.sidesLabel.text = self.controller.sides_label()
+        self._showSidesLabel()
         if self._longRun():
             return  # Apply is Cancel meanwhile
         ready, why = self.controller.can_run()
@@ -190,21 +201,23 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # Controller events ----------------------------------------------------------------------------------------------
 
     def onControllerEvent(self, event, payload):
-        if event == "running":
-            self._showRunning(payload)
-        elif event == "progress":
-            self.ui.progressBar.setMaximum(max(payload[1], 1))
-            self.ui.progressBar.setValue(payload[0])
-        elif event == "status":
-            self.ui.statusLabel.text = payload
-        elif event == "report":
-            self._showReportStatus(payload)
-        elif event == "pending":
-            self._startPolling()
-        elif event == "result":
-            self.ui.sidesLabel.text = self.controller.sides_label()
-        elif event == "error" and self.controller.last_run_kind == "apply":
-            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=payload))
+        handler = self._eventHandlers.get(event)
+        if handler:
+            handler(payload)
+
+    def _showProgress(self, progress):
+        self.ui.progressBar.setMaximum(max(progress[1], 1))
+        self.ui.progressBar.setValue(progress[0])
+
+    def _showStatus(self, message):
+        self.ui.statusLabel.text = message
+
+    def _showSidesLabel(self):
+        self.ui.sidesLabel.text = self.controller.sides_label()
+
+    def _showError(self, error):
+        if self.controller.last_run_kind == "apply":  # a failed live update only says so in the status line
+            slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
 
     def _showRunning(self, running):
         longRun = running and self._longRun()
@@ -317,21 +330,24 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
         self.assertIsNone(parameterNode.inputVolume)
         self.assertEqual((parameterNode.scope, parameterNode.report, parameterNode.sides), ("slice", "", "patient"))
         self.assertTrue(parameterNode.liveUpdate)
+        # Every parameter holds the default that the engine declares for the report loop (plain Python, no torch).
+        defaults = vars(importEngine("parameters").ReportLoopParameters())
+        self.assertEqual({name: getattr(parameterNode, name) for name in defaults}, defaults)
 
     def _tinyModel(self, folder):
         """A random-weight model package, so the test needs no download and no installed model."""
         import torch
 
-        network, package, preprocess = importEngine("network"), importEngine("package"), importEngine("preprocess")
+        config, network, package = importEngine("config"), importEngine("network"), importEngine("package")
         generator = torch.Generator().manual_seed(0)
-        net = network.LanguageGuidedSegNet(network.NetworkConfig(bank_size=4, decoder_channels=(64, 48, 32, 24, 16)))
+        net = network.LanguageGuidedSegNet(config.NetworkConfig(bank_size=4, decoder_channels=(64, 48, 32, 24, 16)))
         net.bank.fill(torch.randn(4, 384, generator=generator), torch.randn(4, 384, generator=generator),
                       torch.arange(4))
-        config = package.ModelConfig(
-            name="selftest", task="self-test", licence="Apache-2.0",
-            preprocessing=preprocess.PreprocessConfig().to_dict(), segment_name="Target",
-            segment_color=(0.2, 0.8, 0.3), prototype_reports=[f"report {i}" for i in range(4)], report_sides="image")
-        return str(package.save_package(os.path.join(folder, "selftest"), net, config))
+        card = config.ModelCard(task="self-test", licence="Apache-2.0", segment_name="Target",
+                                segment_color=(0.2, 0.8, 0.3))
+        modelConfig = config.ModelConfig(
+            name="selftest", card=card, prototype_reports=[f"report {i}" for i in range(4)], report_sides="image")
+        return str(package.save_package(os.path.join(folder, "selftest"), net, modelConfig))
 
     def test_ReportLoopOnSyntheticVolume(self):
         missing = LanguageGuidedSegLogic.missingRuntimeModules()
@@ -354,7 +370,8 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
             parameterNode.device = "cpu"
             controller = logic.createController(parameterNode)
             errors = []
-            controller.add_observer(lambda event, payload: errors.append(payload) if event == "error" else None)
+            error = importEngine("controller").LoopEvent.ERROR
+            controller.add_observer(lambda event, payload: errors.append(payload) if event is error else None)
 
             # An empty box: the approximation fills it, marked as such; a new segmentation node is created.
             controller.run()

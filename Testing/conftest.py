@@ -25,6 +25,8 @@ except ImportError:
     sys.path.insert(0, _LOGIC)
     # Subprocesses (lgseg, Training/train.py) find it too.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_LOGIC, os.environ.get("PYTHONPATH")]))
+# Training/'s own modules (training.*), for the tests of its parts.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Training"))
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 QATA_REPORT = "bilateral pulmonary infection, two infected areas, lower left lung and middle lower right lung."
@@ -97,18 +99,17 @@ def tiny_model(tmp_path_factory) -> Path:
     """A small random-weight model package with a 6-prototype bank (what a real package holds, untrained)."""
     import torch
 
-    from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig
-    from languageguidedseg.package import ModelConfig, save_package
-    from languageguidedseg.preprocess import PreprocessConfig
+    from languageguidedseg.config import ModelCard, ModelConfig, NetworkConfig
+    from languageguidedseg.network import LanguageGuidedSegNet
+    from languageguidedseg.package import save_package
 
     torch.manual_seed(0)
     # Like the shipped packages: a pooled bank without guided-approximation blocks (their own tests cover those).
     network = LanguageGuidedSegNet(NetworkConfig(bank_size=6, decoder_channels=(64, 48, 32, 24, 16),
                                                  guided_approximation=False))
     network.bank.fill(torch.randn(6, 384), torch.randn(6, 384), torch.arange(6))
-    config = ModelConfig(name="tiny", task="test model", licence="Apache-2.0",
-                         preprocessing=PreprocessConfig().to_dict(), segment_name="Infection",
-                         segment_color=(0.9, 0.2, 0.1), prototype_reports=[f"prototype report {i}" for i in range(6)],
+    card = ModelCard(task="test model", licence="Apache-2.0", segment_name="Infection", segment_color=(0.9, 0.2, 0.1))
+    config = ModelConfig(name="tiny", card=card, prototype_reports=[f"prototype report {i}" for i in range(6)],
                          report_sides="image")  # like qata-cxr: reports name the image's sides
     return save_package(tmp_path_factory.mktemp("models") / "tiny", network, config)
 
@@ -118,7 +119,7 @@ def segmenter(tiny_model):
     """The tiny model, loaded once on the CPU (loading traces the network: seconds)."""
     from languageguidedseg.inference import Segmenter
 
-    return Segmenter(model=tiny_model, device="cpu")
+    return Segmenter.load(tiny_model, "cpu")
 
 
 @pytest.fixture

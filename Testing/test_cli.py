@@ -381,6 +381,7 @@ def test_cuda_without_gpu(qata_image, tiny_model, models_folder, out, capsys):
     code, _, stderr = run_main(capsys, "segment", qata_image[0], "--model", tiny_model, "--device", "cuda",
                                "--output", out / "mask.png")
     assert code == 2 and "CUDA" in stderr and list(out.iterdir()) == []
+    assert stderr.rstrip().endswith("(--device)")  # the engine's message names the setting; the CLI its flag
 
 
 def test_approximate(qata_image, tiny_model, models_folder, capsys):
@@ -407,6 +408,33 @@ def test_segment_says_which_sides_and_whether_the_orientation_was_assumed(qata_i
     with pytest.raises(SystemExit) as info:
         main(["segment", str(qata_image[0]), "--output", str(out / "mask.png"), "--sides", "left"])
     assert info.value.code == 2 and "--sides" in capsys.readouterr().err
+
+
+def test_engine_errors_name_no_flag_and_the_command_line_adds_its_own(qata_image, tiny_model, models_folder,
+                                                                     no_models_installed, out, capsys):
+    """Engine messages also reach Slicer and the web page, which have no flags: the command line adds its flag for
+    the setting an error concerns, and only where that command has the flag."""
+    from argparse import Namespace
+
+    from languageguidedseg.errors import LgsegError
+    from languageguidedseg.inference import slices_of
+    from languageguidedseg.options import error_line
+    from languageguidedseg.package import find_model
+
+    for raise_error, option in ((lambda: find_model("no-such-model"), "model"), (lambda: find_model(), "model"),
+                                (lambda: find_model(out / "none"), "model"),
+                                (lambda: slices_of(np.zeros((2, 3, 4)), False, 3), "axis")):
+        with pytest.raises(LgsegError) as info:
+            raise_error()
+        assert info.value.option == option and "--" not in str(info.value) and "lgseg" not in str(info.value)
+    error = LgsegError("no slice 9\nhere", option="slice")
+    assert error_line(error, Namespace(slice=9)) == "error: no slice 9 here (--slice)"
+    assert error_line(error, Namespace(model=None)) == "error: no slice 9 here"
+    assert error_line(LgsegError("low", option="text_ratio"), Namespace(text_ratio=0.0)) == "error: low (--text-ratio)"
+
+    code, _, stderr = run_main(capsys, "segment", qata_image[0], "--model", tiny_model, "--slice", "1", "--output",
+                               out / "mask.png")
+    assert code == 2 and stderr.startswith("error: slice 1 is outside the image") and stderr.endswith("(--slice)\n")
 
 
 def test_shared_options_have_their_own_defaults():

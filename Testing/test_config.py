@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from languageguidedseg.config import ModelCard, ModelConfig, NetworkConfig, PreprocessConfig
 from languageguidedseg.errors import LgsegError
-from languageguidedseg.losses import LossWeights
-from languageguidedseg.network import NetworkConfig
-from languageguidedseg.package import ModelConfig
-from languageguidedseg.preprocess import PreprocessConfig
+from training.losses import LossWeights
 
 
 @pytest.mark.parametrize("cls, section", [(NetworkConfig, "network"), (LossWeights, "losses"),
@@ -28,11 +26,26 @@ def test_nested_sections_and_lists_become_dataclasses_and_tuples():
                                     "network": {"decoder_channels": [64, 32], "bank_size": 4}})
     assert isinstance(config.network, NetworkConfig)
     assert config.network.decoder_channels == (64, 32) and config.network.bank_size == 4
-    assert config.segment_color == (1.0, 0.0, 0.0) and all(isinstance(c, float) for c in config.segment_color)
+    assert config.card.segment_color == (1.0, 0.0, 0.0) and all(isinstance(c, float) for c in config.card.segment_color)
     # The way back is JSON-ready and round-trips.
     values = config.to_dict()
     assert values["network"]["decoder_channels"] == [64, 32] and values["segment_color"] == [1.0, 0.0, 0.0]
     assert ModelConfig.from_dict(values) == config
+
+
+def test_the_model_cards_keys_are_the_model_configs_own():
+    """model.json keeps its keys (hash-locked packages predate the card): the card's keys are read and written among
+    the model's, and the card is no section of its own."""
+    config = ModelConfig.from_dict({"name": "m", "task": "t", "threshold": 0.3, "preprocessing": {"size": 96}},
+                                   "config")
+    assert config.card == ModelCard(task="t", threshold=0.3) and config.preprocessing == PreprocessConfig(size=96)
+    values = config.to_dict()
+    assert "card" not in values and values["task"] == "t" and values["threshold"] == 0.3
+    assert values["preprocessing"]["size"] == 96
+    with pytest.raises(LgsegError, match="unknown key 'card' in config; known keys: name, network, version, task, "):
+        ModelConfig.from_dict({"name": "m", "card": {}}, "config")
+    with pytest.raises(LgsegError, match="config.threshold must be a number"):
+        ModelConfig.from_dict({"name": "m", "threshold": "high"}, "config")
 
 
 def test_an_unknown_key_in_a_nested_section_names_the_section():

@@ -1,15 +1,21 @@
-"""The report-loop controller (``languageguidedseg.controller``) on a real MRML scene, without Qt.
+"""The report-loop controller (``languageguidedseg.controller``) on a real MRML scene, without Qt, and the two
+runners it runs the model in (``languageguidedseg.runner``).
 
 The same controller drives the Slicer module and the web page: every behaviour of the loop is tested here, on
-``slicer-core``'s MRML library, with the controller's own worker thread and a real (tiny, random-weight) model.
-Only time is the test's: the live-refine debounce reads a clock that the test advances.
+``slicer-core``'s MRML library, with a real (tiny, random-weight) model, in a thread of this process (the web page's
+runner) and, for the loop's main paths, in the worker process that the Slicer module starts. Both runners pass the
+same contract tests. Only time is the test's: the live-refine debounce reads a clock that the test advances.
 """
 
 from __future__ import annotations
 
+import os
+import shlex
 import subprocess
 import sys
 import threading
+import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -22,8 +28,11 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from languageguidedseg import mrml  # noqa: E402
-from languageguidedseg.controller import ReportLoopController, ReportLoopParameters  # noqa: E402
+from languageguidedseg.controller import LoopEvent, ReportLoopController  # noqa: E402
 from languageguidedseg.errors import LgsegError  # noqa: E402
+from languageguidedseg.parameters import ReportLoopParameters  # noqa: E402
+from languageguidedseg.runner import ReplyKind, RunResult, ThreadRunner  # noqa: E402
+from languageguidedseg.worker import find_worker  # noqa: E402
 
 DIMS = (48, 40, 6)  # i, j, k
 
@@ -71,24 +80,68 @@ def _show_slice(slice_node, volume, k):
     slice_node.JumpSliceByCentering(*centre[:3])
 
 
-def _controller(parameters, segmenter, **kwargs):
-    controller = ReportLoopController(parameters, load_segmenter=lambda model, device: segmenter, **kwargs)
+def _controller(parameters, segmenter=None, **kwargs):
+    """A controller with its events recorded; by default its runner is a thread whose model is ``segmenter``."""
+    kwargs.setdefault("runner", ThreadRunner(load_segmenter=lambda model, device: segmenter))
+    controller = ReportLoopController(parameters, **kwargs)
     events = []
     controller.add_observer(lambda event, payload: events.append((event, payload)))
     return controller, events
 
 
-def _gated_controller(parameters, segmenter, clock):
-    """A controller whose worker holds each model load until the test sets ``release``."""
+def _gated_live_loop(scene, segmenter):
+    """Slice mode on slice 3 of the Red view, with the test's clock and a runner that holds each model load until the
+    test sets ``release``: (parameters, clock, controller, events, release)."""
+    volume = _volume(scene)
+    _red_slice_node(scene, volume, 3)
+    clock = Clock()
+    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
     release = threading.Event()
 
     def gated_loader(model, device):
         release.wait(60)
         return segmenter
 
-    controller, events = _controller(parameters, None, clock=clock)
-    controller._load_segmenter = gated_loader
-    return controller, events, release
+    controller, events = _controller(parameters, runner=ThreadRunner(load_segmenter=gated_loader), clock=clock)
+    return parameters, clock, controller, events, release
+
+
+class Buffered:
+    """A runner whose replies the test can wait for before the controller polls them (the GUI thread idling)."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.replies = []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def poll(self):
+        replies, self.replies = self.replies + self.runner.poll(), []
+        return replies
+
+    def wait_until_finished(self, timeout):
+        """Wait (without polling the controller) until the runner has finished a request."""
+        deadline = time.monotonic() + timeout
+        while not any(reply.kind is not ReplyKind.PROGRESS for reply in self.replies):
+            assert time.monotonic() < deadline, "the runner did not finish in time"
+            self.runner.wait(0.05)
+            self.replies += self.runner.poll()
+
+
+class Loop(NamedTuple):
+    """A runner for the report loop's tests and the model to name: the web page's thread with the tiny model loaded
+    once, or the Slicer module's worker process, which loads the tiny model from its folder."""
+
+    runner: object
+    model: str
+
+
+@pytest.fixture(params=["thread", "process"])
+def loop(request, segmenter, tiny_model):
+    if request.param == "thread":
+        return Loop(ThreadRunner(load_segmenter=lambda model, device: segmenter), "")
+    return Loop(request.getfixturevalue("process_worker"), str(tiny_model))
 
 
 def _names(events):
@@ -113,7 +166,7 @@ def _assert_cancel_leaves_scene(controller, events, scene, parameters, report, t
     controller.run()
     controller.cancel()
     controller.wait(timeout)
-    assert "cancelled" in _names(events) and "result" not in _names(events)
+    assert LoopEvent.CANCELLED in _names(events) and LoopEvent.RESULT not in _names(events)
     ids, mask = _scene_state(scene, parameters)
     assert ids == before[0]
     np.testing.assert_array_equal(mask, before[1])
@@ -140,23 +193,23 @@ except LgsegError as exc:
     assert "3D Slicer" in message and "\n" not in message
 
 
-def test_empty_box_approximates_unedited_approximates_again_edited_is_used(scene, segmenter):
+def test_empty_box_approximates_unedited_approximates_again_edited_is_used(scene, loop):
     volume = _volume(scene)
-    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu")
-    controller, events = _controller(parameters, segmenter)
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", model=loop.model)
+    controller, events = _controller(parameters, runner=loop.runner)
     assert controller.report_status().kind == "empty" and controller.report_to_use() is None
 
     controller.run()
     assert controller.running
     controller.wait(120)
     result = controller.last_result
-    assert _names(events)[0] == "running" and _names(events)[-1] == "running"
-    assert ("progress", (DIMS[2], DIMS[2])) in events
+    assert _names(events)[0] is LoopEvent.RUNNING and _names(events)[-1] is LoopEvent.RUNNING
+    assert (LoopEvent.PROGRESS, (DIMS[2], DIMS[2])) in events
     # The box holds the approximation, marked as such, with its similarity.
     assert result.report_source == "prototype" and parameters.report == result.report
     status = controller.report_status()
     assert status.kind == "approximated" and status.similarity == pytest.approx(result.similarity)
-    assert f"{result.similarity:.2f}" in status.message and ("report", status) in events
+    assert f"{result.similarity:.2f}" in status.message and (LoopEvent.REPORT, status) in events
     segmentation = parameters.outputSegmentation
     assert segmentation is result.segmentation_node and segmentation.GetScene() is scene
     np.testing.assert_array_equal(mrml.segment_mask(segmentation, result.segment_id, volume), result.mask)
@@ -188,10 +241,11 @@ def test_empty_box_approximates_unedited_approximates_again_edited_is_used(scene
     assert (parameters.report, parameters.reportSource, controller.report_status().kind) == ("", "", "empty")
 
 
-def test_cancel_and_failure_leave_the_scene_unchanged(scene, segmenter, tmp_path):
+def test_cancel_and_failure_leave_the_scene_unchanged(scene, loop, segmenter, tmp_path):
     volume = _volume(scene)
-    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu")
-    controller, events = _controller(parameters, segmenter)
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", model=loop.model)
+    runner = Buffered(loop.runner)
+    controller, events = _controller(parameters, runner=runner)
     controller.run()
     controller.wait(120)
     before = _assert_cancel_leaves_scene(controller, events, scene, parameters, "right lower lobe", 120)
@@ -200,10 +254,10 @@ def test_cancel_and_failure_leave_the_scene_unchanged(scene, segmenter, tmp_path
     events.clear()
     controller.set_report("left upper lobe")
     controller.run()
-    controller._run.thread.join(120)
+    runner.wait_until_finished(120)
     controller.cancel()
     controller.wait(120)
-    assert "cancelled" in _names(events) and "result" not in _names(events)
+    assert LoopEvent.CANCELLED in _names(events) and LoopEvent.RESULT not in _names(events)
     ids, mask = _scene_state(scene, parameters)
     assert ids == before[0]
     np.testing.assert_array_equal(mask, before[1])
@@ -212,11 +266,10 @@ def test_cancel_and_failure_leave_the_scene_unchanged(scene, segmenter, tmp_path
     events.clear()
     failing = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu",
                                    model=str(tmp_path / "no-such-model"))
-    failing_controller, failing_events = _controller(failing, None)
-    failing_controller._load_segmenter = mrml.load_segmenter  # the real loader, which must fail
+    failing_controller, failing_events = _controller(failing, runner=ThreadRunner())  # the real loader, which fails
     failing_controller.run()
     failing_controller.wait(60)
-    errors = [payload for event, payload in failing_events if event == "error"]
+    errors = [payload for event, payload in failing_events if event is LoopEvent.ERROR]
     assert len(errors) == 1 and isinstance(errors[0], LgsegError) and "does not exist" in str(errors[0])
     assert failing.outputSegmentation is None and failing.report == ""
     assert [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())] == before[0]
@@ -228,7 +281,7 @@ def test_cancel_and_failure_leave_the_scene_unchanged(scene, segmenter, tmp_path
     lost.run()
     emptied.SetAndObserveImageData(None)
     lost.wait(60)
-    errors = [payload for event, payload in lost_events if event == "error"]
+    errors = [payload for event, payload in lost_events if event is LoopEvent.ERROR]
     assert len(errors) == 1 and "has no voxels" in str(errors[0])
     assert scene.GetNumberOfNodes() == nodes and lost.parameters.outputSegmentation is None
 
@@ -237,12 +290,12 @@ def test_cancel_and_failure_leave_the_scene_unchanged(scene, segmenter, tmp_path
         ReportLoopController(ReportLoopParameters()).run()
 
 
-def test_slice_mode_follows_the_slice_view_and_reapproximates_when_it_moves(scene, segmenter):
+def test_slice_mode_follows_the_slice_view_and_reapproximates_when_it_moves(scene, loop):
     volume = _volume(scene)
     red = _red_slice_node(scene, volume, 2)
     clock = Clock()
-    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
-    controller, events = _controller(parameters, segmenter, clock=clock)
+    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu", model=loop.model)
+    controller, events = _controller(parameters, runner=loop.runner, clock=clock)
     controller.watch_slices()
     controller.run()
     controller.wait(120)
@@ -255,7 +308,7 @@ def test_slice_mode_follows_the_slice_view_and_reapproximates_when_it_moves(scen
     # hears of it ("pending"), so one that polls only while busy (the Slicer module's timer) starts polling.
     events.clear()
     _show_slice(red, volume, 4)
-    assert controller.live_pending and _names(events) == ["pending"]
+    assert controller.live_pending and _names(events) == [LoopEvent.PENDING]
     clock.now += 0.31
     controller.wait(120)
     second = controller.last_result
@@ -278,11 +331,7 @@ def test_slice_mode_follows_the_slice_view_and_reapproximates_when_it_moves(scen
 
 
 def test_live_refine_waits_for_a_pause_and_drops_stale_runs(scene, segmenter):
-    volume = _volume(scene)
-    _red_slice_node(scene, volume, 3)
-    clock = Clock()
-    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
-    controller, events, release = _gated_controller(parameters, segmenter, clock)
+    parameters, clock, controller, events, release = _gated_live_loop(scene, segmenter)
 
     # Typing: nothing runs until 0.3 s after the last keystroke.
     controller.set_report("l")
@@ -299,7 +348,7 @@ def test_live_refine_waits_for_a_pause_and_drops_stale_runs(scene, segmenter):
     release.set()
     clock.now = 0.8
     controller.wait(120)
-    results = [payload for event, payload in events if event == "result"]
+    results = [payload for event, payload in events if event is LoopEvent.RESULT]
     assert [r.report for r in results] == ["left lower lobe"]
     assert results[0].slice_index == 3 and parameters.reportSource == "given"
 
@@ -326,11 +375,7 @@ def test_live_refine_waits_for_a_pause_and_drops_stale_runs(scene, segmenter):
 def test_apply_during_a_live_run_drops_it_and_runs_once_it_stops(scene, segmenter):
     """Apply pressed while a live update works (e.g. the model still loading): no error; the live result is
     dropped and the Apply run follows with the box's report."""
-    volume = _volume(scene)
-    _red_slice_node(scene, volume, 3)
-    clock = Clock()
-    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
-    controller, events, release = _gated_controller(parameters, segmenter, clock)
+    parameters, clock, controller, events, release = _gated_live_loop(scene, segmenter)
     controller.set_report("left lower lobe")
     clock.now = 0.5
     controller.poll()
@@ -339,9 +384,9 @@ def test_apply_during_a_live_run_drops_it_and_runs_once_it_stops(scene, segmente
     assert controller.running and not controller.live_pending
     release.set()
     controller.wait(120)
-    results = [payload for event, payload in events if event == "result"]
+    results = [payload for event, payload in events if event is LoopEvent.RESULT]
     assert len(results) == 1 and results[0].report == "left lower lobe"
-    assert controller.last_run_kind == "apply" and "error" not in _names(events)
+    assert controller.last_run_kind == "apply" and LoopEvent.ERROR not in _names(events)
     # Cancel after such an Apply: nothing runs and nothing is written.
     controller.set_report("right lower lobe")
     release.clear()
@@ -352,23 +397,22 @@ def test_apply_during_a_live_run_drops_it_and_runs_once_it_stops(scene, segmente
     controller.cancel()
     release.set()
     controller.wait(120)
-    assert len([e for e in _names(events) if e == "result"]) == 1 and not controller.running
+    assert len([e for e in _names(events) if e is LoopEvent.RESULT]) == 1 and not controller.running
 
 
-def test_worker_progresses_while_the_gui_thread_is_idle(scene, segmenter):
-    """No sleeping on the GUI thread: the worker finishes while the GUI thread only waits (as in an idle event
+def test_worker_progresses_while_the_gui_thread_is_idle(scene, loop):
+    """No sleeping on the GUI thread: the runner finishes while the GUI thread only waits (as in an idle event
     loop) and never calls into the controller; one poll afterwards delivers progress and writes the result."""
     volume = _volume(scene, dims=(48, 40, 12))
-    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", report="left lung")
-    controller, events = _controller(parameters, segmenter)
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", report="left lung",
+                                      model=loop.model)
+    runner = Buffered(loop.runner)
+    controller, events = _controller(parameters, runner=runner)
     controller.run()
-    worker = controller._run.thread
-    idle = threading.Event()
-    while worker.is_alive():
-        idle.wait(0.05)  # the GUI thread idles: no Python work, no poll
-    assert _names(events) == ["running", "status"]  # nothing delivered yet: the GUI thread did not poll
+    runner.wait_until_finished(120)  # the GUI thread idles: it waits on the runner, no poll of the controller
+    assert _names(events) == [LoopEvent.RUNNING, LoopEvent.STATUS]  # nothing delivered yet: the GUI thread did not poll
     assert not controller.poll()
-    assert ("progress", (12, 12)) in events and controller.last_result.report == "left lung"
+    assert (LoopEvent.PROGRESS, (12, 12)) in events and controller.last_result.report == "left lung"
     np.testing.assert_array_equal(
         mrml.segment_mask(parameters.outputSegmentation, controller.last_result.segment_id, volume),
         controller.last_result.mask)
@@ -381,7 +425,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(scene, segmenter):
 
     class GpuModel:
         device = torch.device("cuda", 0)
-        package = segmenter.package
+        config = segmenter.config
 
         def __init__(self, error):
             self.error = error
@@ -397,19 +441,18 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(scene, segmenter):
 
     volume = _volume(scene)
     parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="auto")
-    controller, events = _controller(parameters, None)
-    controller._load_segmenter = loader
+    controller, events = _controller(parameters, runner=ThreadRunner(load_segmenter=loader))
     controller.run()
     controller.wait(120)
     assert requested == ["auto", "cpu"] and controller.fell_back_to_cpu
     assert controller.last_result is not None and "ran on the CPU" in events[-2][1]
 
     # Any other error is reported as it is, not retried.
-    controller2, events2 = _controller(ReportLoopParameters(inputVolume=volume, scope="volume"), None)
-    controller2._load_segmenter = lambda model, device: GpuModel(RuntimeError("something else"))
+    controller2, events2 = _controller(ReportLoopParameters(inputVolume=volume, scope="volume"), runner=ThreadRunner(
+        load_segmenter=lambda model, device: GpuModel(RuntimeError("something else"))))
     controller2.run()
     controller2.wait(60)
-    errors = [payload for event, payload in events2 if event == "error"]
+    errors = [payload for event, payload in events2 if event is LoopEvent.ERROR]
     assert [str(e) for e in errors] == ["something else"] and not controller2.fell_back_to_cpu
 
 
@@ -460,15 +503,21 @@ def test_benchmark_measures_edit_to_mask_through_the_controller(segmenter):
 
 
 @pytest.fixture(scope="module")
-def process_worker():
-    from languageguidedseg.worker import ProcessWorker
-
+def process_worker(tmp_path_factory):
+    """The worker process as the Slicer module starts it (``find_worker``: ``PythonSlicer`` found on the PATH, here
+    a launcher of this test's Python), started; a test that closes it has it started again by its next request."""
+    folder = tmp_path_factory.mktemp("slicer-bin")
+    launcher = folder / "PythonSlicer"
+    launcher.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    launcher.chmod(0o755)
     with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", os.pathsep.join([str(folder), os.environ.get("PATH", "")]))
         patch.setenv("OMP_NUM_THREADS", "1")  # one thread, like the test process (conftest): the worker inherits it
-        worker = ProcessWorker()
+        worker = find_worker()
+        assert worker is not None
         worker.start()
-    yield worker
-    worker.close()
+        yield worker
+        worker.close()
 
 
 def _hold_the_gil_until(ready, timeout: float) -> None:
@@ -489,14 +538,14 @@ def test_report_loop_in_a_worker_process_runs_while_the_gui_thread_holds_the_gil
     holding the GIL, and the loop behaves as with a thread (approximation, edited text, cancel, failure)."""
     volume = _volume(scene, dims=(48, 40, 12))
     parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", model=str(tiny_model))
-    controller = ReportLoopController(parameters, worker=process_worker)
+    controller = ReportLoopController(parameters, runner=process_worker)
     events = []
     controller.add_observer(lambda event, payload: events.append((event, payload)))
     controller.run()  # the first run starts the process and loads the model
     controller.wait(180)
     result = controller.last_result
     assert result.report_source == "prototype" and parameters.report == result.report
-    assert controller.report_status().kind == "approximated" and ("progress", (12, 12)) in events
+    assert controller.report_status().kind == "approximated" and (LoopEvent.PROGRESS, (12, 12)) in events
     assert result.segmentation_node.GetSegmentation().GetSegment(result.segment_id).GetName() == "Infection"
     np.testing.assert_array_equal(mrml.segment_mask(parameters.outputSegmentation, result.segment_id, volume),
                                   result.mask)
@@ -517,6 +566,111 @@ def test_report_loop_in_a_worker_process_runs_while_the_gui_thread_holds_the_gil
     parameters.model = str(scene.GetURL() or "/no/such/model-folder")
     controller.run()
     controller.wait(60)
-    errors = [payload for event, payload in events if event == "error"]
+    errors = [payload for event, payload in events if event is LoopEvent.ERROR]
     assert len(errors) == 1 and isinstance(errors[0], LgsegError) and "does not exist" in str(errors[0])
     assert _scene_state(scene, parameters)[0] == before[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The runner contract: the same tests for the thread and the worker process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["thread", "process"])
+def runner(request):
+    """A runner that loads models with the engine's loader: a new thread runner that counts its loads, or the
+    Slicer module's worker process."""
+    if request.param == "process":
+        return request.getfixturevalue("process_worker")
+    loads = []
+
+    def counting_loader(model, device):
+        loads.append((model, device))
+        return mrml.load_segmenter(model, device)
+
+    thread_runner = ThreadRunner(load_segmenter=counting_loader)
+    thread_runner.loads = loads
+    return thread_runner
+
+
+def _options(**changes):
+    """``segment_array``'s options for a volume snapshot (what ``SegmentationJob.segment_options`` gives)."""
+    return {"rgb": False, "report": None, "axis": 2, "slice_index": None, "threshold": None, "sides": "patient",
+            "geometry": None, **changes}
+
+
+def _finish(runner, *request_ids, timeout=180):
+    """Every reply until the requests have finished (done, cancelled or failed: the last reply is the last of
+    these), or until the runner has stopped (a failure of request -1)."""
+    replies = []
+    deadline = time.monotonic() + timeout
+    while not ({-1} & {r.request_id for r in replies} or set(request_ids) <= {
+            r.request_id for r in replies if r.kind is not ReplyKind.PROGRESS}):
+        assert time.monotonic() < deadline, f"requests {request_ids} did not finish: {replies}"
+        runner.wait(0.1)
+        replies += runner.poll()
+    return replies
+
+
+def test_runner_segments_with_progress_and_keeps_the_model_loaded(runner, tiny_model, segmenter):
+    model = str(tiny_model)
+    array = np.random.default_rng(1).integers(0, 900, (6, 40, 48)).astype(np.int16)
+    first = runner.submit(model, "cpu", array, _options())
+    replies = _finish(runner, first)
+    progress = [r.payload for r in replies if r.kind is ReplyKind.PROGRESS]
+    assert progress and progress[-1] == (6, 6) and progress == sorted(progress)
+    assert all(r.request_id == first for r in replies) and replies[-1].kind is ReplyKind.DONE
+    done = replies[-1].payload
+    assert isinstance(done, RunResult) and done.device == "CPU" and not done.fell_back_to_cpu
+    assert done.segment_style == ("Infection", (0.9, 0.2, 0.1), "tiny")
+    expected = segmenter.segment_array(array, **_options())
+    np.testing.assert_array_equal(done.result.mask, expected.mask)
+    assert done.result.report == expected.report and done.result.report_source == "prototype"
+
+    # The next request for the same model starts at once: the model stayed loaded.
+    assert runner.loaded(model, "cpu") and not runner.loaded(model, "auto") and not runner.loaded("", "cpu")
+    second = runner.submit(model, "cpu", array, _options(report="left lower lung", slice_index=2))
+    replies = _finish(runner, second)
+    assert [r.payload for r in replies if r.kind is ReplyKind.PROGRESS] == [(1, 1)]
+    expected = segmenter.segment_array(array, **_options(report="left lower lung", slice_index=2))
+    np.testing.assert_array_equal(replies[-1].payload.result.mask, expected.mask)
+    assert replies[-1].payload.result.report_source == "given"
+    if isinstance(runner, ThreadRunner):
+        assert runner.loads == [(model, "cpu")]
+
+
+def test_runner_cancels_and_reports_failures_with_their_message(runner, tiny_model, tmp_path):
+    model = str(tiny_model)
+    volume = np.random.default_rng(2).integers(0, 900, (40, 40, 48)).astype(np.int16)
+    # Cancelling a request cancels the earlier ones too: both reply "cancelled", neither "done".
+    first = runner.submit(model, "cpu", volume, _options())
+    second = runner.submit(model, "cpu", volume, _options(report="right upper lung"))
+    runner.cancel(second)
+    replies = _finish(runner, first, second)
+    finished = {r.request_id: r.kind for r in replies if r.kind is not ReplyKind.PROGRESS}
+    assert finished == {first: ReplyKind.CANCELLED, second: ReplyKind.CANCELLED}
+
+    # Bad input: the request fails with the engine's message; the runner goes on.
+    bad = runner.submit(model, "cpu", volume[:2], _options(threshold=1.5))
+    reply = _finish(runner, bad)[-1]
+    assert reply.kind is ReplyKind.FAILED and isinstance(reply.payload, LgsegError)
+    assert "threshold must lie between 0 and 1, not 1.5" in str(reply.payload)
+    missing = runner.submit(str(tmp_path / "no-such-model"), "cpu", volume[:2], _options())
+    reply = _finish(runner, missing)[-1]
+    assert reply.kind is ReplyKind.FAILED and "does not exist" in str(reply.payload)
+    assert not runner.loaded(model, "cpu")  # the failed load let the loaded model go
+    good = runner.submit(model, "cpu", volume[:2], _options())
+    assert _finish(runner, good)[-1].kind is ReplyKind.DONE
+
+
+def test_runner_close_lets_the_model_go_and_a_new_request_starts_afresh(runner, tiny_model):
+    model = str(tiny_model)
+    array = np.random.default_rng(3).integers(0, 900, (1, 40, 48)).astype(np.int16)
+    assert _finish(runner, runner.submit(model, "cpu", array, _options()))[-1].kind is ReplyKind.DONE
+    assert runner.loaded(model, "cpu")
+    runner.close()
+    assert not runner.loaded(model, "cpu") and runner.poll() == []
+    if not isinstance(runner, ThreadRunner):
+        assert not runner.alive  # the process has stopped
+    request_id = runner.submit(model, "cpu", array, _options())
+    assert _finish(runner, request_id)[-1].kind is ReplyKind.DONE and runner.loaded(model, "cpu")

@@ -8,7 +8,6 @@ import torch
 
 from conftest import QATA_REPORT
 from languageguidedseg.data import load_pair, load_split
-from languageguidedseg.edits import kvasir_edits, qata_edits, report_edits
 from languageguidedseg.laterality import (
     keep_to_side,
     left_share,
@@ -17,6 +16,7 @@ from languageguidedseg.laterality import (
     side_presence,
 )
 from languageguidedseg.probes import LEFT_REPORT, RIGHT_REPORT, laterality_probe, steering_probe
+from training.edits import kvasir_edits, qata_edits, report_edits
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -133,9 +133,9 @@ def test_training_validation_scores_like_lgseg_evaluate(qata, tiny_model, report
 
     samples = load_split(qata, "val")[:LIMIT]
     cache = {s: load_pair(s) for s in samples}
-    installed = evaluate(Segmenter(tiny_model, device="cpu"), samples, reports)
+    installed = evaluate(Segmenter.load(tiny_model, "cpu"), samples, reports)
     package = load_package(tiny_model)
-    in_memory = Segmenter.from_network(package.build_network(), package.config, torch.device("cpu"))
+    in_memory = Segmenter(package.build_network(), package.config, torch.device("cpu"), batch_size=32)
     training = evaluate(in_memory, samples, reports, keep=2, load=cache.__getitem__)
     assert training.scores.n == installed.scores.n == LIMIT
     assert training.without_report == installed.without_report == (LIMIT if reports == "none" else 0)

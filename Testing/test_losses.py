@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from languageguidedseg.losses import LossWeights, SegmentationLoss, info_nce, mask_pool, pseudo_label_positives
-from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig
+from languageguidedseg.config import NetworkConfig
+from languageguidedseg.network import LanguageGuidedSegNet
+from training.losses import LossWeights, SegmentationLoss, info_nce, mask_pool, pseudo_label_positives
 
 SIZE = 64
 

@@ -43,8 +43,8 @@ def test_shipped_model_segments_a_validation_image_in_both_modes(name, request):
     dataset, segment = SHIPPED[name]
     root = request.getfixturevalue("qata" if dataset == "qata-cov19" else "kvasir")
     package = load_package(name)  # verifies the SHA-256 of the weights and of the description
-    assert package.config.segment_name == segment
-    segmenter = Segmenter(package, device="cpu")
+    assert package.config.card.segment_name == segment
+    segmenter = Segmenter.load(package, "cpu")
     samples = [s for s in load_split(root, "val") if s.report][:8]
     given_scores, approximated_scores, found_in_both_modes = ScoreAccumulator(), ScoreAccumulator(), []
     for sample in samples:
@@ -80,7 +80,7 @@ def test_qata_mask_follows_the_report_side(qata):
     from languageguidedseg.inference import Segmenter
 
     _shipped("qata-cxr")
-    segmenter = Segmenter("qata-cxr", device="cpu")
+    segmenter = Segmenter.load("qata-cxr", "cpu")
     sample = next(s for s in load_split(qata, "val") if s.report and s.report.startswith("bilateral"))
     image, _ = load_pair(sample)
     half = image.shape[1] // 2
@@ -102,14 +102,14 @@ def test_qata_approximated_report_agrees_with_its_mask(qata):
     from languageguidedseg.laterality import left_share, probability_laterality, report_laterality
 
     _shipped("qata-cxr")
-    segmenter = Segmenter("qata-cxr", device="cpu")
+    segmenter = Segmenter.load("qata-cxr", "cpu")
     unilateral = 0
     for sample in load_split(qata, "val")[:12]:
         image, _ = load_pair(sample)
         result = segmenter.segment_array(image, sides="image")  # the mask's sides are the image's
         probabilities = segmenter.predict_slices(image[None])[0][0]
         side = report_laterality(result.report)
-        assert side == probability_laterality(probabilities, segmenter.package.config.side_presence), sample.id
+        assert side == probability_laterality(probabilities, segmenter.config.card.side_presence), sample.id
         if side != "bilateral" and result.mask.any():
             unilateral += 1
             assert (left_share(result.mask) > 0.5) == (side == "left"), sample.id

@@ -504,13 +504,15 @@ def _index_to_lps(image: sitk.Image) -> np.ndarray:
 def test_ct_segmented_whole_and_in_each_view_on_the_volumes_grid(scene, ct_examples, segmenter, source):
     """The module's report loop segments the CT whole and one slice in each of the three views; the segment lies on
     the volume's grid in RAS and slice mode changes only the slice shown."""
-    from languageguidedseg.controller import ReportLoopController, ReportLoopParameters
+    from languageguidedseg.controller import ReportLoopController
+    from languageguidedseg.parameters import ReportLoopParameters
+    from languageguidedseg.runner import ThreadRunner
 
     volume = _ct_volumes(scene, ct_examples)[source]
     dims = mrml.volume_dimensions(volume)
     parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu",
                                       report="infection in the lower left lung")
-    controller = ReportLoopController(parameters, load_segmenter=lambda model, device: segmenter)
+    controller = ReportLoopController(parameters, runner=ThreadRunner(load_segmenter=lambda model, device: segmenter))
     controller.run()
     controller.wait(300)
     whole = controller.last_result

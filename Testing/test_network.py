@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from languageguidedseg.config import NetworkConfig
 from languageguidedseg.encoders import EfficientNetLite0, build_encoder
 from languageguidedseg.errors import LgsegError
-from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig, fold_batchnorm, fuse_convolutions
+from languageguidedseg.network import LanguageGuidedSegNet
 
 SMALL = dict(decoder_channels=(64, 48, 32, 24, 16))
 SIZE = 128  # any size divisible by 32 works; smaller than the usual 224 keeps the tests fast on 2 cores
@@ -151,45 +152,6 @@ def test_guided_approximation_trains_with_the_bank():
 @torch.inference_mode()
 def test_other_input_size(network):
     assert network(torch.randn(2, 3, 96, 160), *_report_tokens(2)).shape == (2, 1, 96, 160)
-
-
-def test_inference_compilation_keeps_outputs():
-    """fold_batchnorm + fuse_convolutions (what Segmenter runs on CPU) change speed, not outputs."""
-    torch.manual_seed(1)
-    net = LanguageGuidedSegNet(NetworkConfig(bank_size=6, **SMALL), pretrained_encoder=False)
-    net.bank.fill(torch.randn(6, 384), torch.randn(6, 384), torch.arange(6))
-    for module in net.modules():  # non-trivial BatchNorm statistics, so folding has something to fold
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    net.eval()
-    images = torch.randn(3, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
-    tokens, mask = _report_tokens(3)
-    with torch.inference_mode():
-        expected = [net(images[:1], tokens[:1], mask[:1]), net(images, tokens, mask), net(images)]
-    fast = fuse_convolutions(fold_batchnorm(net).to(memory_format=torch.channels_last), SIZE)
-    assert not isinstance(fast.encoder, EfficientNetLite0), "the encoder was not compiled"
-    with torch.inference_mode():
-        for _ in range(4):  # the first calls of a new batch size profile, later ones run fused kernels
-            got = [fast(images[:1], tokens[:1], mask[:1]), fast(images, tokens, mask), fast(images)]
-            for g, e in zip(got, expected):
-                torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
-
-
-def test_fold_batchnorm_leaves_no_batchnorm_and_the_same_outputs():
-    torch.manual_seed(2)
-    net = LanguageGuidedSegNet(NetworkConfig(**SMALL), pretrained_encoder=False)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-    net.eval()
-    images, (tokens, mask) = torch.randn(2, 3, SIZE, SIZE), _report_tokens(2)
-    with torch.inference_mode():
-        expected = net(images, tokens, mask)
-        folded = fold_batchnorm(net)
-        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-        torch.testing.assert_close(folded(images, tokens, mask), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name, count, frozen, trainable", [

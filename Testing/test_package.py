@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from languageguidedseg.cli import main
+from languageguidedseg.config import ModelCard, ModelConfig, NetworkConfig, PreprocessConfig
 from languageguidedseg.errors import LgsegError
-from languageguidedseg.network import LanguageGuidedSegNet, NetworkConfig
+from languageguidedseg.network import LanguageGuidedSegNet
 from languageguidedseg.package import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    ModelConfig,
     find_model,
     import_model,
     list_models,
@@ -23,7 +25,6 @@ from languageguidedseg.package import (
     save_package,
     user_models_folder,
 )
-from languageguidedseg.preprocess import PreprocessConfig
 
 SIZE = 128
 
@@ -42,10 +43,11 @@ def _network(seed: int = 0) -> LanguageGuidedSegNet:
 
 
 def _config(name: str = "roundtrip") -> ModelConfig:
-    return ModelConfig(name=name, task="round trip test", licence="Apache-2.0", threshold=0.4,
-                       preprocessing=PreprocessConfig(size=SIZE).to_dict(), segment_name="Lesion",
-                       segment_color=(0.1, 0.8, 0.3), prototype_reports=[f"report {i}" for i in range(5)],
-                       report_sides="patient", metrics={"dice": 0.5})
+    card = ModelCard(task="round trip test", licence="Apache-2.0", threshold=0.4, segment_name="Lesion",
+                     segment_color=(0.1, 0.8, 0.3))
+    return ModelConfig(name=name, card=card, preprocessing=PreprocessConfig(size=SIZE),
+                       prototype_reports=[f"report {i}" for i in range(5)], report_sides="patient",
+                       metrics={"dice": 0.5})
 
 
 @torch.inference_mode()
@@ -105,9 +107,10 @@ def test_round_trip_keeps_the_description(tmp_path):
     folder = save_package(tmp_path / "roundtrip", _network(), _config())
     config = load_package(folder).config
     expected = _config()
-    for key in ("name", "task", "licence", "threshold", "segment_name", "segment_color", "prototype_reports",
-                "report_sides", "preprocessing", "metrics", "text_encoder", "max_tokens"):
+    for key in ("name", "card", "prototype_reports", "report_sides", "preprocessing", "metrics", "text_encoder",
+                "max_tokens"):
         assert getattr(config, key) == getattr(expected, key), key
+    assert config.card.task == "round trip test" and config.card.segment_color == (0.1, 0.8, 0.3)
     assert config.network.bank_size == 5 and config.network.decoder_channels == (64, 48, 32, 24, 16)
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]  # no temporary files left
 
@@ -205,7 +208,27 @@ def test_shipped_models_are_listed_and_load(own_models_folder):
     assert {m.name for m in shipped} >= {"qata-cxr", "kvasir-polyp"}
     for info in shipped:
         package = load_package(info.path)
-        assert package.name == info.name and package.config.threshold == info.threshold
+        assert package.name == info.name and package.config.card.threshold == info.threshold
+
+
+def test_reading_a_models_description_imports_no_torch(tiny_model, own_models_folder):
+    """The model list (lgseg models, the Slicer module's list) is shown before PyTorch is installed."""
+    import_model(tiny_model)
+    code = (
+        "import json, sys\n"
+        "import languageguidedseg.config, languageguidedseg.package\n"
+        "imported = 'torch' in sys.modules\n"
+        "from languageguidedseg.cli import main\n"
+        "from languageguidedseg.package import list_models\n"
+        "names = sorted(m.name for m in list_models())\n"
+        "code = main(['models']) + main(['models', '--json'])\n"
+        "print(json.dumps([imported, names, code, 'torch' in sys.modules]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    imported, names, code, torch_loaded = json.loads(result.stdout.splitlines()[-1])
+    assert not imported, "importing languageguidedseg.config and .package imported torch"
+    assert {"tiny", "qata-cxr", "kvasir-polyp"} <= set(names) and code == 0
+    assert not torch_loaded, "listing the models imported torch"
 
 
 def test_import_model_copies_a_verified_package(tiny_model, own_models_folder):

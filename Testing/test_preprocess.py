@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from languageguidedseg.config import PreprocessConfig
 from languageguidedseg.errors import LgsegError
-from languageguidedseg.preprocess import PreprocessConfig, prepare_slices, restore_size, scale_intensity, zoom
+from languageguidedseg.preprocess import prepare_slices, restore_size, scale_intensity, zoom
 
 CONFIG = PreprocessConfig()
 

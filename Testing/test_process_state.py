@@ -17,7 +17,7 @@ def test_loading_and_running_a_model_leave_threads_and_the_fusion_flag_alone(tin
     previous = torch.jit.onednn_fusion_enabled()
     torch.jit.enable_onednn_fusion(fusion)
     try:
-        segmenter = Segmenter(model=tiny_model, device="cpu")
+        segmenter = Segmenter.load(tiny_model, "cpu")
         assert torch.get_num_threads() == threads
         assert torch.jit.onednn_fusion_enabled() is fusion
         image = np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8)

@@ -13,7 +13,6 @@ from languageguidedseg.reports import (
     KVASIR_LOCATIONS,
     ZONES,
     ReportLabels,
-    class_indices,
     get_parser,
     parse_qata_report,
 )
@@ -84,13 +83,6 @@ def test_every_qata_report_parses_consistently(split: str) -> None:
 )
 def test_qata_examples(text: str, expected: ReportLabels) -> None:
     assert parse_qata_report(text) == expected
-
-
-def test_class_indices() -> None:
-    labels = parse_qata_report("bilateral pulmonary infection, two areas, upper left lung and lower right lung.")
-    assert class_indices(labels) == [0, 5]
-    assert class_indices(labels.zones) == [0, 5]
-    assert class_indices(parse_qata_report("no finding")) == []
 
 
 def test_parser_registry() -> None:

@@ -220,7 +220,7 @@ def xray(qata) -> Path:
 def segmenter():
     from languageguidedseg.inference import Segmenter
 
-    return Segmenter("qata-cxr", device="cpu")
+    return Segmenter.load("qata-cxr", "cpu")
 
 
 def test_patient_side_report_gives_the_image_side_mask(xray, segmenter, tmp_path, capsys):
@@ -243,13 +243,13 @@ def test_approximated_report_comes_in_the_chosen_convention(xray, segmenter):
     image = image_array(read_image(xray))
     in_image = segmenter.approximate(image, sides="image")
     in_patient = segmenter.approximate(image, sides="patient")
-    assert in_image.report in segmenter.package.config.prototype_reports
+    assert in_image.report in segmenter.config.prototype_reports
     assert in_patient.report == swap_sides(in_image.report) != in_image.report
     assert [r for r, _ in in_patient.top] == [swap_sides(r) for r, _ in in_image.top]
     assert in_patient.sides_label == "Left/right: patient (assumed: radiological display)"
     result = segmenter.segment_array(image, report=None, sides="patient")
     assert result.report_source == "prototype" and result.sides == "patient"
-    assert swap_sides(result.report) in segmenter.package.config.prototype_reports
+    assert swap_sides(result.report) in segmenter.config.prototype_reports
 
 
 def _xray_volumes(xray: Path, folder: Path) -> dict:

@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "LanguageGuidedSeg"
 MODULE_FILE = MODULE_DIR / "LanguageGuidedSeg.py"
 LIB_DIR = MODULE_DIR / "LanguageGuidedSegLib"
-PARAMETER_FILE = LIB_DIR / "ParameterNode.py"
 MODULE_SOURCES = [MODULE_FILE] + sorted(LIB_DIR.glob("*.py"))
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "LanguageGuidedSeg.ui"
 MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
@@ -44,7 +43,10 @@ CATALOG = ROOT / "LanguageGuidedSeg.json"
 # and documentation pictures.
 NOT_PACKAGED = ("Testing/", "Resources/Screenshots/")
 LIGHT_MODULES = {"slicer", "qt", "ctk", "vtk", "__future__", "LanguageGuidedSegLib", "<relative>"}
-HEAVY_MODULES = ("torch", "monai", "transformers", "safetensors", "sklearn", "languageguidedseg", "SimpleITK")
+HEAVY_MODULES = ("torch", "monai", "transformers", "safetensors", "sklearn", "SimpleITK")
+# The engine's modules that loading the module imports: the parameter node is built from the engine's declaration of
+# the parameters, which is plain Python.
+ENGINE_AT_LOAD = ["languageguidedseg", "languageguidedseg.parameters"]
 # Fields of the catalog entry schema v1.0.1 (additionalProperties: false) and the required ones.
 CATALOG_FIELDS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                   "build_subdirectory", "enabled", "tier"}
@@ -76,21 +78,6 @@ def _ui_bound_parameters() -> dict:
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.find("string").text] = widget.get("class")
     return bound
-
-
-def _parameter_annotations() -> dict:
-    """Parameter name -> annotation source, from the module's @parameterNodeWrapper class."""
-    source = PARAMETER_FILE.read_text(encoding="utf-8")
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.ClassDef) and any(
-            (isinstance(d, ast.Name) and d.id == "parameterNodeWrapper") for d in node.decorator_list
-        ):
-            return {
-                item.target.id: ast.get_source_segment(source, item.annotation)
-                for item in node.body
-                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
-            }
-    raise AssertionError("no @parameterNodeWrapper class in the module")
 
 
 def _cmake_set(text: str, variable: str) -> list:
@@ -136,8 +123,11 @@ def test_ui_parses_and_holds_every_widget_the_module_uses():
 
 
 def test_ui_binds_every_parameter_to_a_fitting_widget():
-    """Bound names are parameters of the wrapper, and each widget type has a parameterNodeWrapper connector."""
-    parameters = _parameter_annotations()
+    """Bound names are parameters (declared in ``languageguidedseg.parameters``, which the wrapper is built from), and
+    each widget type has a parameterNodeWrapper connector."""
+    from languageguidedseg.parameters import parameter_fields
+
+    parameters = parameter_fields()
     bound = _ui_bound_parameters()
     assert set(bound) <= set(parameters), f"unknown parameters in the .ui: {set(bound) - set(parameters)}"
     assert {"inputVolume", "outputSegmentation", "scope", "sliceView", "threshold", "device", "sides",
@@ -146,16 +136,16 @@ def test_ui_binds_every_parameter_to_a_fitting_widget():
     # change (guiConnectors.py, 5.8.1 to 5.12.3), which moves the cursor to the start while the user types.
     assert "report" not in bound
     for name, widget_class in bound.items():
-        annotation = parameters[name]
-        if "vtkMRML" in annotation:
+        parameter = parameters[name]
+        if parameter.node_classes:
             assert widget_class == "qMRMLNodeComboBox", name
-        elif "Choice" in annotation:
+        elif parameter.choices:
             assert widget_class == "QComboBox", name
-        elif annotation == "bool":
+        elif parameter.type is bool:
             assert widget_class == "QCheckBox", name
-        elif "float" in annotation:
+        elif parameter.type is float:
             assert widget_class in ("ctkSliderWidget", "QDoubleSpinBox"), name
-            assert "WithinRange" in annotation, f"a slider needs a bounded float: {name}"
+            assert parameter.value_range, f"a slider needs a bounded float: {name}"
 
 
 def _statements_run_at_import(tree: ast.Module):
@@ -184,6 +174,17 @@ def test_module_imports_only_slicer_qt_vtk_and_stdlib_at_file_scope():
             continue
         offending += [f"line {node.lineno}: {r}" for r in roots if r not in LIGHT_MODULES | stdlib]
     assert not offending, f"heavy or third-party imports at file scope: {offending}"
+
+
+def test_widget_dispatches_every_controller_event_it_names_to_a_handler():
+    """The widget maps the controller's events (``LoopEvent``) to its handlers; it cannot be instantiated here, so its
+    source is read: every event it names exists, and it handles each one a front end must show."""
+    from languageguidedseg.controller import LoopEvent
+
+    named = {node.attr for node in ast.walk(_module_tree()) if isinstance(node, ast.Attribute)
+             and isinstance(node.value, ast.Name) and node.value.id == "LoopEvent"}
+    assert named <= set(LoopEvent.__members__), f"no such events: {named - set(LoopEvent.__members__)}"
+    assert {"RUNNING", "PROGRESS", "STATUS", "REPORT", "PENDING", "RESULT", "ERROR"} <= named
 
 
 def test_every_module_file_is_listed_in_cmake():
@@ -477,9 +478,46 @@ def test_parameter_node_round_trips_through_slicers_serializers(release, scene, 
         loaded.Clear(1)
 
 
-def test_module_file_loads_without_torch_or_the_engine(release):
+def test_parameter_node_agrees_with_the_controllers_parameters(release, scene):
+    """The parameter node that the release's parameterNodeWrapper builds (its own per-parameter info: base type,
+    default, Choice and WithinRange validators, node classes) and the controller's ``ReportLoopParameters`` (its
+    dataclass fields, with the allowed values declared beside them) have the same names, and for each the same type,
+    default, choices, range and node classes; a new parameter node holds the dataclass's defaults."""
+    import dataclasses
+    import typing
+
+    from languageguidedseg.parameters import ReportLoopParameters, parameter_fields
+
+    _, module = release
+    wrapper = sys.modules["slicer.parameterNodeWrapper"]
+
+    def slicer_side(info):
+        base = wrapper.unannotatedType(info.unalteredType)
+        validators = info.serializer.validators
+        # Beyond the type checks that the serializers add, only the validators compared below.
+        assert all(isinstance(v, (wrapper.Choice, wrapper.WithinRange, wrapper.IsInstance, wrapper.NotNone))
+                   for v in validators)
+        nodes = wrapper.getNodeTypes(base) if wrapper.isNodeOrUnionOfNodes(base) else ()
+        choices = tuple(c for v in validators if isinstance(v, wrapper.Choice) for c in v.choices)
+        bounds = [(v.minimum, v.maximum) for v in validators if isinstance(v, wrapper.WithinRange)]
+        return typing.Any if nodes else base, info.default.value, choices, bounds[0] if bounds else None, nodes
+
+    declared = parameter_fields()
+    controller_side = {
+        f.name: (f.type, f.default, declared[f.name].choices, declared[f.name].value_range,
+                 declared[f.name].node_classes)
+        for f in dataclasses.fields(ReportLoopParameters)
+    }
+    built = {name: slicer_side(info) for name, info in module.LanguageGuidedSegParameterNode.allParameters.items()}
+    assert built == controller_side
+
+    node = module.LanguageGuidedSegParameterNode(scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"))
+    assert {name: getattr(node, name) for name in built} == dataclasses.asdict(ReportLoopParameters())
+
+
+def test_module_file_loads_without_torch_and_only_the_engines_parameters(release):
     """Loading the module file, its library and the parameter node imports no heavy package (checked in a fresh
-    interpreter where they cannot be imported)."""
+    interpreter where they cannot be imported), and of the engine only its declaration of the parameters."""
     name, _ = release
     script = f"""
 import sys
@@ -493,10 +531,12 @@ module = checks._load_release({name!r})
 node = module.LanguageGuidedSegLogic().getParameterNode()
 assert node.report == "" and node.inputVolume is None
 print("loaded", sorted(m for m in {list(HEAVY_MODULES)!r} if sys.modules.get(m) is not None))
+print("engine", sorted(m for m in sys.modules if m.split(".")[0] == "languageguidedseg"))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loaded []" in done.stdout
+    assert f"engine {ENGINE_AT_LOAD}" in done.stdout
 
 
 def test_self_test_passes_and_a_skip_is_a_skip(release, scene, caplog):
@@ -572,6 +612,46 @@ def test_logic_process_that_times_out_stops_its_worker_and_writes_nothing(releas
         time.sleep(0.05)
     assert not any(t.name == "LanguageGuidedSeg" for t in threading.enumerate())
     assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
+@pytest.mark.parametrize("release", ["5.12.3"], indirect=True)
+def test_inside_the_application_the_logic_runs_the_model_in_its_worker_process(release, scene, tiny_model, tmp_path,
+                                                                              monkeypatch):
+    """Inside the Slicer application (``slicer.app`` exists) the logic's controller runs the model in the worker
+    process it starts from ``PythonSlicer`` on the PATH (here a launcher of this test's Python); ``close`` stops
+    it."""
+    import os
+    import shlex
+
+    import numpy as np
+    import slicer
+
+    from languageguidedseg.worker import ProcessWorker
+
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path), os.environ.get("PATH", "")]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread, like the test process (conftest)
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(layoutManager=lambda: None), raising=False)
+    _, module = release
+    volume = slicer.util.addVolumeFromArray(np.full((3, 32, 40), 100, dtype=np.int16), name="synthetic")
+    logic = module.LanguageGuidedSegLogic()
+    try:
+        node = logic.getParameterNode()
+        node.inputVolume, node.model, node.device, node.scope = volume, str(tiny_model), "cpu", "volume"
+        controller = logic.createController(node)
+        worker = logic.workerProcess()
+        assert isinstance(worker, ProcessWorker) and not worker.alive  # started by the first run
+        controller.run()
+        assert worker.alive
+        controller.wait(180)
+        assert controller.last_result is not None and controller.last_result.slice_index is None
+        assert node.outputSegmentation is controller.last_result.segmentation_node
+        assert node.reportSource == "prototype" and node.report == controller.last_result.report
+    finally:
+        logic.close()
+    assert not worker.alive and logic.worker is None
 
 
 def _used_names(module_prefix: str) -> set:

@@ -64,7 +64,7 @@ def test_blocks_equal_monai(cin, cout):
 def test_cpu_compilation_waits_for_enough_slices(tiny_model):
     """One image runs eager (compiling would cost more than it saves); a volume's worth of slices compiles, and
     the probabilities stay the same."""
-    segmenter = Segmenter(tiny_model, device="cpu")
+    segmenter = Segmenter.load(tiny_model, "cpu")
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (1, 96, 96), dtype=np.uint8)
     eager, _, _ = segmenter.predict_slices(image)

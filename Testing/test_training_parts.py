@@ -4,23 +4,20 @@ per-epoch sampling across processes (the end-to-end runs are in test_training.py
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from languageguidedseg.config import PreprocessConfig
+from languageguidedseg.errors import LgsegError
+from training.augment import augmenter
+from training.config import AugmentationConfig, OptimisationConfig, TrainConfig, load_config
+from training.data import Preloaded, epoch_loader
+from training.optim import warmup_cosine
+from training.runtime import Runtime
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "Training"))
-
-from languageguidedseg.errors import LgsegError  # noqa: E402
-from languageguidedseg.preprocess import PreprocessConfig  # noqa: E402
-from training.augment import augmenter  # noqa: E402
-from training.config import AugmentationConfig, OptimisationConfig, TrainConfig, load_config  # noqa: E402
-from training.data import Preloaded, epoch_loader  # noqa: E402
-from training.optim import warmup_cosine  # noqa: E402
-from training.runtime import Runtime  # noqa: E402
-
 CONFIGS = sorted((REPO / "Training" / "configs").glob("*.yaml"))
 # The appearance augmentation of the kvasir-polyp config
 APPEARANCE = dict(colour_balance=0.15, hue_degrees=10, saturation=0.4, gamma=0.4, blur_sigma=1.5, jpeg_quality=20)
@@ -57,15 +54,14 @@ def test_overrides_use_dotted_keys_and_are_checked(tmp_path):
 
 def test_defaults_come_from_one_place():
     config = TrainConfig.from_dict({"name": "x", "data": {"path": "d"}})
-    from languageguidedseg.losses import LossWeights
-    from languageguidedseg.network import NetworkConfig
-    from languageguidedseg.package import ModelConfig
-    from languageguidedseg.preprocess import PreprocessConfig
+    from languageguidedseg.config import ModelCard, NetworkConfig
+    from training.losses import LossWeights
 
     assert config.network == NetworkConfig() and config.losses == LossWeights()
     assert config.preprocessing == PreprocessConfig()
-    assert config.package.threshold == ModelConfig.threshold
-    assert config.package.segment_color == ModelConfig.segment_color
+    assert config.package.card() == ModelCard()  # the package's card is the engine's, plus the data citation
+    assert config.package.threshold == ModelCard.threshold
+    assert config.package.segment_color == ModelCard.segment_color
 
 
 def _learning_rates(config: OptimisationConfig, steps_per_epoch: int, stop: int = -1, state=None):

@@ -24,8 +24,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from languageguidedseg.cli import at_least
 from languageguidedseg.errors import LgsegError
+from languageguidedseg.options import at_least, error_line
 from training.config import REPO_ROOT, load_config
 from training.loop import Trainer
 from training.runtime import Runtime
@@ -91,7 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         runtime.log(f"model package: {output}")
         return 0
     except LgsegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(error_line(exc, args), file=sys.stderr)
         return 2
 
 

@@ -1,12 +1,11 @@
 import importlib
 import logging
 import os
-import shutil
-import sys
 
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
+from .Engine import MODULE_DIR, importEngine
 from .InstallLogic import LanguageGuidedSegInstallLogic
 from .ParameterNode import LanguageGuidedSegParameterNode
 
@@ -14,27 +13,6 @@ from .ParameterNode import LanguageGuidedSegParameterNode
 TORCH_REQUIREMENT = ">=2.1"
 # What a run imports, beyond the engine itself (torch, the network's blocks, the weights' format, the text encoder).
 RUNTIME_MODULES = ("torch", "monai", "safetensors", "tokenizers", "transformers")
-MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def enginePaths():
-    """Folders that may hold the ``languageguidedseg`` package, most specific first: next to the module (where CMake
-    installs it) or the repository's Logic/ folder (a source checkout)."""
-    return [MODULE_DIR, os.path.join(os.path.dirname(MODULE_DIR), "Logic")]
-
-
-def importEngine(name=""):
-    """Import ``languageguidedseg`` (or one of its submodules), adding its folder to ``sys.path`` if needed.
-
-    The engine's controller, model list and MRML bridge import neither torch nor Qt; only a run imports torch.
-    """
-    for folder in enginePaths():
-        if os.path.isfile(os.path.join(folder, "languageguidedseg", "__init__.py")):
-            if folder not in sys.path:
-                # In front, so the engine shipped with this module wins over any other installed copy.
-                sys.path.insert(0, folder)
-            break
-    return importlib.import_module("languageguidedseg" + ("." + name if name else ""))
 
 
 def sliceNodeForView(viewName):
@@ -97,18 +75,16 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
         the GUI thread runs Python; a process (Slicer's own PythonSlicer interpreter) computes while the GUI is idle.
         """
         if self.worker is None and hasattr(slicer, "app"):
-            executable = shutil.which("PythonSlicer")
-            if executable:
-                self.worker = importEngine("worker").ProcessWorker(executable)
-            else:
+            self.worker = importEngine("worker").find_worker()
+            if self.worker is None:
                 logging.warning("LanguageGuidedSeg: PythonSlicer not found; the model runs in a thread")
         return self.worker
 
     def createController(self, parameters, sliceNodeFor=sliceNodeForView, **kwargs):
         """The report-loop controller (``languageguidedseg.controller``) over ``parameters``; inside the Slicer
-        application the model runs in :meth:`workerProcess`."""
+        application the model runs in :meth:`workerProcess` (elsewhere, or with ``runner=None``, in a thread)."""
         controller = importEngine("controller")
-        kwargs.setdefault("worker", self.workerProcess())
+        kwargs.setdefault("runner", self.workerProcess())
         return controller.ReportLoopController(parameters, slice_node_for=sliceNodeFor, **kwargs)
 
     def close(self):
@@ -125,12 +101,13 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
         raises the run's error (the scene unchanged) when it fails.
         """
         controllerModule = importEngine("controller")
-        parameters = controllerModule.ReportLoopParameters(
+        parameters = importEngine("parameters").ReportLoopParameters(
             inputVolume=inputVolume, outputSegmentation=outputSegmentation, report=report or "", model=model or "",
             scope=scope, sliceView=sliceView, threshold=threshold, device=device, sides=sides, liveUpdate=False)
-        controller = self.createController(parameters, worker=None)  # this call blocks: a thread is enough
+        controller = self.createController(parameters, runner=None)  # this call blocks: a thread is enough
         errors = []
-        controller.add_observer(lambda event, payload: errors.append(payload) if event == "error" else None)
+        error = controllerModule.LoopEvent.ERROR
+        controller.add_observer(lambda event, payload: errors.append(payload) if event is error else None)
         controller.run()
         try:
             controller.wait(timeout)

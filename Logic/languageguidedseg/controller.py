@@ -12,52 +12,40 @@ renders what the controller tells its observers. The controller owns the loop a 
   current slice, dropping a run that a newer edit made stale; moving to another slice while the box holds an
   approximation re-approximates for that slice.
 
-State lives in a plain *parameter object*, read and written through these attributes (the Slicer module's
-parameter node has them, camelCase as Slicer names them; a web app can use :class:`ReportLoopParameters`):
-
-=====================  ===============================================================================
-``inputVolume``        the volume node to segment (scalar or RGB vector volume), or None
-``outputSegmentation`` the segmentation node written; None = the first run creates one and stores it
-``model``              installed model name or model folder; "" = the default model
-``scope``              "slice" (the slice shown in ``sliceView``) or "volume" (every slice)
-``sliceView``          "Red", "Yellow" or "Green": whose slice node slice mode follows
-``report``             the report box's text (may hold patient information: never logged)
-``reportSource``       "" | "prototype" (the box holds the approximation) | "given" (the last run used the box)
-``reportSimilarity``   cosine similarity of the approximation in the box
-``approximationDigest`` digest of the approximation put in the box, to tell whether the user edited it
-``threshold``          probability threshold, 0 < t < 1
-``device``             "auto" (GPU when available) or "cpu"
-``sides``              "patient" or "image": what left and right mean in the report
-``liveUpdate``         update while typing (slice mode)
-=====================  ===============================================================================
+State lives in a plain *parameter object*, read and written through the attributes that
+:mod:`languageguidedseg.parameters` declares (names, types, defaults, allowed values, meanings): the Slicer module's
+parameter node is built from that declaration; a web app or a script passes its
+:class:`~languageguidedseg.parameters.ReportLoopParameters`.
 
 Threading: call every method from one thread, the GUI thread. :meth:`run` snapshots the volume (a copy of the
-voxels) and starts a worker thread that loads the model and segments, or hands the snapshot to a worker process
-(``worker``, see :mod:`languageguidedseg.worker`; 3D Slicer's GUI thread holds the GIL while idle, which would stall
-a thread); the worker touches no MRML node. The front
-end calls :meth:`poll` regularly (a ``QTimer``, a trame periodic callback; no sleeping): it hands the worker's
-progress to the observers, starts a due live run, and writes a finished result into MRML on the calling thread.
-A cancelled or failed run leaves the scene as it was. :meth:`wait` (poll until idle) is for scripts and tests.
+voxels) and hands it to a *runner* (:mod:`languageguidedseg.runner`) that loads the model and segments away from
+the GUI thread: a :class:`~languageguidedseg.runner.ThreadRunner` (the default), or the worker process of
+:mod:`languageguidedseg.worker` that the Slicer module passes (3D Slicer's GUI thread holds the GIL while idle, which
+would stall a thread). The runner touches no MRML node. The front end calls :meth:`poll` regularly (a ``QTimer``, a
+trame periodic callback; no sleeping): it hands the runner's progress to the observers, starts a due live run, and
+writes a finished result into MRML on the calling thread. A cancelled or failed run leaves the scene as it was.
+:meth:`wait` (poll until idle) is for scripts and tests.
 
-Observers: ``controller.add_observer(callback)``; ``callback(event, payload)`` with event one of
+Observers: ``controller.add_observer(callback)``; ``callback(event, payload)`` with event a :class:`LoopEvent`:
 
-=============  =================================================================================
-``running``    bool: a run started (True) or ended (False)
-``progress``   ``(done, total)`` slices
-``status``     a one-line message for the status line
-``report``     :class:`ReportStatus`: the report text or its status changed (sync the box with ``text``,
-               without moving the user's cursor when the text is unchanged)
-``result``     ``languageguidedseg.mrml.NodeSegmentationResult`` (written into the scene)
-``error``      the exception of a failed run (the scene was not changed)
-``cancelled``  None (the scene was not changed)
-``pending``    None: a live run was scheduled (a report edit, a move to another slice); poll until idle
-=============  =================================================================================
+========================  ======================================================================================
+``LoopEvent.RUNNING``     bool: a run started (True) or ended (False)
+``LoopEvent.PROGRESS``    ``(done, total)`` slices
+``LoopEvent.STATUS``      a one-line message for the status line
+``LoopEvent.REPORT``      :class:`ReportStatus`: the report text or its status changed (sync the box with ``text``,
+                          without moving the user's cursor when the text is unchanged)
+``LoopEvent.RESULT``      ``languageguidedseg.mrml.NodeSegmentationResult`` (written into the scene)
+``LoopEvent.ERROR``       the exception of a failed run (the scene was not changed)
+``LoopEvent.CANCELLED``   None (the scene was not changed)
+``LoopEvent.PENDING``     None: a live run was scheduled (a report edit, a move to another slice); poll until idle
+========================  ======================================================================================
 
 What a front end calls (all from its GUI thread):
 
 * ``set_report(text)`` on every edit of the report box (stores it only when it differs; live: schedules a run),
   ``clear_report()``, ``report_status()`` (what the box holds), ``sides_label()`` (the line beside the box);
-* ``apply()`` (the Apply button: run, or cancel a running Apply), ``run()``, ``cancel()``, ``can_run()``,
+* ``apply()`` (the run button: run, or after a running live run, or cancel a running Apply), ``run()``,
+  ``cancel()``, ``can_run()``,
   ``poll()`` from a timer while ``running`` or ``live_pending``, ``abandon()`` when the scene closes;
 * ``watch_slices()`` / ``unwatch_slices()``: follow the slice nodes (a moved slice re-approximates, see above);
 * ``available_models()``, ``default_model_name()``, ``select_model(name)``, ``import_model(folder)``,
@@ -71,42 +59,38 @@ slicer-core``) on first use; importing this module needs neither ``slicer`` nor 
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from . import mrml, package
 from .errors import LgsegError
+from .parameters import SLICE_VIEWS
+from .runner import Reply, ReplyKind, Runner, ThreadRunner
 
 logger = logging.getLogger(__name__)
 
 DEBOUNCE_SECONDS = 0.3
-SLICE_VIEWS = ("Red", "Yellow", "Green")
-
-Observer = Callable[[str, Any], None]
 
 
-@dataclass
-class ReportLoopParameters:
-    """A plain parameter object for front ends without a Slicer parameter node (see the module docstring)."""
 
-    inputVolume: Any = None
-    outputSegmentation: Any = None
-    model: str = ""
-    scope: str = "slice"
-    sliceView: str = "Red"
-    report: str = ""
-    reportSource: str = ""
-    reportSimilarity: float = 0.0
-    approximationDigest: str = ""
-    threshold: float = 0.5
-    device: str = "auto"
-    sides: str = "patient"
-    liveUpdate: bool = True
+class LoopEvent(enum.Enum):
+    """What the controller tells its observers (the payloads: see the module docstring)."""
+
+    RUNNING = "running"
+    PROGRESS = "progress"
+    STATUS = "status"
+    REPORT = "report"
+    RESULT = "result"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+    PENDING = "pending"
+
+
+Observer = Callable[[LoopEvent, Any], None]
 
 
 @dataclass(frozen=True)
@@ -124,33 +108,21 @@ def report_digest(text: Optional[str]) -> str:
     return hashlib.sha256(" ".join((text or "").split()).encode("utf-8")).hexdigest()
 
 
-def is_gpu_out_of_memory(exc: BaseException) -> bool:
-    """True for PyTorch's CUDA out-of-memory error (checked without importing torch when it is not loaded)."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
-    return oom is not None and isinstance(exc, oom)
-
-
 def default_slice_node(scene: Any, view: str) -> Any:
     """The slice node of a standard view in ``scene`` (Slicer's IDs: ``vtkMRMLSliceNodeRed`` ...), or None."""
     return scene.GetNodeByID("vtkMRMLSliceNode" + view) if scene is not None else None
 
 
 class _Run:
-    """One background run: the job, its worker thread and the events the worker hands to the GUI thread."""
+    """One run: the job and its request to the runner."""
 
-    def __init__(self, job: Any, kind: str, generation: int, report_text: str):
+    def __init__(self, job: Any, kind: str, generation: int, report_text: str, request_id: int):
         self.job = job
         self.kind = kind  # "apply" | "live"
         self.generation = generation
         self.report_text = report_text  # the box's text when the run started
-        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self.cancel_event = threading.Event()
-        self.thread: Optional[threading.Thread] = None
-        self.request_id: Optional[int] = None  # in a worker process
-        self.fell_back_to_cpu = False
+        self.request_id = request_id
+        self.cancelled = False
 
 
 class ReportLoopController:
@@ -158,28 +130,26 @@ class ReportLoopController:
 
     :param parameters: the parameter object (a Slicer parameter node, or :class:`ReportLoopParameters`).
     :param slice_node_for: ``view name -> vtkMRMLSliceNode``; default: the scene's standard slice nodes.
-    :param load_segmenter: ``(model, device) -> Segmenter``; default :func:`languageguidedseg.mrml.load_segmenter`.
+    :param runner: where the model runs, a :class:`languageguidedseg.runner.Runner`: the Slicer module passes a
+        :class:`languageguidedseg.worker.ProcessWorker` (3D Slicer's GUI thread holds the GIL while idle); None: a
+        new :class:`languageguidedseg.runner.ThreadRunner`.
     :param debounce_s: pause in typing before a live run starts.
     :param clock: monotonic clock in seconds (tests pass their own).
     :param live_allowed: ``() -> bool``: whether live runs may start at all (e.g. the Slicer module allows them once
         the user has installed the dependencies with a first Apply); default always.
-    :param worker: a :class:`languageguidedseg.worker.ProcessWorker` to run the model in (3D Slicer, whose GUI thread
-        holds the GIL while idle); None: a worker thread in this process (``load_segmenter`` applies only then).
     :param run_button: what the front end calls its run button ("Apply" in Slicer, "Segment" in the web page).
     """
 
     def __init__(self, parameters: Any, *, slice_node_for: Optional[Callable[[str], Any]] = None,
-                 load_segmenter: Optional[Callable[[Any, str], Any]] = None, debounce_s: float = DEBOUNCE_SECONDS,
+                 runner: Optional[Runner] = None, debounce_s: float = DEBOUNCE_SECONDS,
                  clock: Callable[[], float] = time.monotonic, live_allowed: Callable[[], bool] = lambda: True,
-                 worker: Any = None, run_button: str = "Apply"):
+                 run_button: str = "Apply"):
         self.parameters = parameters
         self._live_allowed = live_allowed
         self.run_button = run_button  # the front end's name for its run button, used in messages
-        self._worker = worker
-        self._worker_loaded: Optional[tuple] = None  # (model, device) the worker process has loaded
-        self._worker_device = "CPU"
+        self._runner: Runner = runner if runner is not None else ThreadRunner()
+        self._device_name = "CPU"  # where the last run's model ran
         self._slice_node_for = slice_node_for
-        self._load_segmenter = load_segmenter or mrml.load_segmenter
         self.debounce_s = debounce_s
         self._clock = clock
         self._observers: list[Observer] = []
@@ -187,10 +157,6 @@ class ReportLoopController:
         self._generation = 0
         self._due: Optional[float] = None  # when the pending live run may start
         self._apply_queued = False  # Apply pressed during a live run: starts when that run has stopped
-        self._segmenter: Any = None
-        self._segmenter_key: Any = None
-        self._segmenter_lock = threading.Lock()
-        self._wake = threading.Event()  # set by the worker whenever it has news (used by wait())
         self._watched: list[tuple[Any, int]] = []
         self._last_slice: Optional[tuple[int, int]] = None
         self.fell_back_to_cpu = False
@@ -206,11 +172,7 @@ class ReportLoopController:
         self._observers.append(callback)
         return callback
 
-    def remove_observer(self, callback: Observer) -> None:
-        if callback in self._observers:
-            self._observers.remove(callback)
-
-    def _emit(self, event: str, payload: Any = None) -> None:
+    def _emit(self, event: LoopEvent, payload: Any = None) -> None:
         for callback in list(self._observers):
             callback(event, payload)
 
@@ -266,7 +228,7 @@ class ReportLoopController:
 
     def live_enabled(self) -> bool:
         p = self.parameters
-        return (bool(getattr(p, "liveUpdate", False)) and p.scope == "slice" and p.inputVolume is not None
+        return (bool(p.liveUpdate) and p.scope == "slice" and p.inputVolume is not None
                 and self._live_allowed())
 
     # Report box -----------------------------------------------------------------------------------------------
@@ -277,7 +239,7 @@ class ReportLoopController:
         if (p.report or "") == text:
             return
         p.report = text
-        self._emit("report", self.report_status())
+        self._emit(LoopEvent.REPORT, self.report_status())
         if self.live_enabled():
             self._schedule_live()
 
@@ -288,14 +250,14 @@ class ReportLoopController:
     def _set_report_fields(self, text: str, source: str, similarity: float, digest: str) -> None:
         p = self.parameters
         p.report, p.reportSource, p.reportSimilarity, p.approximationDigest = text, source, similarity, digest
-        self._emit("report", self.report_status())
+        self._emit(LoopEvent.REPORT, self.report_status())
 
     def _schedule_live(self) -> None:
         self._due = self._clock() + self.debounce_s
         run = self._run
         if run is not None and run.kind == "live":
             self._drop_live(run)
-        self._emit("pending", None)  # a front end that polls only while busy starts polling
+        self._emit(LoopEvent.PENDING, None)  # a front end that polls only while busy starts polling
 
     def _drop_live(self, run: _Run) -> None:
         """A newer edit or an Apply makes the running live run stale: stop it if it has not started its batch, and
@@ -356,7 +318,7 @@ class ReportLoopController:
         """The line shown beside the report box: what left and right mean and where the image orientation comes from,
         e.g. "Left/right: patient (image orientation from the volume)", as the next run will report it."""
         p = self.parameters
-        sides = getattr(p, "sides", "patient")
+        sides = p.sides
         info = self._model_info(p.model)
         if p.inputVolume is not None and info is not None and info.get("report_sides"):
             try:
@@ -403,31 +365,15 @@ class ReportLoopController:
         self.select_model(info.name)
         return info.to_dict()
 
-    def segmenter(self, model: Any = None, device: str = "auto") -> Any:
-        """The loaded model, cached (loading takes seconds, a slice milliseconds); any thread."""
-        key = (str(model or ""), device)
-        with self._segmenter_lock:
-            if self._segmenter is None or self._segmenter_key != key:
-                self._segmenter = None  # free the old model before loading another
-                self._segmenter = self._load_segmenter(model or None, device)
-                self._segmenter_key = key
-            return self._segmenter
-
     def device_name(self) -> str:
-        """Where the loaded model runs: "CPU" or "GPU (name)"."""
-        if self._worker is not None:
-            return self._worker_device
-        device = getattr(self._segmenter, "device", None)
-        if device is None or getattr(device, "type", "cpu") != "cuda":
-            return "CPU"
-        import torch
-
-        return f"GPU ({torch.cuda.get_device_name(device)})"
+        """Where the last run's model ran: "CPU" or "GPU (name)"."""
+        return self._device_name
 
     # Running --------------------------------------------------------------------------------------------------
 
     def apply(self) -> None:
-        """The Apply button: cancel a running Apply, else start one (raises LgsegError when one cannot start).
+        """The run button (Apply, Segment): cancel a running Apply, else start one (raises LgsegError when one cannot
+        start).
 
         A running live run is dropped and the Apply starts as soon as it has stopped (see :meth:`poll`).
         """
@@ -441,12 +387,12 @@ class ReportLoopController:
             self._drop_live(self._run)
             self._due = None
             self._apply_queued = True
-            self._emit("status", "Segmenting as soon as the running update stops...")
+            self._emit(LoopEvent.STATUS, "Segmenting as soon as the running update stops...")
             return
         self.run()
 
     def run(self, kind: str = "apply") -> None:
-        """Snapshot the input and segment it in a worker thread (see :meth:`poll`).
+        """Snapshot the input and hand it to the runner (see :meth:`poll`).
 
         Raises LgsegError (the scene unchanged) when the inputs do not allow a run.
         """
@@ -459,25 +405,17 @@ class ReportLoopController:
         job = mrml.SegmentationJob(
             p.inputVolume, report=self.report_to_use(), model=p.model or None, scope=p.scope,
             slice_node=self.slice_node() if p.scope == "slice" else None, threshold=float(p.threshold),
-            device=p.device, sides=getattr(p, "sides", "patient"))
+            device=p.device, sides=p.sides)
         if job.slice_index is not None:
             self._last_slice = (job.axis, job.slice_index)
         if kind == "apply":
             self._due = None
-        run = _Run(job, kind, self._generation, p.report or "")
-        key = (str(job.model or ""), job.device)
-        if self._worker is not None:
-            loaded = self._worker_loaded == key
-            run.request_id = self._worker.submit(job.model, job.device, job.array, job.segment_options())
-        else:
-            loaded = self._segmenter is not None and self._segmenter_key == key
-            run.thread = threading.Thread(target=self._work, args=(run,), name="LanguageGuidedSeg", daemon=True)
-        self._run = run
+        loaded = self._runner.loaded(job.model, job.device)
+        request_id = self._runner.submit(job.model, job.device, job.array, job.segment_options())
+        self._run = _Run(job, kind, self._generation, p.report or "", request_id)
         self.progress = (0, job.dimensions[job.axis] if job.slice_index is None else 1)
-        self._emit("running", True)
-        self._emit("status", "Segmenting..." if loaded else "Loading the model...")
-        if run.thread is not None:
-            run.thread.start()
+        self._emit(LoopEvent.RUNNING, True)
+        self._emit(LoopEvent.STATUS, "Segmenting..." if loaded else "Loading the model...")
 
     def cancel(self) -> None:
         """Stop the running run after its current batch; its result is dropped and the scene stays as it was."""
@@ -485,12 +423,11 @@ class ReportLoopController:
         self._apply_queued = False
         if self._run is not None:
             self._cancel_run(self._run)
-            self._emit("status", "Cancelling after the current batch...")
+            self._emit(LoopEvent.STATUS, "Cancelling after the current batch...")
 
     def _cancel_run(self, run: _Run) -> None:
-        run.cancel_event.set()
-        if run.request_id is not None:
-            self._worker.cancel(run.request_id)
+        run.cancelled = True
+        self._runner.cancel(run.request_id)
 
     def abandon(self) -> None:
         """Cancel and forget the running run at once (its scene is closing); no event is emitted for it."""
@@ -501,69 +438,29 @@ class ReportLoopController:
             self._cancel_run(self._run)
             self._run = None
 
-    def _work(self, run: _Run) -> None:
-        """Worker thread: load the model and segment the snapshot; everything goes back through ``run.events``."""
-
-        def progress(done: int, total: int) -> None:
-            run.events.put(("progress", (done, total)))
-            self._wake.set()
-
-        try:
-            run.job.segmenter = self.segmenter(run.job.model, run.job.device)
-            try:
-                run.job.compute(progress=progress, cancel=run.cancel_event.is_set)
-            except Exception as exc:
-                device = getattr(run.job.segmenter, "device", "cpu")
-                if not is_gpu_out_of_memory(exc) or str(device).startswith("cpu"):
-                    raise
-                logger.warning("LanguageGuidedSeg: the GPU ran out of memory; running on the CPU")
-                with self._segmenter_lock:
-                    self._segmenter = None
-                run.job.segmenter = None
-                import torch
-
-                torch.cuda.empty_cache()
-                run.job.segmenter = self.segmenter(run.job.model, "cpu")
-                run.fell_back_to_cpu = True
-                run.job.compute(progress=progress, cancel=run.cancel_event.is_set)
-            run.events.put(("done", None))
-        except BaseException as exc:  # handed to the GUI thread, which reports it
-            if type(exc).__name__ == "SegmentationCancelled":
-                run.events.put(("cancelled", None))
-            else:
-                run.events.put(("failed", exc))
-        finally:
-            self._wake.set()
-
     def poll(self) -> bool:
-        """Call regularly from the GUI thread: deliver the worker's news, finish a run (writing its result into
+        """Call regularly from the GUI thread: deliver the runner's news, finish a run (writing its result into
         MRML here), start a due live run. Returns True while a run is running or pending. Never blocks."""
-        run = self._run
-        if self._worker is not None:
-            self._pump_worker(run)
-        if run is not None:
-            while True:
-                try:
-                    event, payload = run.events.get_nowait()
-                except queue.Empty:
-                    break
-                if event == "progress":
-                    self.progress = payload
-                    if not run.cancel_event.is_set():
-                        self._emit("progress", payload)
-                        if payload[1] > 1:
-                            self._emit("status", f"Segmenting slice {payload[0]} of {payload[1]}...")
-                    continue
-                self._finish(run, event, payload)
-                break
+        for reply in self._runner.poll():
+            run = self._run
+            if run is None or reply.request_id not in (run.request_id, -1):
+                continue  # a reply to a run that was abandoned or has finished
+            if reply.kind is ReplyKind.PROGRESS:
+                self.progress = reply.payload
+                if not run.cancelled:
+                    self._emit(LoopEvent.PROGRESS, reply.payload)
+                    if reply.payload[1] > 1:
+                        self._emit(LoopEvent.STATUS, f"Segmenting slice {reply.payload[0]} of {reply.payload[1]}...")
+                continue
+            self._finish(run, reply)
         if self._run is None and self._apply_queued:
             self._apply_queued = False
             try:
                 self.run()
             except LgsegError as exc:
                 self.last_run_kind = "apply"
-                self._emit("status", str(exc))
-                self._emit("error", exc)
+                self._emit(LoopEvent.STATUS, str(exc))
+                self._emit(LoopEvent.ERROR, exc)
         if self._run is None and self._due is not None and self._clock() >= self._due:
             self._due = None
             if not self.live_enabled():  # switched off (or to whole-volume scope) since it was scheduled
@@ -571,45 +468,33 @@ class ReportLoopController:
             try:
                 self.run(kind="live")
             except LgsegError as exc:
-                self._emit("status", str(exc))
+                self._emit(LoopEvent.STATUS, str(exc))
         return self._run is not None or self._due is not None or self._apply_queued
 
-    def _pump_worker(self, run: Optional[_Run]) -> None:
-        """Move the worker process's replies for the current run into its events (replies to abandoned runs are
-        dropped)."""
-        for request_id, kind, payload in self._worker.poll():
-            if run is None or request_id not in (run.request_id, -1):
-                continue
-            if kind == "done":
-                run.job.result = payload.result
-                run.job.style = (payload.segment_name, payload.segment_color, payload.package_name)
-                run.fell_back_to_cpu = payload.fell_back_to_cpu
-                self._worker_device = payload.device
-                self._worker_loaded = (str(run.job.model or ""), "cpu" if payload.fell_back_to_cpu else run.job.device)
-                payload = None
-            run.events.put((kind, payload))
-
-    def _finish(self, run: _Run, event: str, payload: Any) -> None:
+    def _finish(self, run: _Run, reply: Reply) -> None:
         self._run = None
         self.last_run_kind = run.kind
         stale = run.generation != self._generation
-        self.fell_back_to_cpu = run.fell_back_to_cpu
-        # A run cancelled after its last batch (the thread or the worker process finished before it saw the cancel)
-        # is dropped too: the user asked for the scene to stay as it was.
-        cancelled = event == "cancelled" or (event == "done" and run.cancel_event.is_set())
+        done = reply.kind is ReplyKind.DONE
+        self.fell_back_to_cpu = done and reply.payload.fell_back_to_cpu
+        if done:
+            run.job.result, run.job.style = reply.payload.result, reply.payload.segment_style
+            self._device_name = reply.payload.device
+        # A run cancelled after its last batch (the runner finished before it saw the cancel) is dropped too: the user
+        # asked for the scene to stay as it was.
         try:
-            if cancelled or stale:
+            if reply.kind is ReplyKind.CANCELLED or (done and run.cancelled) or stale:
                 if not stale:
-                    self._emit("status", "Cancelled; the scene was not changed.")
-                    self._emit("cancelled", None)
+                    self._emit(LoopEvent.STATUS, "Cancelled; the scene was not changed.")
+                    self._emit(LoopEvent.CANCELLED, None)
                 return
-            if event == "failed":
-                self._emit("status", "Failed; the scene was not changed.")
-                self._emit("error", payload)
+            if not done:
+                self._emit(LoopEvent.STATUS, "Failed; the scene was not changed.")
+                self._emit(LoopEvent.ERROR, reply.payload)
                 return
             self._write(run)
         finally:
-            self._emit("running", False)
+            self._emit(LoopEvent.RUNNING, False)
 
     def _write(self, run: _Run) -> None:
         p = self.parameters
@@ -620,13 +505,10 @@ class ReportLoopController:
                 segmentation = created = mrml.new_segmentation_node(run.job.volume_node)
             result = run.job.write(segmentation)
         except Exception as exc:
-            if created is not None and created.GetScene() is not None:  # leave the scene as it was
-                scene = created.GetScene()
-                for display in [created.GetNthDisplayNode(i) for i in range(created.GetNumberOfDisplayNodes())]:
-                    scene.RemoveNode(display)
-                scene.RemoveNode(created)
-            self._emit("status", "Could not write the segment.")
-            self._emit("error", exc)
+            if created is not None:  # leave the scene as it was
+                mrml.remove_node(created)
+            self._emit(LoopEvent.STATUS, "Could not write the segment.")
+            self._emit(LoopEvent.ERROR, exc)
             return
         p.outputSegmentation = result.segmentation_node
         if result.report_source == "prototype":
@@ -636,10 +518,10 @@ class ReportLoopController:
                                         report_digest(result.report))
         elif p.reportSource != "given":
             p.reportSource, p.approximationDigest = "given", ""
-            self._emit("report", self.report_status())
+            self._emit(LoopEvent.REPORT, self.report_status())
         self.last_result = result
-        self._emit("result", result)
-        self._emit("status", self.describe(result))
+        self._emit(LoopEvent.RESULT, result)
+        self._emit(LoopEvent.STATUS, self.describe(result))
 
     def describe(self, result: Any) -> str:
         """A one-line summary of a result for the status line (no report text: it may identify the patient)."""
@@ -665,8 +547,4 @@ class ReportLoopController:
         while self.poll():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the segmentation did not finish within {timeout:.0f} s")
-            if self._worker is not None and self._run is not None:
-                self._worker.wait(0.02)
-            else:
-                self._wake.wait(0.02)
-                self._wake.clear()
+            self._runner.wait(0.02)

@@ -171,7 +171,8 @@ def apply_text_ratio(samples: Sequence[Sample], ratio: float, seed: int) -> list
     except (TypeError, ValueError):
         ratio = math.nan
     if not 0.0 <= ratio <= 1.0:  # also rejects NaN
-        raise LgsegError(f"text ratio {ratio!r} is outside [0, 1]; pass a fraction such as 0.25 for 25%")
+        raise LgsegError(f"text ratio {ratio!r} is outside [0, 1]; give a fraction such as 0.25 for 25%",
+                         option="text_ratio")
     with_report = [i for i, sample in enumerate(samples) if sample.report is not None]
     keep_count = math.floor(ratio * len(with_report) + 0.5)
     if ratio > 0 and with_report:

@@ -48,7 +48,7 @@ def evaluate(segmenter: Segmenter, samples: Sequence[Sample], reports: str = "gi
         raise LgsegError(f"reports must be one of {', '.join(GUIDANCE)}, not {reports!r}")
     if not samples:
         raise LgsegError("there are no images to evaluate; choose another split or folder")
-    threshold = segmenter.package.config.threshold if threshold is None else threshold
+    threshold = segmenter.config.card.threshold if threshold is None else threshold
     started = time.perf_counter()
     scores, kept = ScoreAccumulator(), []
     without_report = 0

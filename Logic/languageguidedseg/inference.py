@@ -8,20 +8,21 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional, TypedDict, Union
 
 import numpy as np
 import torch
 
+from .config import FLIP_AXES, ModelConfig
 from .errors import LgsegError
 from .fileio import PathLike
+from .fusion import fold_batchnorm, fuse_convolutions
 from .laterality import keep_to_side, probability_laterality, report_laterality
-from .network import LanguageGuidedSegNet, fold_batchnorm, fuse_convolutions
-from .package import FLIP_AXES, ModelConfig, ModelPackage, load_package
-from .preprocess import PreprocessConfig, prepare_slices, restore_size, zoom
+from .network import LanguageGuidedSegNet
+from .package import ModelPackage, load_package
+from .preprocess import prepare_slices, restore_size, zoom
 from .sides import Geometry, Orientation, check_sides, orientation_of, result_sides, sides_label, translate_report
-from .text import TextEncoder, normalize_report
+from .text import TextEncoder, encoder_version, normalize_report
 
 # Compiling the convolutions for the CPU (fuse_convolutions) costs about as much as 10 to 30 slices take to segment
 # and saves a fraction of each later slice, so a Segmenter compiles once it has been given this many slices: a volume
@@ -86,9 +87,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise LgsegError("CUDA was requested but no CUDA GPU is available to PyTorch; use --device cpu or auto")
+        raise LgsegError("CUDA was requested but no CUDA GPU is available to PyTorch; choose the device cpu or auto",
+                         option="device")
     if device not in ("cpu", "cuda"):
-        raise LgsegError(f"unknown device '{device}'; choose auto, cpu or cuda")
+        raise LgsegError(f"unknown device '{device}'; choose auto, cpu or cuda", option="device")
     return torch.device(device)
 
 
@@ -103,7 +105,7 @@ def slices_of(array: np.ndarray, rgb: bool, axis: int) -> np.ndarray:
     if spatial != 3:
         raise LgsegError(f"cannot segment an image with {spatial} spatial dimensions; give a 2D image or a 3D volume")
     if axis not in (0, 1, 2):
-        raise LgsegError(f"--axis must be 0, 1 or 2 (IJK order), not {axis}")
+        raise LgsegError(f"the slicing axis must be 0, 1 or 2 (IJK order), not {axis}", option="axis")
     return np.moveaxis(array, 2 - axis, 0)
 
 
@@ -115,45 +117,46 @@ def available_cores() -> int:
 
 
 class Segmenter:
-    """A loaded model that segments images; load once, call many times."""
+    """A built network and its model's config, ready to segment images: load once (:meth:`load`), call many times.
 
-    # Slices left to segment before the convolutions are compiled for the CPU; None: never (a GPU, or a network that
-    # is not this Segmenter's own, e.g. one being trained).
-    _fuse_countdown: Optional[int] = None
+    ``Segmenter(network, config, device)`` uses the network on ``device`` as it is (e.g. one being trained: not
+    folded or compiled, its weights shared), so that validation during training runs the same code as
+    ``lgseg evaluate``. ``fuse_after`` is the number of slices to segment before the convolutions are compiled for
+    the CPU (None: never).
+    """
 
-    def __init__(self, model: Union[PathLike, ModelPackage, None] = None, device: str = "auto",
-                 batch_size: Optional[int] = None):
+    def __init__(self, network: LanguageGuidedSegNet, config: ModelConfig, device: torch.device,
+                 *, text_encoder: Optional[TextEncoder] = None, batch_size: Optional[int] = None,
+                 fuse_after: Optional[int] = None):
         # The process's torch thread count is used as it is: a library does not change process-wide settings
         # (inside 3D Slicer they belong to every extension); a program sets it with OMP_NUM_THREADS or
         # torch.set_num_threads.
-        self.package = model if isinstance(model, ModelPackage) else load_package(model)
-        self.device = resolve_device(device)
-        self.preprocess = PreprocessConfig.from_dict(self.package.config.preprocessing, "preprocessing")
-        self.network = fold_batchnorm(self.package.build_network(self.device))
-        self.network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
-        self._fuse_countdown = FUSE_AFTER_SLICES if self.device.type == "cpu" else None  # oneDNN: the CPU only
+        self.network = network
+        self.config = config
+        self.device = device
+        self.preprocess = config.preprocessing
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
-        self._text_encoder: Optional[TextEncoder] = None
+        self.fuse_after = fuse_after
+        self._text_encoder = text_encoder
 
     @classmethod
-    def from_network(cls, network: LanguageGuidedSegNet, config: ModelConfig, device: torch.device,
-                     text_encoder: Optional[TextEncoder] = None, batch_size: int = 32) -> Segmenter:
-        """A segmenter over a network in memory, e.g. one being trained: used as it is (no folding or fusion, its
-        weights shared), so that validation during training runs the same code as ``lgseg evaluate``."""
-        segmenter = cls.__new__(cls)
-        segmenter.package = ModelPackage(path=Path(), config=config, state_dict={}, weights_sha256="")
-        segmenter.device = device
-        segmenter.preprocess = PreprocessConfig.from_dict(config.preprocessing, "preprocessing")
-        segmenter.network = network
-        segmenter.batch_size = batch_size
-        segmenter._text_encoder = text_encoder
-        return segmenter
+    def load(cls, model: Union[PathLike, ModelPackage, None] = None, device: str = "auto",
+             batch_size: Optional[int] = None) -> Segmenter:
+        """Load and verify a model package (a name, a folder or a loaded package; None: the default model) and build
+        its network on ``device`` for inference: batch norm folded, channels-last, and on the CPU the convolutions
+        compiled once ``FUSE_AFTER_SLICES`` slices have been segmented."""
+        package = model if isinstance(model, ModelPackage) else load_package(model)
+        resolved = resolve_device(device)
+        network = fold_batchnorm(package.build_network(resolved))
+        network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
+        return cls(network, package.config, resolved, batch_size=batch_size,
+                   fuse_after=FUSE_AFTER_SLICES if resolved.type == "cpu" else None)  # oneDNN: the CPU only
 
     @functools.cached_property
     def _prototype_sides(self) -> Optional[list[Optional[str]]]:
         """Laterality of each prototype's report where the model's reports name sides (QaTa scheme): the
         approximated report is then the most similar prototype that agrees with the mask it produced."""
-        config = self.package.config
+        config = self.config
         if config.report_parser != "qata" or len(config.prototype_reports) != self.network.bank.size:
             return None
         return [report_laterality(report) for report in config.prototype_reports]
@@ -162,24 +165,30 @@ class Segmenter:
     def text_encoder(self) -> TextEncoder:
         """The package's text encoder, loaded on first use (a run without a report never loads it)."""
         if self._text_encoder is None:
-            config = self.package.config
+            config = self.config
+            installed = encoder_version(config.text_encoder)
+            # Packages saved before the version was recorded have none: not checked.
+            if config.text_encoder_version and installed != config.text_encoder_version:
+                raise LgsegError(f"model '{config.name}' was trained with version {config.text_encoder_version} of "
+                                 f"text encoder '{config.text_encoder}' but version {installed} is installed; "
+                                 f"install version {config.text_encoder_version} of {config.text_encoder}")
             encoder = TextEncoder(config.text_encoder, max_tokens=config.max_tokens)
             if encoder.dim != config.network.text_dim:
                 raise LgsegError(f"text encoder '{config.text_encoder}' gives {encoder.dim}-d tokens but model "
-                                 f"'{self.package.name}' expects {config.network.text_dim}; "
+                                 f"'{config.name}' expects {config.network.text_dim}; "
                                  "use the model's own encoder")
             self._text_encoder = encoder
         return self._text_encoder
 
     def _compile_when_worth_it(self, slices: int) -> None:
-        """Fuse the convolutions once this Segmenter has been given ``FUSE_AFTER_SLICES`` slices in all."""
-        if self._fuse_countdown is None:
+        """Fuse the convolutions once this Segmenter has been given ``fuse_after`` slices in all."""
+        if self.fuse_after is None:
             return
-        self._fuse_countdown -= slices
-        if self._fuse_countdown <= 0:
+        self.fuse_after -= slices
+        if self.fuse_after <= 0:
             with torch.inference_mode(False):  # tracing records ordinary tensors
                 self.network = fuse_convolutions(self.network, self.preprocess.size)
-            self._fuse_countdown = None
+            self.fuse_after = None
 
     def _guidance(self, report: Optional[str]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         text = normalize_report(report)
@@ -241,7 +250,7 @@ class Segmenter:
                 best = dict(zip(bank_rows, (pairs[0] for pairs in ranked)))
                 if self._prototype_sides:
                     for row, (index, _) in best.items():  # the mask agrees with the report it comes with
-                        keep_to_side(probs[row], self._prototype_sides[index], self.package.config.threshold)
+                        keep_to_side(probs[row], self._prototype_sides[index], self.config.card.threshold)
                 nearest += [best[i][0] if i in best else -1 for i in range(len(batch))]
                 similarity += [best[i][1] if i in best else float("nan") for i in range(len(batch))]
             probabilities[start:start + len(batch)] = probs
@@ -270,11 +279,11 @@ class Segmenter:
     def _average_views(self, images: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
         """Bank-guided probabilities ``[N, 1, s, s]`` of ``images`` averaged with those of the model's zoomed and
         mirrored views (``no_report_scales``, ``no_report_flips``), each mapped back: test-time augmentation."""
-        config = self.package.config
+        config = self.config
         views: list[tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = [
             (functools.partial(zoom, scale=scale), functools.partial(zoom, scale=1.0 / scale))
-            for scale in config.no_report_scales if scale != 1.0]
-        for flip in config.no_report_flips:
+            for scale in config.card.no_report_scales if scale != 1.0]
+        for flip in config.card.no_report_flips:
             mirror = functools.partial(torch.flip, dims=(FLIP_AXES[flip],))
             views.append((mirror, mirror))
         total = probabilities.clone()
@@ -295,7 +304,7 @@ class Segmenter:
         ranked = []
         for row, sims, slice_probabilities in zip(indices.tolist(), similarities.tolist(), probabilities):
             pairs = list(zip(row, sims))
-            side = probability_laterality(slice_probabilities, self.package.config.side_presence) if sides else None
+            side = probability_laterality(slice_probabilities, self.config.card.side_presence) if sides else None
             if sides and side is not None:
                 pairs.sort(key=lambda pair: sides[pair[0]] != side)  # a stable sort: similarity order within
             ranked.append(pairs)
@@ -304,9 +313,9 @@ class Segmenter:
     @property
     def report_sides(self) -> str:
         """What left and right mean in this model's reports: "image", "patient" or "none"."""
-        sides = self.package.config.report_sides
+        sides = self.config.report_sides
         if sides is None:  # load_package refuses such a package; a network in training has its data set's
-            raise LgsegError(f"model '{self.package.name}' does not declare report_sides; re-save it with it set")
+            raise LgsegError(f"model '{self.config.name}' does not declare report_sides; re-save it with it set")
         return sides
 
     def orientation(self, array: np.ndarray, rgb: bool, axis: int, geometry: Optional[Geometry]) -> Orientation:
@@ -332,9 +341,9 @@ class Segmenter:
         """
         started = time.perf_counter()
         check_sides(sides)
-        threshold = self.package.config.threshold if threshold is None else threshold
+        threshold = self.config.card.threshold if threshold is None else threshold
         if not 0.0 < threshold < 1.0:
-            raise LgsegError(f"threshold must lie between 0 and 1, not {threshold}")
+            raise LgsegError(f"threshold must lie between 0 and 1, not {threshold}", option="threshold")
         if array.size == 0:
             raise LgsegError("the image is empty (a dimension of size 0); give a non-empty image")
         stack = slices_of(array, rgb, axis)
@@ -347,7 +356,7 @@ class Segmenter:
         if slice_index is not None:
             if not 0 <= slice_index < stack.shape[0]:
                 raise LgsegError(f"slice {slice_index} is outside the image "
-                                 f"(0..{stack.shape[0] - 1} along axis {axis})")
+                                 f"(0..{stack.shape[0] - 1} along axis {axis})", option="slice")
             stack, target = stack[slice_index:slice_index + 1], slice(slice_index, slice_index + 1)
         else:
             target = slice(None)
@@ -368,7 +377,7 @@ class Segmenter:
         return [self.prototype_report(index) for index in self.predict_slices(slices)[1]]
 
     def prototype_report(self, index: int) -> str:
-        reports = self.package.config.prototype_reports
+        reports = self.config.prototype_reports
         return reports[index] if index < len(reports) else f"prototype {index}"
 
     @torch.inference_mode()
@@ -384,7 +393,8 @@ class Segmenter:
         orientation = self.orientation(array, rgb, axis, geometry)
         index = stack.shape[0] // 2 if slice_index is None else slice_index
         if not 0 <= index < stack.shape[0]:
-            raise LgsegError(f"slice {index} is outside the image (0..{stack.shape[0] - 1} along axis {axis})")
+            raise LgsegError(f"slice {index} is outside the image (0..{stack.shape[0] - 1} along axis {axis})",
+                             option="slice")
         one = stack[index:index + 1]
         images = prepare_slices(one, self.preprocess).to(self.device, memory_format=torch.channels_last)
         out = self.network(images, return_features=True)

@@ -411,7 +411,13 @@ def load_segmenter(model: Any = None, device: str = "auto") -> Any:
 
     if isinstance(model, Segmenter):
         return model
-    return Segmenter(model=model, device=device)
+    return Segmenter.load(model, device)
+
+
+def segment_style(config: Any) -> tuple[str, tuple[float, float, float], str]:
+    """Segment name, colour and tag value of the segments of a model (its ``ModelConfig``)."""
+    card = config.card
+    return str(card.segment_name or config.name), tuple(card.segment_color or (1.0, 0.0, 0.0)), config.name
 
 
 class SegmentationJob:
@@ -491,13 +497,7 @@ class SegmentationJob:
 
     def segment_style(self) -> tuple[str, tuple[float, float, float], str]:
         """Segment name, colour and tag value from the model package."""
-        if self.style is not None:
-            return self.style
-        package = self.segmenter.package
-        config = getattr(package, "config", None)
-        name = getattr(config, "segment_name", None) or getattr(package, "name", None) or "Segment"
-        color = tuple(getattr(config, "segment_color", None) or (1.0, 0.0, 0.0))
-        return str(name), color, str(getattr(package, "name", name))
+        return self.style if self.style is not None else segment_style(self.segmenter.config)
 
     def write(self, segmentation_node: Any) -> NodeSegmentationResult:
         """Write the computed mask into ``segmentation_node`` (main thread) and return the result."""
@@ -579,6 +579,19 @@ def new_segmentation_node(volume_node: Any, name: Optional[str] = None) -> Any:
         node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     return node
+
+
+def remove_node(node: Any) -> None:
+    """Remove ``node`` from its scene with its display and storage nodes (a half-made node that must not stay, or one
+    a new image replaces); nothing when it is in no scene."""
+    scene = node.GetScene()
+    if scene is None or not scene.IsNodePresent(node):
+        return
+    others = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] + [node.GetStorageNode()]
+    scene.RemoveNode(node)
+    for other in others:
+        if other is not None and scene.IsNodePresent(other):
+            scene.RemoveNode(other)
 
 
 def segment_volume_node(

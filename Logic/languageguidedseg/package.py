@@ -17,30 +17,23 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from .config import Config
+from .config import ModelCard, ModelConfig
 from .errors import LgsegError
 from .fileio import PathLike, atomic_path
 from .sides import LEGACY_REPORT_SIDES, REPORT_SIDES
-from .text import DEFAULT_TEXT_ENCODER, MAX_TOKENS
 
 if TYPE_CHECKING:
     import torch
 
-    from .network import LanguageGuidedSegNet, NetworkConfig
+    from .network import LanguageGuidedSegNet
 
 # The network module (and MONAI, several seconds to import) is imported only when a network is built, and torch and
 # safetensors only when weights are read or written, so listing models needs no PyTorch (the Slicer module shows
 # the list before PyTorch is installed) and refusing a damaged model stays fast.
-
-
-def _default_network_config() -> NetworkConfig:
-    from .network import NetworkConfig
-
-    return NetworkConfig()
 
 # Network settings that packages saved before the setting existed lack, with the design those packages have (their
 # JSON is hash-locked, so the value is supplied on load): no guided approximation blocks.
@@ -51,49 +44,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
 DEFAULT_MODEL = "qata-cxr"
-
-
-FLIP_AXES = {"horizontal": -1, "vertical": -2}  # no_report_flips: the image axis each mirrors
-
-
-@dataclass
-class ModelConfig(Config):
-    """Everything about a model except its weights; written to ``model.json``."""
-
-    name: str
-    network: NetworkConfig = field(default_factory=_default_network_config)
-    version: str = "0.1.0"
-    task: str = ""
-    description: str = ""
-    licence: str = ""
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    text_encoder_version: str = ""
-    max_tokens: int = MAX_TOKENS
-    preprocessing: dict[str, Any] = field(default_factory=dict)
-    threshold: float = 0.5
-    segment_name: str = "Segment"
-    segment_color: tuple[float, float, float] = (1.0, 0.0, 0.0)
-    prototype_reports: list[str] = field(default_factory=list)
-    # What "left" and "right" mean in the model's reports: "image", "patient" or "none" (see sides.py).
-    # No default: save_package refuses a package that does not say.
-    report_sides: Optional[str] = None
-    report_parser: Optional[str] = None
-    # Without a report the image is also segmented zoomed about its centre by each of no_report_scales and mirrored
-    # along each of no_report_flips ("horizontal", "vertical"), and the probabilities mapped back and averaged (the
-    # defaults: one pass); side_presence decides the sides that the approximated report names (laterality.py).
-    # Chosen on the validation split (Training/README.md).
-    no_report_scales: tuple[float, ...] = (1.0,)
-    no_report_flips: tuple[str, ...] = ()
-    side_presence: float = 0.5
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not all(scale > 0 for scale in self.no_report_scales):
-            raise LgsegError(f"no_report_scales must be positive, not {list(self.no_report_scales)}")
-        unknown = [flip for flip in self.no_report_flips if flip not in FLIP_AXES]
-        if unknown:
-            raise LgsegError(f"unknown no_report_flips {unknown}; use {', '.join(FLIP_AXES)}")
 
 
 @dataclass
@@ -107,7 +57,7 @@ class ModelInfo:
     size_mb: float
     path: Path
     source: str
-    threshold: float = 0.5
+    threshold: float = ModelCard.threshold
     report_sides: Optional[str] = None  # None: undeclared, the package will be refused on load
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,10 +78,6 @@ class ModelPackage:
     @property
     def name(self) -> str:
         return self.config.name
-
-    @property
-    def licence(self) -> str:
-        return self.config.licence
 
     def build_network(self, device: Union[str, torch.device] = "cpu") -> LanguageGuidedSegNet:
         """The network with this package's weights, in eval mode on ``device``."""
@@ -223,9 +169,9 @@ def _report_sides(config: dict[str, Any]) -> Optional[str]:
 
 
 def _threshold(value: object) -> float:
-    """A listed model's threshold: the number in its config, else ModelConfig's default."""
+    """A listed model's threshold: the number in its config, else the model card's default."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        return ModelConfig.threshold
+        return ModelCard.threshold
     return float(value)
 
 
@@ -234,7 +180,8 @@ def find_model(model: Optional[PathLike] = None) -> Path:
     if model is not None and (Path(model).is_dir() or os.sep in str(model) or str(model).startswith(".")):
         path = Path(model)
         if not path.is_dir():
-            raise LgsegError(f"model folder '{path}' does not exist; give a model name from 'lgseg models' or a folder")
+            raise LgsegError(f"model folder '{path}' does not exist; give an installed model's name or a model folder",
+                             option="model")
         return path
     name = str(model) if model is not None else DEFAULT_MODEL
     for _, folder in _candidate_folders():
@@ -242,11 +189,12 @@ def find_model(model: Optional[PathLike] = None) -> Path:
             return folder / name
     if model is None:
         raise LgsegError(
-            "no model is installed; train one with 'python Training/train.py --config Training/configs/qata-cxr.yaml' "
-            f"and copy it to {user_models_folder()}, or pass --model DIR"
+            f"no model is installed; train one with Training/train.py and copy it to {user_models_folder()}, or "
+            "give a model folder", option="model"
         )
     names = ", ".join(sorted(m.name for m in list_models())) or "none installed"
-    raise LgsegError(f"unknown model '{name}' (available: {names}); pass a model folder or install the model")
+    raise LgsegError(f"unknown model '{name}' (available: {names}); give a model folder or install the model",
+                     option="model")
 
 
 def load_package(model: Optional[PathLike] = None) -> ModelPackage:

@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Config
-from .errors import LgsegError
+from .config import PreprocessConfig
 
 # Percentiles of a larger slice are estimated from an evenly strided subsample of about this many pixels:
 # plenty for a 0.5 % tail, and it keeps a 100 x 512 x 512 stack well under a second.
 _PERCENTILE_SAMPLES = 65536
-
-
-@dataclass
-class PreprocessConfig(Config):
-    """How slices become network input: output size, intensity window percentiles, colour normalisation."""
-
-    size: int = 224
-    lower_percentile: float = 0.5
-    upper_percentile: float = 99.5
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-    def __post_init__(self) -> None:
-        self.mean = tuple(float(value) for value in self.mean)  # type: ignore[assignment]  # length checked below
-        self.std = tuple(float(value) for value in self.std)  # type: ignore[assignment]
-        if int(self.size) != self.size or self.size < 1:
-            raise LgsegError(f"preprocessing size must be a positive integer, got {self.size!r}; fix the configuration")
-        self.size = int(self.size)
-        if not 0.0 <= self.lower_percentile < self.upper_percentile <= 100.0:
-            raise LgsegError(
-                f"preprocessing percentiles must satisfy 0 <= lower < upper <= 100, got {self.lower_percentile} and "
-                f"{self.upper_percentile}; fix the configuration"
-            )
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0.0:
-            raise LgsegError("preprocessing mean and std need 3 values each, std > 0; fix the configuration")
 
 
 def scale_intensity(slices: np.ndarray, config: PreprocessConfig) -> np.ndarray:

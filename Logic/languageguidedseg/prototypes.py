@@ -162,7 +162,8 @@ def build_bank(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
             members.append(idx)
             representatives.append(idx[int(distances.argmin())])
     if not keys:
-        raise LgsegError("no sample with a report to build the prototype bank from; raise --text-ratio")
+        raise LgsegError("no sample with a report to build the prototype bank from; raise the text ratio (the share "
+                         "of training reports kept)", option="text_ratio")
     return BankContent(torch.stack(keys), torch.stack(values), torch.tensor(classes), members, representatives,
                        torch.stack(masks) if masks else None)
 

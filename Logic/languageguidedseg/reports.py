@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 from .errors import LgsegError
 
@@ -111,17 +110,6 @@ def parse_kvasir_locations(text: str) -> tuple[bool, ...]:
     for match in re.finditer(r"\b(?:(top|bottom)[\s-]*(left|right)|top|bottom|left|right|center)\b", part):
         found.add(f"{match.group(1)} {match.group(2)}" if match.group(1) else match.group(0))
     return tuple(location in found for location in KVASIR_LOCATIONS)
-
-
-def class_indices(labels: Union[ReportLabels, Sequence[bool]]) -> list[int]:
-    """Indices of the classes present (zones for QaTa); no class found gives an empty list."""
-    flags = labels.zones if isinstance(labels, ReportLabels) else labels
-    return [index for index, present in enumerate(flags) if present]
-
-
-def parser_names() -> tuple[str, ...]:
-    """Names accepted by :func:`get_parser` besides None / "none"."""
-    return tuple(_parsers())
 
 
 def get_parser(name: Optional[str]) -> Optional[ReportParser]:

@@ -8,39 +8,40 @@ own interpreter: it computes while the GUI is idle, and the GUI thread only read
 The process is a plain ``python -m languageguidedseg.worker`` (``executable``: e.g. Slicer's ``PythonSlicer``), not a
 ``multiprocessing`` child: Slicer's ``__main__`` is its startup script, which the ``spawn`` method would run again in
 the child. It connects back to a local socket with a random key, keeps the loaded model between requests and serves
-one request at a time; PyTorch is imported there only.
+one request at a time with :func:`languageguidedseg.runner.serve_request`, as
+:class:`~languageguidedseg.runner.ThreadRunner` does in a thread; PyTorch is imported there only.
+:class:`ProcessWorker` keeps the runner contract (:class:`languageguidedseg.runner.Runner`); :func:`find_worker` gives
+it as the 3D Slicer module runs it.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
+import time
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any, Optional
 
 from .errors import LgsegError
+from .runner import ModelCache, Reply, ReplyKind, Request, model_key, serve_request
 
 
-@dataclass
-class WorkerResult:
-    """What the worker sends back for a finished request."""
-
-    result: Any  # the engine's SegmentationResult
-    segment_name: str
-    segment_color: tuple
-    package_name: str
-    device: str  # "CPU" or "GPU (name)"
-    fell_back_to_cpu: bool = False
+def find_worker(executable: str = "PythonSlicer") -> Optional[ProcessWorker]:
+    """The worker process as the 3D Slicer module runs it: ``executable`` (Slicer's own Python, ``PythonSlicer``)
+    found on the PATH, not started yet; None when it is not there."""
+    path = shutil.which(executable)
+    return ProcessWorker(path) if path else None
 
 
 class ProcessWorker:
-    """A worker process serving segmentation requests (see the module docstring). Use it from one thread (the
-    controller's GUI thread); nothing here blocks except :meth:`wait` and :meth:`close`."""
+    """A worker process serving segmentation requests (see the module docstring), a
+    :class:`languageguidedseg.runner.Runner`. Use it from one thread (the controller's GUI thread); nothing here
+    blocks except :meth:`wait` and :meth:`close`."""
 
     def __init__(self, executable: Optional[str] = None):
         self._executable = executable or sys.executable
@@ -50,6 +51,8 @@ class ProcessWorker:
         self._accepted = threading.Event()
         self._pending: list = []  # messages sent before the worker connected
         self._next_id = 0
+        self._keys: dict[int, tuple[str, str]] = {}  # the model each unanswered request asked for
+        self._loaded: Optional[tuple[str, str]] = None  # the model the process holds
 
     @property
     def alive(self) -> bool:
@@ -95,12 +98,14 @@ class ProcessWorker:
         while self._pending:
             self._connection.send(self._pending.pop(0))
 
-    def submit(self, model: Any, device: str, array: Any, options: dict) -> int:
+    def submit(self, model: Optional[str], device: str, array: Any, options: dict) -> int:
         """Send one request (``segment_array``'s keyword ``options``); returns its id."""
         self.start()
         request_id = self._next_id
         self._next_id += 1
-        self._send(("request", request_id, str(model) if model is not None else None, device, array, options))
+        model = str(model) if model is not None else None
+        self._keys[request_id] = model_key(model, device)
+        self._send(("request", Request(request_id, model, device, array, options)))
         return request_id
 
     def cancel(self, request_id: int) -> None:
@@ -108,11 +113,10 @@ class ProcessWorker:
         if self._process is not None:
             self._send(("cancel", request_id))
 
-    def poll(self) -> list[tuple[int, str, Any]]:
-        """The replies that arrived, without waiting: ``(request_id, kind, payload)`` with kind "progress" (done,
-        total), "done" (:class:`WorkerResult`), "cancelled" or "failed" (the exception). A worker that stopped is
-        reported as a failure with request id -1."""
-        replies: list = []
+    def poll(self) -> list[Reply]:
+        """The replies that arrived, without waiting. A worker that stopped is reported as a failure with request
+        id -1."""
+        replies: list[Reply] = []
         if self._process is None:
             return replies
         if self._connection is not None:
@@ -122,16 +126,30 @@ class ProcessWorker:
                     replies.append(self._connection.recv())
             except (EOFError, OSError):
                 pass
+        for reply in replies:
+            if reply.kind is ReplyKind.PROGRESS or reply.request_id not in self._keys:
+                continue
+            key = self._keys.pop(reply.request_id)
+            if reply.kind is ReplyKind.DONE:
+                self._loaded = (key[0], "cpu") if reply.payload.fell_back_to_cpu else key
+            elif key != self._loaded:  # it may have let the loaded model go before it failed or was cancelled
+                self._loaded = None
         if not replies and self._process.poll() is not None:
             code = self._process.returncode
-            replies.append((-1, "failed", LgsegError(f"the segmentation worker process stopped (exit code {code}); "
-                                                     "see the application log, then try again")))
+            replies.append(Reply(-1, ReplyKind.FAILED, LgsegError(
+                f"the segmentation worker process stopped (exit code {code}); see the application log, then try "
+                "again")))
             self.close()
         return replies
 
+    def loaded(self, model: Optional[str], device: str) -> bool:
+        return self.alive and self._loaded == model_key(model, device)
+
     def wait(self, timeout: float) -> bool:
-        """Block until a reply is there (scripts and tests only; a GUI calls :meth:`poll` from a timer)."""
+        """Block until a reply is there or ``timeout`` seconds have passed (scripts and tests only; a GUI calls
+        :meth:`poll` from a timer)."""
         if self._process is None:
+            time.sleep(timeout)  # nothing can arrive
             return False
         if self._connection is None:
             self._accepted.wait(timeout)
@@ -143,6 +161,8 @@ class ProcessWorker:
         connection, process, listener = self._connection, self._process, self._listener
         self._connection = self._process = self._listener = None
         self._pending = []
+        self._keys = {}
+        self._loaded = None
         if connection is not None:
             try:
                 connection.send(None)
@@ -173,7 +193,7 @@ def main(argv: Optional[list] = None) -> int:
     from . import inference  # noqa: F401
 
     connection = Client((host, int(port)), authkey=key)
-    requests: queue.Queue = queue.Queue()
+    requests: queue.Queue[Optional[Request]] = queue.Queue()
     cancelled = [-1]
 
     def read() -> None:  # a thread: cancels must arrive while the main thread computes
@@ -188,78 +208,19 @@ def main(argv: Optional[list] = None) -> int:
             if message[0] == "cancel":
                 cancelled[0] = max(cancelled[0], message[1])
             else:
-                requests.put(message[1:])
+                requests.put(message[1])
+
+    def send(reply: Reply) -> None:
+        if reply.kind is ReplyKind.FAILED:
+            reply = reply._replace(payload=_picklable(reply.payload))
+        connection.send(reply)
 
     threading.Thread(target=read, daemon=True).start()
-    _serve(connection, requests, lambda request_id: cancelled[0] >= request_id)
+    models = ModelCache()
+    for request in iter(requests.get, None):
+        serve_request(models, request, send, lambda request_id: request_id <= cancelled[0])
     connection.close()
     return 0
-
-
-def _serve(connection: Any, requests: queue.Queue, is_cancelled: Any) -> None:
-    """Load models on demand (one at a time), segment, reply; until the request queue yields None."""
-    from .inference import SegmentationCancelled, Segmenter
-
-    segmenters: dict = {}
-
-    def segmenter(model: Optional[str], device: str) -> Segmenter:
-        key = (model, device)
-        if key not in segmenters:
-            segmenters.clear()
-            segmenters[key] = Segmenter(model, device=device)
-        return segmenters[key]
-
-    while True:
-        request = requests.get()
-        if request is None:
-            return
-        request_id, model, device, array, options = request
-
-        # The request's id bound now: these run during this request only, but say so to the reader (and to ruff).
-        def progress(done: int, total: int, request_id: int = request_id) -> None:
-            connection.send((request_id, "progress", (done, total)))
-
-        def cancel(request_id: int = request_id) -> bool:
-            return is_cancelled(request_id)
-
-        try:
-            fell_back = False
-            try:
-                loaded = segmenter(model, device)
-                result = loaded.segment_array(array, progress=progress, cancel=cancel, **options)
-            except Exception as exc:
-                if not _is_cuda_out_of_memory(exc) or device == "cpu":
-                    raise
-                import torch
-
-                segmenters.clear()
-                torch.cuda.empty_cache()
-                loaded = segmenter(model, "cpu")
-                fell_back = True
-                result = loaded.segment_array(array, progress=progress, cancel=cancel, **options)
-            config = loaded.package.config
-            connection.send((request_id, "done", WorkerResult(
-                result=result, segment_name=str(config.segment_name or loaded.package.name),
-                segment_color=tuple(config.segment_color or (1.0, 0.0, 0.0)), package_name=loaded.package.name,
-                device=_device_name(loaded.device), fell_back_to_cpu=fell_back)))
-        except SegmentationCancelled:
-            connection.send((request_id, "cancelled", None))
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the GUI, which reports it
-            connection.send((request_id, "failed", _picklable(exc)))
-
-
-def _is_cuda_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
-
-
-def _device_name(device: Any) -> str:
-    if getattr(device, "type", "cpu") != "cuda":
-        return "CPU"
-    import torch
-
-    return f"GPU ({torch.cuda.get_device_name(device)})"
 
 
 def _picklable(exc: BaseException) -> BaseException:
@@ -273,7 +234,7 @@ def _picklable(exc: BaseException) -> BaseException:
 
 
 if __name__ == "__main__":
-    # Run the package's module, not this __main__ copy: replies must unpickle as languageguidedseg.worker classes.
+    # Run the package's module, not this __main__ copy: replies must unpickle as languageguidedseg classes.
     from languageguidedseg.worker import main as package_main
 
     sys.exit(package_main())

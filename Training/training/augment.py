@@ -18,8 +18,8 @@ import torch
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_tensor
 
+from languageguidedseg.config import PreprocessConfig
 from languageguidedseg.corruptions import jpeg_roundtrip, rotate_hue, scale_saturation
-from languageguidedseg.preprocess import PreprocessConfig
 
 from .config import AugmentationConfig
 

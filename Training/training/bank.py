@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from languageguidedseg.losses import info_nce, pseudo_label_positives
 from languageguidedseg.network import LanguageGuidedSegNet
 from languageguidedseg.prototypes import build_bank, refresh_keys
 
 from .data import Preloaded, Reports
+from .losses import info_nce, pseudo_label_positives
 from .runtime import Runtime
 
 

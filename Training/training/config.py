@@ -1,44 +1,38 @@
 """A training run's configuration: a tree of typed dataclasses read strictly from YAML.
 
-Every default of a run lives here, or in the engine's own configuration (``network:`` is the engine's
-``NetworkConfig``, ``preprocessing:`` its ``PreprocessConfig``, ``losses:`` its ``LossWeights``). An unknown key
-anywhere is an error that names the key and the known ones.
+Every default of a run lives here, in ``losses:`` (``training.losses.LossWeights``), or in the engine's own
+configuration (``network:`` is the engine's ``NetworkConfig``, ``preprocessing:`` its ``PreprocessConfig``,
+``package:`` its ``ModelCard``). An unknown key anywhere is an error that names the key and the known ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from languageguidedseg.config import Config
+from languageguidedseg.config import Config, ModelCard, NetworkConfig, PreprocessConfig
 from languageguidedseg.data import dataset_report_sides
 from languageguidedseg.errors import LgsegError
-from languageguidedseg.losses import LossWeights
-from languageguidedseg.network import NetworkConfig
-from languageguidedseg.package import ModelConfig
-from languageguidedseg.preprocess import PreprocessConfig
 from languageguidedseg.text import DEFAULT_TEXT_ENCODER
+
+from .losses import LossWeights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
-class PackageConfig(Config):
-    """What the model package says about itself (``model.json``); defaults are the engine's."""
+class PackageConfig(ModelCard):
+    """What the model package says about itself: the engine's model card, plus the training data's citation (kept
+    with the package's training provenance)."""
 
-    task: str = ""
-    description: str = ""
-    licence: str = ""
     data_citation: str = ""
-    segment_name: str = ModelConfig.segment_name
-    segment_color: tuple[float, float, float] = ModelConfig.segment_color
-    threshold: float = ModelConfig.threshold
-    no_report_scales: tuple[float, ...] = ModelConfig.no_report_scales
-    no_report_flips: tuple[str, ...] = ModelConfig.no_report_flips
-    side_presence: float = ModelConfig.side_presence
+
+    def card(self) -> ModelCard:
+        """The model card alone, as the package's ``ModelConfig`` holds it."""
+        return ModelCard(**{f.name: getattr(self, f.name) for f in fields(ModelCard)})
 
 
 @dataclass
@@ -52,7 +46,7 @@ class DataConfig(Config):
     report_parser: Optional[str] = None  # pseudo-labels for the bank: qata, kvasir or none
     limit: Optional[int] = None  # a seeded subset of N training images (and of at most N validation images)
     val_limit: Optional[int] = None
-    # Share of the training samples that have report edits (languageguidedseg.edits: one side of a bilateral QaTa
+    # Share of the training samples that have report edits (training.edits: one side of a bilateral QaTa
     # case, one polyp of a Kvasir case) which train, each epoch, on one of them instead of their own report and mask.
     report_edits: float = 0.0
     # DataLoader worker processes that augment the next batches; 0 = in the training process; none = 4 per GPU, and

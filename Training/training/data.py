@@ -16,14 +16,15 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from languageguidedseg.config import PreprocessConfig
 from languageguidedseg.data import Sample, apply_text_ratio, load_pair, load_split
-from languageguidedseg.edits import report_edits
 from languageguidedseg.network import masked_mean
-from languageguidedseg.preprocess import PreprocessConfig, prepare_slices
+from languageguidedseg.preprocess import prepare_slices
 from languageguidedseg.reports import ReportParser
 from languageguidedseg.text import TextEncoder
 
 from .config import DataConfig
+from .edits import report_edits
 from .runtime import Runtime
 
 # An epoch's seed is SEED_STRIDE * seed + epoch: the sampler's shuffle and the epoch's draws share it.

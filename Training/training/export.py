@@ -10,10 +10,11 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from languageguidedseg.config import ModelConfig, PreprocessConfig
 from languageguidedseg.fileio import atomic_path
 from languageguidedseg.network import LanguageGuidedSegNet
-from languageguidedseg.package import ModelConfig, save_package
-from languageguidedseg.preprocess import PreprocessConfig, scale_intensity
+from languageguidedseg.package import save_package
+from languageguidedseg.preprocess import scale_intensity
 from languageguidedseg.text import encoder_version
 
 from .config import TrainConfig
@@ -23,14 +24,9 @@ from .runtime import Runtime
 
 def model_config(config: TrainConfig) -> ModelConfig:
     """What the run's model package says about the model, before training adds its bank and provenance."""
-    package = config.package
     return ModelConfig(
-        name=config.name, network=config.network, task=package.task, description=package.description,
-        licence=package.licence, text_encoder=config.text_encoder,
-        text_encoder_version=encoder_version(config.text_encoder), preprocessing=config.preprocessing.to_dict(),
-        threshold=package.threshold, segment_name=package.segment_name, segment_color=package.segment_color,
-        no_report_scales=package.no_report_scales, no_report_flips=package.no_report_flips,
-        side_presence=package.side_presence,
+        name=config.name, network=config.network, card=config.package.card(), text_encoder=config.text_encoder,
+        text_encoder_version=encoder_version(config.text_encoder), preprocessing=config.preprocessing,
         report_sides=config.data.report_sides(), report_parser=config.data.report_parser,
     )
 

@@ -18,7 +18,6 @@ from languageguidedseg.errors import LgsegError
 from languageguidedseg.evaluation import evaluate
 from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import Segmenter
-from languageguidedseg.losses import SegmentationLoss, pseudo_label_positives
 from languageguidedseg.network import LanguageGuidedSegNet
 from languageguidedseg.package import CONFIG_FILE, load_package
 from languageguidedseg.probes import laterality_probe, steering_probe
@@ -30,6 +29,7 @@ from .augment import augmenter
 from .bank import BankMembers, align_query, fill_bank, join_bank, refresh_bank_keys
 from .config import NOT_SHAPING_RESULTS, REPO_ROOT, TrainConfig, flatten
 from .data import Reports, epoch_loader, load_samples, preload
+from .losses import SegmentationLoss, pseudo_label_positives
 from .optim import build_optimizer, replace_parameter, warmup_cosine
 from .runtime import Runtime
 
@@ -188,7 +188,7 @@ class Trainer:
         evaluation (the same as ``lgseg evaluate``); the first ``keep`` predictions of each mode for the figure."""
         config = dataclasses.replace(export.model_config(self.config), network=self.network.config,
                                      prototype_reports=self.bank.reports)
-        segmenter = Segmenter.from_network(self.network, config, self.runtime.device, self.text_encoder)
+        segmenter = Segmenter(self.network, config, self.runtime.device, text_encoder=self.text_encoder, batch_size=32)
         # Before the bank exists, only the images with a report can be segmented.
         has_bank = self.network.bank.size > 0
         samples = self.val if has_bank else [s for s in self.val if s.report]
@@ -215,7 +215,7 @@ class Trainer:
         """The steering probe and the approximated report's laterality on the validation split (probes.py)."""
         results = {}
         steering = steering_probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], self.val,
-                                  segmenter.package.config.threshold, segmenter.batch_size)
+                                  segmenter.config.card.threshold, segmenter.batch_size)
         if steering.n:
             results["val_steering"] = steering.steering
         laterality = laterality_probe(segmenter.approximated_reports, self.val, segmenter.batch_size)

@@ -91,7 +91,7 @@ def main() -> None:
 
     ids = json.loads((DATA / "split.json").read_text())["val"][: args.count]
     bilateral = [i for i in ids if report_laterality((DATA / "reports" / f"{i}.txt").read_text()) == "bilateral"]
-    segmenter = Segmenter(args.model, device="cpu")
+    segmenter = Segmenter.load(args.model, "cpu")
     with tempfile.TemporaryDirectory() as folder:
         cases = [segment_case(i, segmenter, Path(folder)) for i in bilateral]
     steering = np.array([c["steering"] for c in cases])
@@ -118,7 +118,7 @@ def main() -> None:
         ax.text(0.0, -0.03, "\n".join(textwrap.wrap(f"Report: {result.report}", 46)) + f"\n({note})",
                 transform=ax.transAxes, va="top", ha="left", fontsize=9, family="monospace",
                 bbox=dict(boxstyle="round", facecolor=face, edgecolor=edge))
-    fig.suptitle(f"LanguageGuidedSeg, model '{segmenter.package.name}' on QaTa-COV19 validation image {case['id']} "
+    fig.suptitle(f"LanguageGuidedSeg, model '{segmenter.config.name}' on QaTa-COV19 validation image {case['id']} "
                  f"({case['sides_label']}; R/L: the patient's sides)\nfilled: the segment read back from the "
                  "segmentation node after each report; dashed: reference mask", fontsize=11)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.83, bottom=0.2, wspace=0.04)

@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from trame.app import TrameApp
@@ -33,10 +33,12 @@ from trame_vuetify.widgets import vuetify3 as v3
 from vtkmodules.vtkCommonCore import vtkCommand, vtkObject
 
 from .. import mrml
-from ..controller import ReportLoopController, ReportLoopParameters
+from ..controller import LoopEvent, ReportLoopController, ReportStatus
 from ..errors import LgsegError
 from ..fileio import full_suffix
 from ..imageio import read_image, spatial_shape, write_mask
+from ..parameters import ReportLoopParameters
+from ..runner import ThreadRunner
 from .access import add_security_headers, same_origin_middleware, token_middleware
 from .uploads import UploadFolder, upload_handler
 
@@ -60,7 +62,6 @@ class WebApp(TrameApp):
         self._image_name = ""
         self._tasks: set = set()  # running asyncio tasks: referenced, so that none is garbage-collected mid-way
         self._preloading = False
-        self._segment_requested = False  # Segment pressed while a live run was running
 
         self.slicer = SlicerApp()
         register_rca_factories(self.slicer.view_manager, self.server)
@@ -88,9 +89,16 @@ class WebApp(TrameApp):
                                              lambda *_, view=view: self._fit_after_resize(view))
 
         self.parameters = ReportLoopParameters(model=model or "", device=device, scope="slice", sliceView="Red")
-        self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node, run_button="Segment")
+        self._runner = ThreadRunner()  # the event loop's thread idles without holding the GIL: a thread will do
+        self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node, runner=self._runner,
+                                               run_button="Segment")
         if model:
             self.controller.select_model(model)
+        self._event_handlers: dict[LoopEvent, Callable[[Any], None]] = {
+            LoopEvent.RUNNING: self._show_running, LoopEvent.PROGRESS: self._show_progress,
+            LoopEvent.STATUS: self._show_status, LoopEvent.REPORT: self._show_report_status,
+            LoopEvent.RESULT: self._show_result, LoopEvent.ERROR: lambda exc: self._show_error(_one_line(exc)),
+        }
         self.controller.add_observer(self._on_controller_event)
 
         self.server.enable_module({"serve": {"__lgseg": str(STATIC)}, "scripts": ["__lgseg/upload.js"]})
@@ -245,7 +253,7 @@ class WebApp(TrameApp):
 
     def _load_model(self) -> None:
         try:
-            self.controller.segmenter(self.parameters.model or None, self.parameters.device)
+            self._runner.models.get(self.parameters.model or None, self.parameters.device)
         except Exception:  # noqa: BLE001 - the first run loads it again and reports the error in the page
             logger.debug("model preload failed", exc_info=True)
 
@@ -264,10 +272,7 @@ class WebApp(TrameApp):
         while True:
             try:
                 with self.state:
-                    busy = self.controller.poll()
-                    if self._segment_requested and not busy:
-                        self._segment_requested = False
-                        self._on_segment()
+                    self.controller.poll()
             except Exception as exc:  # noqa: BLE001 - the page must keep working: the error is shown and logged
                 logger.exception("report loop")
                 self._report_error(_one_line(exc))
@@ -310,13 +315,9 @@ class WebApp(TrameApp):
     def _show_image(self, image: Any, path: Path, name: str) -> None:
         scene = self.slicer.scene
         self.controller.abandon()
-        self._segment_requested = False
         for node in (self.parameters.outputSegmentation, self.parameters.inputVolume):
-            if node is not None and scene.IsNodePresent(node):
-                storage = node.GetStorageNode()
-                scene.RemoveNode(node)
-                if storage is not None:
-                    scene.RemoveNode(storage)
+            if node is not None:
+                mrml.remove_node(node)
         self.parameters.outputSegmentation = None
         stem = name[:-len(full_suffix(name))] if full_suffix(name) else name
         volume = mrml.add_volume_node(scene, image, stem or "image", source=path)
@@ -388,13 +389,11 @@ class WebApp(TrameApp):
             self._on_scope(scope)
             self._on_sides(sides or self.parameters.sides)
             self.controller.set_report(report or "")
-        if self.controller.running:
-            # A live run (the button is disabled during any other): Segment starts once it has ended (see _poll).
-            # A live run that is only scheduled is replaced by this one.
-            self._segment_requested = True
-            return
+        if self.controller.run_kind == "apply":
+            return  # a click that reached the server before the page disabled the button: that run is this one
         try:
-            self.controller.run()
+            # A running live run is dropped and this run follows it; a live run that is only scheduled is replaced.
+            self.controller.apply()
         except LgsegError as exc:
             self._show_error(str(exc))
 
@@ -403,29 +402,35 @@ class WebApp(TrameApp):
 
     # Controller -> widgets ------------------------------------------------------------------------------------
 
-    def _on_controller_event(self, event: str, payload: Any) -> None:
+    def _on_controller_event(self, event: LoopEvent, payload: Any) -> None:
+        handler = self._event_handlers.get(event)
+        if handler is not None:
+            handler(payload)
+
+    def _show_running(self, running: bool) -> None:
         state = self.state
-        if event == "running":
-            state.lg_busy = bool(payload)
-            state.lg_long_run = bool(payload) and self.parameters.scope == "volume" and state.lg_is_volume
-            state.lg_progress = 0
-            if payload:
-                state.lg_error = ""
-        elif event == "progress":
-            done, total = payload
-            state.lg_progress = round(100 * done / max(total, 1))
-        elif event == "status":
-            state.lg_status = payload
-        elif event == "report":
-            if (state.lg_report or "") != payload.text:
-                state.lg_report = payload.text  # only when the controller changed the text
-            state.lg_report_kind = payload.kind
-            state.lg_report_message = payload.message
-        elif event == "result":
-            self._show_segment(payload)
-            self._show_sides_label()
-        elif event == "error":
-            self._show_error(_one_line(payload))
+        state.lg_busy = bool(running)
+        state.lg_long_run = bool(running) and self.parameters.scope == "volume" and state.lg_is_volume
+        state.lg_progress = 0
+        if running:
+            state.lg_error = ""
+
+    def _show_progress(self, progress: tuple[int, int]) -> None:
+        done, total = progress
+        self.state.lg_progress = round(100 * done / max(total, 1))
+
+    def _show_status(self, message: str) -> None:
+        self.state.lg_status = message
+
+    def _show_report_status(self, status: ReportStatus) -> None:
+        if (self.state.lg_report or "") != status.text:
+            self.state.lg_report = status.text  # only when the controller changed the text
+        self.state.lg_report_kind = status.kind
+        self.state.lg_report_message = status.message
+
+    def _show_result(self, result: Any) -> None:
+        self._show_segment(result)
+        self._show_sides_label()
 
     def _show_error(self, message: str) -> None:
         self.state.lg_error = message

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import LgsegError
+from ..options import add_device_option, add_model_option
 from .access import format_size, is_loopback, parse_size, resolve_token
 
 
@@ -24,13 +25,13 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="open images in a web page and segment them there (needs the [web] extra)")
     serve.add_argument("paths", nargs="*", metavar="IMAGE_OR_FOLDER",
                        help="images to offer in the page: 2D images, NIfTI/NRRD/MHA volumes, DICOM folders")
-    serve.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
+    add_model_option(serve)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1; any other address requires an access token)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     serve.add_argument("--token", help="access token to require (default: generated when --host is not loopback)")
     serve.add_argument("--max-upload", default="2GB", help="largest upload accepted, e.g. 500MB (default 2GB)")
-    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device_option(serve)
     serve.set_defaults(func=serve_command)
 
 

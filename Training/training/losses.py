@@ -11,8 +11,8 @@ from monai.losses import DiceCELoss
 from torch import nn
 from torch.nn import functional as F
 
-from .config import Config
-from .network import LanguageGuidedSegNet, masked_mean
+from languageguidedseg.config import Config
+from languageguidedseg.network import LanguageGuidedSegNet, masked_mean
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-from .laterality import report_laterality
-from .reports import ZONES, parse_qata_report
+from languageguidedseg.laterality import report_laterality
+from languageguidedseg.reports import ZONES, parse_qata_report
 
 _LEVELS = ("upper", "middle", "lower")
 _KVASIR_SIZES = ("small", "medium", "large")
