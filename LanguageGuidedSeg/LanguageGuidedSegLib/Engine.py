@@ -1,3 +1,6 @@
+"""Finding and importing the engine (``languageguidedseg``) from the module: shipped beside it, or a checkout's
+``Logic/`` folder."""
+
 import importlib
 import os
 import sys
