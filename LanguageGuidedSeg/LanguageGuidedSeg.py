@@ -1,5 +1,6 @@
 import logging
 import os
+import sys
 import tempfile
 import unittest
 
@@ -17,7 +18,7 @@ from slicer.util import VTKObservationMixin
 
 from LanguageGuidedSegLib import DependencyError, LanguageGuidedSegLogic, LanguageGuidedSegParameterNode, importEngine
 
-# Heavy packages (torch, monai, transformers) are imported inside functions only, by the engine when a run starts:
+# Heavy packages (torch, safetensors, tokenizers) are imported inside functions only, by the engine when a run starts:
 # the module must load with no PyTorch, no network and no GPU, and install nothing until the user presses Apply and
 # agrees. The report loop itself lives in the engine (languageguidedseg.controller), shared with the web page.
 
@@ -104,7 +105,16 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def cleanup(self):
         self.setParameterNode(None)
         self.removeObservers()
-        self.logic.close()
+        self.logic.close()  # returns at once: the worker process stops in the background
+
+    def onReload(self):
+        """Reload the library and the engine too, not only this file (Slicer's Reload), as SlicerNNUnet does: their
+        modules are imported afresh by the new widget, and this widget's cleanup stops the worker process, so the next
+        run starts one that loads the same code from disk."""
+        for name in list(sys.modules):
+            if name.split(".")[0] in ("LanguageGuidedSegLib", "languageguidedseg"):
+                del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def enter(self):
         self.initializeParameterNode()
@@ -174,15 +184,24 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.sliceViewComboBox.enabled = self._parameterNode.scope == "slice"
         self.ui.liveUpdateCheckBox.enabled = self._parameterNode.scope == "slice"
         self._showSidesLabel()
-        if self._longRun():
-            return  # Apply is Cancel meanwhile
+        self._showApplyButton()
+
+    def _showApplyButton(self):
+        """The button says what a click does: Cancel while an Apply runs (in both scopes, loading the model included),
+        else Apply (after a running live update, which never cancels an Apply)."""
+        if self.controller.apply_cancels:
+            self.ui.applyButton.text = _("Cancel")
+            self.ui.applyButton.enabled = True
+            self.ui.applyButton.toolTip = _("Stop the segmentation after its current batch; the scene stays as it was.")
+            return
         ready, why = self.controller.can_run()
+        self.ui.applyButton.text = _("Apply")
         self.ui.applyButton.enabled = ready
         self.ui.applyButton.toolTip = why or _("Segment the input, guided by the report or by its approximation.")
 
     def _longRun(self):
-        """A whole-volume run started with Apply: it locks the inputs and turns Apply into Cancel."""
-        return bool(self.controller and self.controller.run_kind == "apply" and self._parameterNode.scope == "volume")
+        """A whole-volume run started with Apply: it locks the inputs and shows its progress."""
+        return bool(self.controller and self.controller.apply_cancels and self._parameterNode.scope == "volume")
 
     # Report box: synced by hand, so the user's cursor never moves while typing -------------------------------------
 
@@ -224,10 +243,10 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         for widget in (self.ui.outputsCollapsibleButton, self.ui.modelCollapsibleButton, self.ui.inputVolumeSelector,
                        self.ui.scopeComboBox):
             widget.enabled = not longRun
-        self.ui.applyButton.text = _("Cancel") if longRun else _("Apply")
         self.ui.progressBar.setVisible(longRun)
         self.ui.progressBar.setValue(0)
         if running:
+            self._showApplyButton()
             self._startPolling()
         else:
             self.onParameterChanged()
@@ -243,17 +262,22 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     # Buttons --------------------------------------------------------------------------------------------------------
 
     def onApplyButton(self):
+        if not self.controller.running and not self._ensureInstalled():
+            return
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
-            if not self.controller.running:
-                try:
-                    if not self.logic.installLogic().ensure():
-                        self.ui.statusLabel.text = _("Dependencies are not installed; nothing was changed.")
-                        return
-                except DependencyError as exc:
-                    slicer.util.errorDisplay(str(exc))
-                    return
             self.controller.apply()
             self._startPolling()
+
+    def _ensureInstalled(self):
+        """Check (and with the user's consent install) the dependencies; False when a run cannot start. Install
+        errors get their own title and say what to do; the questions are asked without the busy cursor."""
+        try:
+            if self.logic.installLogic().ensure():
+                return True
+            self.ui.statusLabel.text = _("Dependencies are not installed; nothing was changed.")
+        except DependencyError as exc:
+            slicer.util.errorDisplay(str(exc), windowTitle=_("LanguageGuidedSeg - Installing dependencies failed"))
+        return False
 
     # Models ---------------------------------------------------------------------------------------------------------
 
@@ -291,9 +315,9 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             slicer.util.mainWindow(), _("Choose a model folder (with model.json and model.safetensors)"))
         if not folder:
             return
+        if not self._ensureInstalled():
+            return
         with slicer.util.tryWithErrorDisplay(_("Could not import the model."), waitCursor=True):
-            if not self.logic.installLogic().ensure():
-                return
             info = self.controller.import_model(folder)
             self.refreshModels(select=info["name"])
             self.ui.statusLabel.text = _("Imported model '{name}'.").format(name=info["name"])
@@ -311,15 +335,14 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        """Run every test_ method through unittest, so that a skip is reported as a skip (not as a failure)."""
+        """Run every test_ method through unittest and report all their failures at once; a skipped test fails too:
+        nothing the self-test checks is optional."""
         result = unittest.TestResult()
         unittest.defaultTestLoader.loadTestsFromTestCase(type(self)).run(result)
-        for test, reason in result.skipped:
-            logging.info(f"{test.id()} skipped: {reason}")
-        problems = result.failures + result.errors
+        problems = result.failures + result.errors + result.skipped
         if problems:
             raise AssertionError("\n".join(f"{test.id()} failed:\n{trace}" for test, trace in problems))
-        logging.info(f"LanguageGuidedSeg self-test: {result.testsRun} run, {len(result.skipped)} skipped")
+        logging.info(f"LanguageGuidedSeg self-test: {result.testsRun} run, all passed")
 
     def test_ParameterNodeDefaults(self):
         """The parameter node is created and holds the defaults before any heavy package is imported."""
@@ -350,9 +373,11 @@ class LanguageGuidedSegTest(ScriptedLoadableModuleTest):
         return str(package.save_package(os.path.join(folder, "selftest"), net, modelConfig))
 
     def test_ReportLoopOnSyntheticVolume(self):
+        # A failure, not a skip: a module whose report loop cannot run is broken, whatever the reason.
         missing = LanguageGuidedSegLogic.missingRuntimeModules()
         if missing:
-            self.skipTest("the engine's Python dependencies are not installed: " + "; ".join(missing))
+            self.fail("the report loop cannot run; install the module's dependencies (press Apply in the module) "
+                      "and test again. Missing: " + "; ".join(missing))
         import numpy as np
 
         mrml = importEngine("mrml")

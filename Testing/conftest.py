@@ -129,3 +129,14 @@ def scene():
     scene = slicer.vtkMRMLScene()
     yield scene
     scene.Clear(1)
+
+
+@pytest.fixture
+def hung_worker(tmp_path) -> Path:
+    """An executable that the worker runner starts like ``PythonSlicer`` but that never connects and ignores being
+    asked to stop (a hung worker): once running it writes its process id to ``<executable>.pid``."""
+    path = tmp_path / "hung-worker"
+    path.write_text(f"#!{sys.executable}\nimport os, time\nopen(__file__ + '.pid', 'w').write(str(os.getpid()))\n"
+                    "time.sleep(120)\n")
+    path.chmod(0o755)
+    return path

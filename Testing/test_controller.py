@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -32,7 +33,7 @@ from languageguidedseg.controller import LoopEvent, ReportLoopController  # noqa
 from languageguidedseg.errors import LgsegError  # noqa: E402
 from languageguidedseg.parameters import ReportLoopParameters  # noqa: E402
 from languageguidedseg.runner import ReplyKind, RunResult, ThreadRunner  # noqa: E402
-from languageguidedseg.worker import find_worker  # noqa: E402
+from languageguidedseg.worker import ProcessWorker, find_worker  # noqa: E402
 
 DIMS = (48, 40, 6)  # i, j, k
 
@@ -400,6 +401,33 @@ def test_apply_during_a_live_run_drops_it_and_runs_once_it_stops(scene, segmente
     assert len([e for e in _names(events) if e is LoopEvent.RESULT]) == 1 and not controller.running
 
 
+def test_while_an_apply_loads_the_model_the_button_cancels_it_and_typing_waits(scene, segmenter):
+    """Apply means one thing in slice mode too: from the moment an Apply starts (its model still loading) until it
+    ends, ``apply_cancels`` (the button's label, Cancel) holds and a click cancels it; an edit meanwhile never
+    cancels it: the Apply's result is written and the live update runs after it."""
+    parameters, clock, controller, events, release = _gated_live_loop(scene, segmenter)
+    parameters.report = "left lower lobe"
+    controller.apply()
+    assert controller.run_kind == "apply" and controller.apply_cancels
+    controller.set_report("right lower lobe")
+    clock.now = 1.0
+    controller.poll()
+    assert controller.run_kind == "apply" and controller.apply_cancels and controller.live_pending
+    release.set()
+    controller.wait(120)
+    results = [payload for event, payload in events if event is LoopEvent.RESULT]
+    assert [r.report for r in results] == ["left lower lobe", "right lower lobe"]
+    assert LoopEvent.CANCELLED not in _names(events) and not controller.apply_cancels
+
+    # A click while the Apply runs is Cancel: the run stops and nothing is written.
+    events.clear()
+    controller.apply()
+    assert controller.apply_cancels
+    controller.apply()
+    controller.wait(120)
+    assert LoopEvent.CANCELLED in _names(events) and LoopEvent.RESULT not in _names(events)
+
+
 def test_worker_progresses_while_the_gui_thread_is_idle(scene, loop):
     """No sleeping on the GUI thread: the runner finishes while the GUI thread only waits (as in an idle event
     loop) and never calls into the controller; one poll afterwards delivers progress and writes the result."""
@@ -518,6 +546,83 @@ def process_worker(tmp_path_factory):
         worker.start()
         yield worker
         worker.close()
+
+
+def test_worker_close_returns_at_once_and_a_hung_worker_is_killed_later(hung_worker):
+    """Closing (the module's cleanup, a scene close) never waits on the GUI thread: a worker that does not stop
+    when asked is killed by a thread after the grace period."""
+    worker = ProcessWorker(str(hung_worker), stop_grace_s=0.5)
+    worker.start()
+    pid_file = Path(f"{hung_worker}.pid")
+    deadline = time.monotonic() + 60
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    start = time.perf_counter()
+    worker.close()
+    assert time.perf_counter() - start < 0.1 and not worker.alive
+    pid = int(pid_file.read_text())
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break  # killed and reaped
+        assert time.monotonic() < deadline, "the hung worker is still running"
+        time.sleep(0.05)
+
+
+def test_worker_output_goes_to_the_log_and_a_stopped_worker_shows_its_last_lines(tmp_path, caplog):
+    """What the worker process writes (stdout and stderr) is logged by the polling thread under the module's
+    logger, and when the process stops, the failure shows its last lines."""
+    crashing = tmp_path / "crashing-worker"
+    crashing.write_text(f"#!{sys.executable}\nimport sys\nprint('loading the engine')\n"
+                        "sys.stderr.write('ImportError: no module named torch\\n')\nsys.exit(3)\n")
+    crashing.chmod(0o755)
+    worker = ProcessWorker(str(crashing))
+    replies = []
+    with caplog.at_level("INFO", logger="languageguidedseg.worker"):
+        worker.submit("", "cpu", np.zeros((1, 4, 4), dtype=np.int16), {})
+        deadline = time.monotonic() + 60
+        while not replies:
+            assert time.monotonic() < deadline, "the stopped worker was not reported"
+            worker.wait(0.05)
+            replies = worker.poll()
+    assert [(r.request_id, r.kind) for r in replies] == [(-1, ReplyKind.FAILED)] and not worker.alive
+    message = str(replies[0].payload)
+    assert "exit code 3" in message and message.endswith("loading the engine\nImportError: no module named torch")
+    logged = [r.getMessage() for r in caplog.records if r.name == "languageguidedseg.worker"]
+    assert logged == ["LanguageGuidedSeg worker: loading the engine",
+                      "LanguageGuidedSeg worker: ImportError: no module named torch"]
+
+
+def test_worker_starts_without_a_console_window_on_windows(monkeypatch):
+    """On Windows the process starts with Slicer's hidden-window STARTUPINFO (``launchConsoleProcess``) and
+    ``CREATE_NO_WINDOW``. (Not on Windows here: the platform check and Windows' constants are the test's; the Popen
+    call is recorded, not made.)"""
+    import types
+
+    for name, value in (("STARTUPINFO", types.SimpleNamespace), ("STARTF_USESHOWWINDOW", 1),
+                        ("CREATE_NO_WINDOW", 0x08000000)):
+        monkeypatch.setattr(subprocess, name, value, raising=False)
+    calls = []
+
+    class RecordedError(Exception):
+        pass
+
+    def record(args, **kwargs):
+        calls.append(kwargs)
+        raise RecordedError
+
+    monkeypatch.setattr(subprocess, "Popen", record)
+    monkeypatch.setattr(sys, "platform", "win32")
+    worker = ProcessWorker("PythonSlicer")
+    with pytest.raises(RecordedError):
+        worker.start()
+    monkeypatch.undo()
+    assert calls[0]["creationflags"] == 0x08000000
+    info = calls[0]["startupinfo"]
+    assert (info.dwFlags, info.wShowWindow) == (1, 0)  # STARTF_USESHOWWINDOW, SW_HIDE: as launchConsoleProcess
+    assert not worker.alive
 
 
 def _hold_the_gil_until(ready, timeout: float) -> None:

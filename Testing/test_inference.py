@@ -22,11 +22,11 @@ def test_no_report_probabilities_average_the_models_views(tiny_model):
     ``no_report_flips``, and the probabilities mapped back and averaged; with a report the views play no part."""
     segmenter = Segmenter.load(tiny_model, "cpu")
     image = np.random.default_rng(0).integers(0, 256, size=(1, 224, 224), dtype=np.uint8)
-    single, nearest, similarity = segmenter.predict_slices(image)
+    single, nearest, similarity, _ = segmenter.predict_slices(image)
     with_report = segmenter.predict_slices(image, "bilateral pulmonary infection.")[0]
     card = dataclasses.replace(segmenter.config.card, no_report_scales=(1.0, 0.9, 1.1), no_report_flips=("horizontal",))
     segmenter.config = dataclasses.replace(segmenter.config, card=card)
-    averaged, nearest_zoomed, similarity_zoomed = segmenter.predict_slices(image)
+    averaged, nearest_zoomed, similarity_zoomed, _ = segmenter.predict_slices(image)
     with torch.inference_mode():
         batch = prepare_slices(image, segmenter.preprocess)
         passes = [torch.sigmoid(segmenter.network(batch))]

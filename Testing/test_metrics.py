@@ -60,6 +60,19 @@ def test_monai_empty_convention() -> None:
     assert compute_iou(pred, target, include_background=True, ignore_empty=False)[:, 0].tolist() == [1.0, 0.0]
 
 
+def test_per_image_scores_equal_monais_exactly() -> None:
+    """Scoring needs no MONAI; its per-image values are MONAI's, bit for bit (float32 division of the counts)."""
+    generator = torch.Generator().manual_seed(0)
+    pred = torch.rand(64, 37, 53, generator=generator) > torch.rand(64, 1, 1, generator=generator)
+    true = torch.rand(64, 37, 53, generator=generator) > torch.rand(64, 1, 1, generator=generator)
+    pred[:4], true[:2] = False, False  # empty-empty and empty-target images
+    scores = ScoreAccumulator()
+    scores.update(pred, true)
+    pred_f, true_f = pred[:, None].float(), true[:, None].float()
+    assert scores.image_dice == compute_dice(pred_f, true_f, include_background=True, ignore_empty=False)[:, 0].tolist()
+    assert scores.image_iou == compute_iou(pred_f, true_f, include_background=True, ignore_empty=False)[:, 0].tolist()
+
+
 def test_errors() -> None:
     with pytest.raises(LgsegError, match="no images"):
         ScoreAccumulator().compute()

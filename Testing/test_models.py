@@ -120,5 +120,5 @@ def test_qata_approximated_report_agrees_with_its_mask(qata):
     assert unilateral >= 2
     # A batch that mixes a report and no report approximates only the image without one, in the same way.
     stack = np.stack([image, image])
-    probabilities, nearest, _ = segmenter.predict_slices(stack, [None, QATA_REPORT])
+    probabilities, nearest, _, _ = segmenter.predict_slices(stack, [None, QATA_REPORT])
     assert nearest[1] == -1 and segmenter.prototype_report(nearest[0]) == result.report

@@ -67,9 +67,9 @@ def test_cpu_compilation_waits_for_enough_slices(tiny_model):
     segmenter = Segmenter.load(tiny_model, "cpu")
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (1, 96, 96), dtype=np.uint8)
-    eager, _, _ = segmenter.predict_slices(image)
+    eager, _, _, _ = segmenter.predict_slices(image)
     assert isinstance(segmenter.network.encoder, EfficientNetLite0), "one image should not compile the network"
     segmenter.predict_slices(np.repeat(image, FUSE_AFTER_SLICES, axis=0))
     assert not isinstance(segmenter.network.encoder, EfficientNetLite0), "the network was not compiled"
-    compiled, _, _ = segmenter.predict_slices(image)
+    compiled, _, _, _ = segmenter.predict_slices(image)
     np.testing.assert_allclose(compiled, eager, atol=1e-4)

@@ -3,6 +3,8 @@
     python Training/train.py --config Training/configs/qata-cxr.yaml [--data DIR] [--text-ratio R] [--epochs N]
         [--batch-size B] [--limit N] [--output MODEL_DIR] [--resume] [--set KEY=VALUE ...]
     torchrun --nproc_per_node=2 Training/train.py --config ...     (distributed data-parallel; gloo on CPU)
+    python Training/train.py --config CONFIG --describe-domain MODEL_DIR   (no training: add the description of
+        its images to an existing package, see training/domain.py)
 
 Images with a report train with report tokens, images without one (and a random share of those with one) with
 prototype tokens from the bank, so one model serves both modes. The first ``bank.warmup_epochs`` epochs warm up
@@ -18,15 +20,19 @@ run: every random draw is derived from (seed, epoch).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from languageguidedseg.errors import LgsegError
 from languageguidedseg.options import at_least, error_line
 from training.config import REPO_ROOT, load_config
+from training.domain import describe_package
 from training.loop import Trainer
 from training.runtime import Runtime
 
@@ -53,6 +59,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stop-after", type=at_least(1), metavar="N",
                         help="stop after N epochs of this run (continue later with --resume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    parser.add_argument("--describe-domain", metavar="MODEL_DIR",
+                        help="do not train: describe the images of the existing model package MODEL_DIR from the "
+                             "config's data set (train split; threshold calibrated on the val split) and rewrite "
+                             "the package with the same weights (what a training run does when it finishes)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                         help="override any config key, e.g. --set losses.tevia_alignment=0 (the value is read as "
                              "YAML; repeatable; for ablations)")
@@ -82,6 +92,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides.update({key: getattr(args, option) for option, key in OVERRIDES.items()
                           if getattr(args, option) is not None})
         config = load_config(Path(args.config), overrides)
+        if args.describe_domain:
+            described = describe_package(Path(args.describe_domain), config.data, config.package.domain_images,
+                                         "cuda" if torch.cuda.is_available() else "cpu")
+            print(f"described {args.describe_domain}: {json.dumps(described.to_dict())}")
+            return 0
         output = Path(args.output) if args.output else REPO_ROOT / "Training" / "runs" / config.name / "model"
         runtime = Runtime.from_environment(config.amp, config.threads, show_progress=not args.no_progress)
         launcher = f"torchrun --nproc_per_node={runtime.world} " if runtime.distributed else "python "

@@ -1,4 +1,3 @@
-import importlib
 import logging
 import os
 
@@ -9,10 +8,12 @@ from .Engine import MODULE_DIR, importEngine
 from .InstallLogic import LanguageGuidedSegInstallLogic
 from .ParameterNode import LanguageGuidedSegParameterNode
 
-# The engine's torch requirement (pyproject.toml); checked against an installed torch before the first run.
-TORCH_REQUIREMENT = ">=2.1"
-# What a run imports, beyond the engine itself (torch, the network's blocks, the weights' format, the text encoder).
-RUNTIME_MODULES = ("torch", "monai", "safetensors", "tokenizers", "transformers")
+# What a run imports, checked in a fresh interpreter of Slicer's Python: the packages of Resources/requirements.txt
+# (the engine's core dependencies; Testing/test_slicer_module.py checks that the two agree) and the engine's modules
+# that the worker loads.
+RUNTIME_MODULES = ("torch", "numpy", "SimpleITK", "safetensors.torch", "tokenizers", "slicerio", "tqdm",
+                   "languageguidedseg.inference", "languageguidedseg.bert", "languageguidedseg.imageio",
+                   "languageguidedseg.worker")
 
 
 def sliceNodeForView(viewName):
@@ -41,32 +42,28 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return LanguageGuidedSegParameterNode(super().getParameterNode())
 
-    def requirementsPath(self):
+    @staticmethod
+    def requirementsPath():
         return os.path.join(MODULE_DIR, "Resources", "requirements.txt")
+
+    @staticmethod
+    def engineFolder():
+        """The folder that holds the ``languageguidedseg`` package."""
+        return os.path.dirname(os.path.dirname(os.path.abspath(importEngine().__file__)))
 
     def installLogic(self):
         if self.installer is None:
-            self.installer = LanguageGuidedSegInstallLogic.forSlicer(self.requirementsPath(), TORCH_REQUIREMENT)
+            self.installer = LanguageGuidedSegInstallLogic.forSlicer(
+                self.requirementsPath(), RUNTIME_MODULES, self.engineFolder())
         return self.installer
 
     @staticmethod
     def missingRuntimeModules():
-        """Modules a run needs that cannot be imported (the engine's own modules included), as "name: reason"."""
-        missing = []
-        for name in RUNTIME_MODULES:
-            try:
-                importlib.import_module(name)
-            except ImportError as exc:
-                missing.append(f"{name}: {exc}")
-        if missing:
-            return missing
-        try:
-            importEngine("inference")
-            text = importEngine("text")
-            text.resolve_encoder_path(text.DEFAULT_TEXT_ENCODER)  # the text encoder's package
-        except Exception as exc:  # LgsegError or ImportError: either way a run would fail
-            missing.append(f"languageguidedseg: {exc}")
-        return missing
+        """What stops a run, as "name: reason" (empty when a run can start): the runtime packages and what they need
+        at allowed versions, and every module a run imports, checked in a fresh interpreter of Slicer's Python."""
+        return LanguageGuidedSegInstallLogic(
+            LanguageGuidedSegLogic.requirementsPath(), RUNTIME_MODULES,
+            LanguageGuidedSegLogic.engineFolder()).missingRuntimeModules()
 
     def workerProcess(self):
         """The process that runs the model inside the Slicer application, started on the first run; None elsewhere.
@@ -88,7 +85,7 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
         return controller.ReportLoopController(parameters, slice_node_for=sliceNodeFor, **kwargs)
 
     def close(self):
-        """Stop the worker process, if one was started."""
+        """Stop the worker process, if one was started; returns at once (the process stops in the background)."""
         if self.worker is not None:
             self.worker.close()
             self.worker = None

@@ -81,7 +81,8 @@ def _measure(device: str, volume_slices: int, repeats: int,
     process, as in the 3D Slicer module."""
     import SimpleITK as sitk
 
-    from .config import ModelConfig, NetworkConfig
+    from .config import DomainConfig, ModelConfig, NetworkConfig
+    from .domain import Domain
     from .imageio import image_array, read_image, write_mask
     from .inference import FUSE_AFTER_SLICES, Segmenter, resolve_device
     from .network import LanguageGuidedSegNet
@@ -91,7 +92,12 @@ def _measure(device: str, volume_slices: int, repeats: int,
         tmp = Path(folder)
         network = LanguageGuidedSegNet(NetworkConfig(bank_size=96), pretrained_encoder=False)
         config = ModelConfig(name="benchmark", report_sides="none")
-        save_package(tmp / "model", network, config)
+        # A domain description of the shipped models' size, so that the figures include the applicability check.
+        channels = components = sum(network.encoder.channels)
+        domain = Domain(DomainConfig(images="a benchmark image", method="mahalanobis", components=components,
+                                     shrinkage=0.1, scale=1.0, threshold=0.5),
+                        torch.zeros(channels), torch.randn(channels, components) / channels)
+        save_package(tmp / "model", network, config, domain=domain)
         segmenter = Segmenter.load(tmp / "model", device)
         slice_ = np.random.default_rng(0).integers(0, 255, (1, 224, 224), dtype=np.uint8)
         segmenter.predict_slices(np.repeat(slice_, FUSE_AFTER_SLICES, axis=0), REPORT)  # the steady state: compiled

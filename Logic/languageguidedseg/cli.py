@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING, Any, Optional, TextIO
 
 from . import __version__
 from .errors import LgsegError
+from .extras import missing_package_message
 from .options import (
+    AUTO_MODEL,
     add_device_option,
     add_json_option,
     add_model_option,
@@ -30,6 +33,8 @@ from .options import (
 )
 
 if TYPE_CHECKING:  # annotations only: importing these loads torch
+    import numpy as np
+
     from .data import Sample
     from .inference import Segmenter
 
@@ -72,6 +77,25 @@ class _Progress:
             self.bar.close()
 
 
+def _segmenter_for(args: argparse.Namespace, array: np.ndarray, rgb: bool, axis: int,
+                   slice_index: Optional[int]) -> Segmenter:
+    """The model asked for with ``--model``; ``auto``: the installed one made for the image (``choose_model``)."""
+    from .inference import Segmenter, choose_model
+
+    if args.model != AUTO_MODEL:
+        return Segmenter.load(args.model, args.device)
+    load = functools.cache(functools.partial(Segmenter.load, device=args.device))  # the chosen one is kept
+    name, _ = choose_model(array, rgb=rgb, axis=axis, slice_index=slice_index, load=load)
+    return load(name)
+
+
+def _domain_summary(result: Any) -> dict[str, Any]:
+    """The ``--json`` keys of a result's applicability (see languageguidedseg.domain)."""
+    return {"in_domain": result.in_domain, "domain_score": result.domain_score,
+            "domain_slices": list(result.domain_slices) if result.domain_slices else None,
+            "domain_warning": result.domain_warning}
+
+
 def _segment(args: argparse.Namespace) -> int:
     from .fileio import check_writable
     from .imageio import check_mask_path, image_array, image_geometry, is_rgb, read_image, spatial_shape, write_mask
@@ -87,13 +111,12 @@ def _segment(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     check_mask_path(args.output, spatial_shape(image))
 
-    from .inference import Segmenter  # imports torch: only once the inputs are known to be usable
-
-    segmenter = Segmenter.load(args.model, args.device)
+    # Importing the engine imports torch: only once the inputs are known to be usable.
+    array, rgb, axis = image_array(image), is_rgb(image), 2 if args.axis is None else args.axis
+    segmenter = _segmenter_for(args, array, rgb, axis, args.slice)
     progress = _Progress("segmenting", enabled=not args.quiet)
     try:
-        result = segmenter.segment_array(image_array(image), rgb=is_rgb(image), report=report,
-                                         axis=2 if args.axis is None else args.axis, slice_index=args.slice,
+        result = segmenter.segment_array(array, rgb=rgb, report=report, axis=axis, slice_index=args.slice,
                                          threshold=args.threshold, progress=progress, sides=args.sides,
                                          geometry=image_geometry(image, args.image))
     finally:
@@ -111,14 +134,20 @@ def _segment(args: argparse.Namespace) -> int:
         "device": str(segmenter.device),
         "sides": result.sides,
         "orientation": result.orientation,
+        **_domain_summary(result),
+        "report_warnings": result.report_warnings,
     }
     if args.json:
         print(json.dumps(summary))
     else:
         # The report is not echoed here: it may identify a patient (use --json to see the report that was used).
         source = "the report" if result.report_source == "given" else "the prototype approximation (no report)"
-        print(f"wrote {output}: {summary['foreground_fraction']:.2%} foreground, guided by {source}, "
-              f"{result.seconds:.2f} s; {result.sides_label}")
+        print(f"wrote {output} with model {summary['model']}: {summary['foreground_fraction']:.2%} foreground, "
+              f"guided by {source}, {result.seconds:.2f} s; {result.sides_label}")
+        if result.domain_warning:
+            print(f"warning: {result.domain_warning}", file=sys.stderr)
+        for warning in result.report_warnings:  # sides only, never the report's text
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -140,27 +169,29 @@ def _models(args: argparse.Namespace) -> int:
 
 def _approximate(args: argparse.Namespace) -> int:
     from .imageio import image_array, image_geometry, is_rgb, read_image
-    from .inference import Segmenter
 
     image = read_image(args.image)
-    segmenter = Segmenter.load(args.model, args.device)
-    approx = segmenter.approximate(image_array(image), rgb=is_rgb(image), axis=args.axis, slice_index=args.slice,
+    array, rgb = image_array(image), is_rgb(image)
+    segmenter = _segmenter_for(args, array, rgb, args.axis, args.slice)
+    approx = segmenter.approximate(array, rgb=rgb, axis=args.axis, slice_index=args.slice,
                                    top_k=args.top_k, sides=args.sides, geometry=image_geometry(image, args.image))
     if args.json:
-        print(json.dumps({"report": approx.report, "similarity": round(approx.similarity, 4),
+        print(json.dumps({"report": approx.report,
+                          "similarity": None if approx.similarity is None else round(approx.similarity, 4),
                           "top": [{"report": r, "similarity": round(s, 4)} for r, s in approx.top],
                           "model": segmenter.config.name, "sides": approx.sides,
-                          "orientation": approx.orientation}))
+                          "orientation": approx.orientation, **_domain_summary(approx)}))
+    elif approx.domain_warning:  # no report is approximated for an image the model was not made for
+        print(f"warning: {approx.domain_warning}", file=sys.stderr)
     else:
         print(approx.sides_label)
-        print(f"{approx.report}  (similarity {approx.similarity:.3f})")
+        print(f"{approx.report}  (similarity {approx.similarity:.3f}; model {segmenter.config.name})")
         for r, s in approx.top[1:]:
             print(f"  also: {r}  ({s:.3f})")
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from .corruptions import corrupt_image, parse_corruptions
     from .data import dataset_report_sides, load_pair, load_split
@@ -223,6 +254,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         "model": segmenter.config.name,
         "threshold": threshold,
         "seconds": round(evaluation.seconds, 2),
+        # The share of the split's images that the model's applicability check judges in its domain.
+        "in_domain_rate": None if evaluation.in_domain_rate is None else round(evaluation.in_domain_rate, 4),
         **probes,
     }
     if args.json:
@@ -235,6 +268,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             print(f"images corrupted: {summary['corrupt']}")
         print(f"Dice {result.dice:.4f}  IoU {result.iou:.4f}  (micro-averaged over all pixels, as in the papers)")
         print(f"mean per-image Dice {result.mean_dice:.4f}  IoU {result.mean_iou:.4f}")
+        if evaluation.in_domain_rate is not None:
+            print(f"in-domain rate {evaluation.in_domain_rate:.4f} (the share of the images that look like those "
+                  "the model was trained on)")
         if args.reports == "given" and without_report:
             print(f"{without_report} images had no report and were guided by the prototype bank")
         if "steering" in probes:
@@ -244,12 +280,17 @@ def _evaluate(args: argparse.Namespace) -> int:
             recall = ", ".join(f"{k} {v:.2f}" for k, v in probes["laterality_recall"].items())
             print(f"approximated report laterality: balanced accuracy {probes['laterality_balanced_accuracy']:.4f} "
                   f"on {probes['laterality_n']} images ({recall}; chance 0.33)")
+        if "report_warning_rate" in probes:
+            print(f"report check: {probes['report_warning_rate']:.4f} of {probes['report_warning_n']} true reports "
+                  f"warned about, {probes['swapped_side_flag_rate']:.4f} of {probes['swapped_side_flag_n']} "
+                  "unilateral reports with the side swapped")
     return 0
 
 
 def _probes(segmenter: Segmenter, samples: Sequence[Sample], args: argparse.Namespace) -> dict:
-    """The steering and laterality probes (data sets whose reports name the image's sides)."""
-    from .probes import laterality_probe, steering_probe
+    """The steering and laterality probes and the report check (data sets whose reports name the image's sides)."""
+    from .probes import laterality_probe, report_check_probe, steering_probe
+    from .sides import RADIOLOGICAL_DISPLAY, translate_report
 
     figures = {}
     progress = _Progress("steering probe", enabled=not args.quiet, unit="image")
@@ -268,6 +309,18 @@ def _probes(segmenter: Segmenter, samples: Sequence[Sample], args: argparse.Name
         progress.close()
     if laterality.n:
         figures.update(laterality.to_dict())
+    check = segmenter.report_check
+    if check is not None:  # the presences kept by the laterality probe: no second pass over the images
+        def warned(images: np.ndarray, reports: Sequence[Optional[str]]) -> list[bool]:
+            texts = [translate_report(r, "image", segmenter.report_sides, RADIOLOGICAL_DISPLAY) if r else r
+                     for r in reports]
+            return [found is not None for found in check.contradictions(images, texts)]
+
+        progress = _Progress("report check", enabled=not args.quiet, unit="image")
+        try:
+            figures.update(report_check_probe(warned, samples, segmenter.batch_size, progress=progress).to_dict())
+        finally:
+            progress.close()
     return figures
 
 
@@ -296,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment an image, guided by a report or by the prototype bank")
-    for add in (add_model_option, add_device_option, add_json_option, add_quiet_option):
+    add_model_option(seg, auto=True)
+    for add in (add_device_option, add_json_option, add_quiet_option):
         add(seg)
     seg.add_argument("image", help="2D image (PNG, JPEG, BMP, TIFF) or volume (NIfTI, NRRD, MHA, DICOM folder)")
     seg.add_argument("--report", help="the report text; leave out to use the prototype approximation")
@@ -313,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_models)
 
     approx = sub.add_parser("approximate", help="the prototype approximation of an image's report")
-    for add in (add_model_option, add_device_option, add_json_option):
+    add_model_option(approx, auto=True)
+    for add in (add_device_option, add_json_option):
         add(approx)
     approx.add_argument("image")
     approx.add_argument("--slice", type=int, help="slice of a volume (default: the middle one)")
@@ -377,6 +432,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except BrokenPipeError:  # the reader stopped early (e.g. '| head'): nothing more to say
             return 141
         except Exception as exc:  # noqa: BLE001 - users get one line; developers set LGSEG_DEBUG=1
+            missing = missing_package_message(exc) if isinstance(exc, ImportError) else None
+            if missing is not None:  # an optional package (pip install .[extra]), not a bug
+                print(f"error: lgseg {args.command}: {missing}", file=sys.stderr)
+                return 2
             if os.environ.get("LGSEG_DEBUG"):
                 raise
             reason = " ".join(str(exc).split())[:300]

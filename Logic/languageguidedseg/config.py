@@ -201,6 +201,12 @@ class ModelCard(Config):
     no_report_scales: tuple[float, ...] = (1.0,)
     no_report_flips: tuple[str, ...] = ()
     side_presence: float = 0.5
+    # Where reports name sides, a report naming one side only is checked against the image segmented without it
+    # (consistency.py): warned about where the other half's presence reaches report_check_shown and exceeds the named
+    # half's by report_check_margin in log-odds. The defaults were chosen for qata-cxr on QaTa val
+    # (Training/README.md); its shipped package predates the keys.
+    report_check_shown: float = 0.5
+    report_check_margin: float = 0.5
 
     def __post_init__(self) -> None:
         if not all(scale > 0 for scale in self.no_report_scales):
@@ -208,6 +214,32 @@ class ModelCard(Config):
         unknown = [flip for flip in self.no_report_flips if flip not in FLIP_AXES]
         if unknown:
             raise LgsegError(f"unknown no_report_flips {unknown}; use {', '.join(FLIP_AXES)}")
+
+
+@dataclass
+class DomainConfig(Config):
+    """What images a model was trained on and how an image is judged to be one of them (``domain.py``).
+
+    Written by ``Training/`` with the description's arrays (``domain.*`` in the weights file): the distance of an
+    image's pooled encoder features from the training images' becomes ``domain_score = 2 ** (-distance / scale)``.
+    """
+
+    images: str  # the training images in words, with an article: "a frontal chest X-ray"
+    method: str  # how the distance is measured: "mahalanobis" over the principal components kept (domain.py)
+    components: int  # principal components kept
+    shrinkage: float  # share of the mean variance added to each component's variance
+    scale: float  # the training images' median distance: their median score is 0.5
+    threshold: float  # the score below which an image is out of domain (calibrated on the val split)
+    train_images: int = 0
+    val_images: int = 0
+    val_in_domain_rate: float = 0.0  # the share of the val split at or above the threshold
+
+    def __post_init__(self) -> None:
+        if self.method != "mahalanobis":
+            raise LgsegError(f"unknown domain method {self.method!r}; this version knows mahalanobis")
+        if self.components < 1 or self.scale <= 0.0 or not 0.0 < self.threshold < 1.0 or self.shrinkage < 0.0:
+            raise LgsegError("domain needs components >= 1, scale > 0, shrinkage >= 0 and a threshold between 0 "
+                             "and 1; re-describe the model with Training/train.py --describe-domain")
 
 
 @dataclass
@@ -229,3 +261,6 @@ class ModelConfig(Config):
     report_parser: Optional[str] = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # The images the model was trained on, for the applicability check; None in packages saved before it existed
+    # (their applicability is unknown).
+    domain: Optional[DomainConfig] = None

@@ -44,8 +44,8 @@ What a front end calls (all from its GUI thread):
 
 * ``set_report(text)`` on every edit of the report box (stores it only when it differs; live: schedules a run),
   ``clear_report()``, ``report_status()`` (what the box holds), ``sides_label()`` (the line beside the box);
-* ``apply()`` (the run button: run, or after a running live run, or cancel a running Apply), ``run()``,
-  ``cancel()``, ``can_run()``,
+* ``apply()`` (the run button: run, or after a running live run, or cancel a running Apply: label the button by
+  ``apply_cancels``), ``run()``, ``cancel()``, ``can_run()``,
   ``poll()`` from a timer while ``running`` or ``live_pending``, ``abandon()`` when the scene closes;
 * ``watch_slices()`` / ``unwatch_slices()``: follow the slice nodes (a moved slice re-approximates, see above);
 * ``available_models()``, ``default_model_name()``, ``select_model(name)``, ``import_model(folder)``,
@@ -186,6 +186,13 @@ class ReportLoopController:
     def run_kind(self) -> Optional[str]:
         """The kind of the running run: "apply", "live", or None when idle."""
         return self._run.kind if self._run is not None else None
+
+    @property
+    def apply_cancels(self) -> bool:
+        """What the run button does now: True while a run that it started is going (loading the model included, in
+        either scope), when :meth:`apply` cancels it, so the front end labels the button "Cancel"; else it runs (after
+        a running live update). Live updates never cancel an Apply: they run after it."""
+        return self._run is not None and self._run.kind == "apply"
 
     @property
     def live_pending(self) -> bool:
@@ -372,12 +379,12 @@ class ReportLoopController:
     # Running --------------------------------------------------------------------------------------------------
 
     def apply(self) -> None:
-        """The run button (Apply, Segment): cancel a running Apply, else start one (raises LgsegError when one cannot
-        start).
+        """The run button (Apply, Segment): cancel a running Apply (:attr:`apply_cancels`), else start one (raises
+        LgsegError when one cannot start).
 
         A running live run is dropped and the Apply starts as soon as it has stopped (see :meth:`poll`).
         """
-        if self._run is not None and self._run.kind == "apply":
+        if self.apply_cancels:
             self.cancel()
             return
         if self._run is not None:

@@ -31,6 +31,7 @@ class Evaluation:
     without_report: int  # images the prototype bank guided
     seconds: float
     predictions: list[np.ndarray] = field(default_factory=list)  # bool masks of the first ``keep`` images
+    in_domain_rate: Optional[float] = None  # the share judged in the model's domain; None: it has no description
 
 
 def evaluate(segmenter: Segmenter, samples: Sequence[Sample], reports: str = "given", *,
@@ -51,7 +52,7 @@ def evaluate(segmenter: Segmenter, samples: Sequence[Sample], reports: str = "gi
     threshold = segmenter.config.card.threshold if threshold is None else threshold
     started = time.perf_counter()
     scores, kept = ScoreAccumulator(), []
-    without_report = 0
+    without_report = in_domain = 0
     for start in range(0, len(samples), segmenter.batch_size):
         chunk = samples[start:start + segmenter.batch_size]
         pairs = [load(sample) for sample in chunk]
@@ -67,11 +68,14 @@ def evaluate(segmenter: Segmenter, samples: Sequence[Sample], reports: str = "gi
         masks: dict[int, np.ndarray] = {}
         for indices in groups.values():
             stack = np.stack([pairs[i][0] for i in indices])
-            probabilities, _, _ = segmenter.predict_slices(stack, [texts[i] for i in indices])
+            probabilities, _, _, domain_scores = segmenter.predict_slices(stack, [texts[i] for i in indices])
+            if segmenter.domain is not None:
+                in_domain += int((domain_scores >= segmenter.domain.config.threshold).sum())
             for i, probability in zip(indices, probabilities):
                 masks[i] = probability > threshold
                 scores.update(masks[i], pairs[i][1])
         kept += [masks[i] for i in range(len(chunk)) if start + i < keep]
         if progress is not None:
             progress(start + len(chunk), len(samples))
-    return Evaluation(scores.compute(), without_report, time.perf_counter() - started, kept)
+    rate = in_domain / len(samples) if segmenter.domain is not None else None
+    return Evaluation(scores.compute(), without_report, time.perf_counter() - started, kept, rate)

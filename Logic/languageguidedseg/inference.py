@@ -8,12 +8,14 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TypedDict, Union
+from typing import Callable, NamedTuple, Optional, TypedDict, Union
 
 import numpy as np
 import torch
 
 from .config import FLIP_AXES, ModelConfig
+from .consistency import ReportCheck
+from .domain import Applicability, Domain, judge
 from .errors import LgsegError
 from .fileio import PathLike
 from .fusion import fold_batchnorm, fuse_convolutions
@@ -46,14 +48,35 @@ class Approximation:
     report names alone (``keep_to_side``), so the text never names one side while the mask lies on the other.
     Reports are in the ``sides`` convention ("patient", "image", or "none" for models whose reports name no patient
     sides); ``orientation`` says where the image's orientation came from, ``sides_label`` says both in one line.
+    For an image outside the model's domain (``in_domain`` False) no report is approximated: ``report`` is "",
+    ``similarity`` None and ``top`` empty, and ``domain_warning`` says why (see :mod:`domain`).
     """
 
     report: str
-    similarity: float
+    similarity: Optional[float]
     top: list[tuple[str, float]] = field(default_factory=list)
     sides: str = "image"
     orientation: str = ""
     sides_label: str = ""
+    in_domain: Optional[bool] = None  # None: applicability unknown (a package without a domain description)
+    domain_score: Optional[float] = None
+    domain_slices: Optional[tuple[int, int]] = None
+    domain_warning: str = ""
+
+
+class DomainFields(TypedDict):
+    """Whether the image is in the model's domain (the results' ``domain_*`` fields; see :mod:`domain`)."""
+
+    in_domain: Optional[bool]
+    domain_score: Optional[float]
+    domain_slices: Optional[tuple[int, int]]
+    domain_warning: str
+
+
+def domain_fields(applicability: Applicability) -> DomainFields:
+    """A result's ``domain_*`` fields from a judgement of applicability."""
+    return DomainFields(in_domain=applicability.in_domain, domain_score=applicability.score,
+                        domain_slices=applicability.slices, domain_warning=applicability.warning)
 
 
 class SidesFields(TypedDict):
@@ -66,7 +89,13 @@ class SidesFields(TypedDict):
 
 @dataclass
 class SegmentationResult:
-    """A binary mask in the input's spatial shape and how it was obtained."""
+    """A binary mask in the input's spatial shape and how it was obtained.
+
+    The ``domain_*`` fields are as in :class:`Approximation`; for a volume ``domain_score`` is the median of the
+    slices' scores and ``domain_slices`` (slices in-domain, slices judged). Without a report, an image outside the
+    model's domain still gets its mask (the user asked for it) but no approximated report: ``report`` is "",
+    ``similarity`` None.
+    """
 
     mask: np.ndarray
     report: str
@@ -76,10 +105,26 @@ class SegmentationResult:
     sides: str = "image"  # the convention of ``report`` (see Approximation)
     orientation: str = ""
     sides_label: str = ""
+    in_domain: Optional[bool] = None
+    domain_score: Optional[float] = None
+    domain_slices: Optional[tuple[int, int]] = None
+    domain_warning: str = ""
+    # Where the given report contradicts the slice segmented without it, in the words of ``sides``
+    # (consistency.py); empty when they agree, without a report, for a volume, or where reports name no sides.
+    report_warnings: list[str] = field(default_factory=list)
 
     @property
     def foreground_fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+class SlicePredictions(NamedTuple):
+    """What :meth:`Segmenter.predict_slices` gives for a stack of N slices."""
+
+    probabilities: np.ndarray  # [N, H, W] foreground probabilities
+    nearest: list[int]  # bank-guided slices: the approximated report's prototype index; -1 for slices with a report
+    similarity: list[float]  # and its similarity; NaN for slices with a report
+    domain_scores: np.ndarray  # [N] each slice's domain score (domain.py); NaN where the model has no description
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -122,12 +167,12 @@ class Segmenter:
     ``Segmenter(network, config, device)`` uses the network on ``device`` as it is (e.g. one being trained: not
     folded or compiled, its weights shared), so that validation during training runs the same code as
     ``lgseg evaluate``. ``fuse_after`` is the number of slices to segment before the convolutions are compiled for
-    the CPU (None: never).
+    the CPU (None: never). ``domain``: the model's domain description (None: applicability unknown).
     """
 
     def __init__(self, network: LanguageGuidedSegNet, config: ModelConfig, device: torch.device,
                  *, text_encoder: Optional[TextEncoder] = None, batch_size: Optional[int] = None,
-                 fuse_after: Optional[int] = None):
+                 fuse_after: Optional[int] = None, domain: Optional[Domain] = None):
         # The process's torch thread count is used as it is: a library does not change process-wide settings
         # (inside 3D Slicer they belong to every extension); a program sets it with OMP_NUM_THREADS or
         # torch.set_num_threads.
@@ -138,6 +183,7 @@ class Segmenter:
         self.batch_size = batch_size or (16 if self.device.type == "cuda" else 4)
         self.fuse_after = fuse_after
         self._text_encoder = text_encoder
+        self.domain = None if domain is None else domain.to(device)
 
     @classmethod
     def load(cls, model: Union[PathLike, ModelPackage, None] = None, device: str = "auto",
@@ -147,9 +193,10 @@ class Segmenter:
         compiled once ``FUSE_AFTER_SLICES`` slices have been segmented."""
         package = model if isinstance(model, ModelPackage) else load_package(model)
         resolved = resolve_device(device)
+        domain = package.domain()
         network = fold_batchnorm(package.build_network(resolved))
         network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
-        return cls(network, package.config, resolved, batch_size=batch_size,
+        return cls(network, package.config, resolved, batch_size=batch_size, domain=domain,
                    fuse_after=FUSE_AFTER_SLICES if resolved.type == "cpu" else None)  # oneDNN: the CPU only
 
     @functools.cached_property
@@ -160,6 +207,14 @@ class Segmenter:
         if config.report_parser != "qata" or len(config.prototype_reports) != self.network.bank.size:
             return None
         return [report_laterality(report) for report in config.prototype_reports]
+
+    @functools.cached_property
+    def report_check(self) -> Optional[ReportCheck]:
+        """The check of a given report against the slice segmented without it (:mod:`consistency`), where the
+        model's reports name sides (QaTa scheme); None otherwise."""
+        if self.config.report_parser != "qata" or self.config.report_sides in (None, "none"):
+            return None
+        return ReportCheck(self.config.card, lambda slices: self.predict_slices(slices).probabilities)
 
     @property
     def text_encoder(self) -> TextEncoder:
@@ -197,18 +252,40 @@ class Segmenter:
         encoding = self.text_encoder.encode([text]).to(self.device)
         return encoding.tokens, encoding.mask
 
+    def _domain_scores(self, pooled: torch.Tensor) -> np.ndarray:
+        """Domain scores of a batch's pooled features; NaN where the model has no domain description."""
+        if self.domain is None:
+            return np.full(len(pooled), np.nan)
+        return self.domain.scores(pooled).cpu().numpy().astype(np.float64)
+
+    @torch.inference_mode()
+    def domain_scores(self, slices: np.ndarray) -> np.ndarray:
+        """The domain score of each slice of a stack ``[N, H, W(, 3)]``, from the encoder alone (no decoder): what
+        :func:`choose_model` compares. NaN where the model has no domain description."""
+        scores = [self._domain_scores(self.pooled_features(slices[start:start + self.batch_size]))
+                  for start in range(0, slices.shape[0], self.batch_size)]
+        return np.concatenate(scores) if scores else np.empty(0)
+
+    @torch.inference_mode()
+    def pooled_features(self, slices: np.ndarray) -> torch.Tensor:
+        """The encoder's pooled features ``[N, C]`` of a batch of slices, as the network's forward pools them (what
+        a domain description models; ``Training/`` describes a model's images with this)."""
+        images = prepare_slices(slices, self.preprocess).to(self.device, memory_format=torch.channels_last)
+        return self.network.pooled_features(self.network.encoder(images))
+
     @torch.inference_mode()
     def predict_slices(self, slices: np.ndarray, report: Union[str, None, Sequence[Optional[str]]] = None,
                        progress: Optional[ProgressCallback] = None,
-                       cancel: Optional[CancelCallback] = None) -> tuple[np.ndarray, list[int], list[float]]:
-        """Foreground probabilities ``[N, H, W]`` for a stack of slices ``[N, H, W(, 3)]``.
+                       cancel: Optional[CancelCallback] = None) -> SlicePredictions:
+        """Foreground probabilities ``[N, H, W]`` for a stack of slices ``[N, H, W(, 3)]``, and each slice's
+        domain score (from the features that the forward computes anyway).
 
         ``report`` is one report for every slice, or a sequence of one report per slice (e.g. a batch of different
         images); None or an empty report means the prototype bank guides that slice, averaged over the model's
         zoomed and mirrored views and kept to a side that its approximated report names alone (see
         :class:`Approximation`). Returns the probabilities and, in prototype mode (``report`` None or empty), each
         slice's approximated report as a prototype index and its similarity; with a sequence of reports, slices that
-        had a report get -1 and NaN.
+        had a report get -1 and NaN (:class:`SlicePredictions`).
         """
         total = slices.shape[0]
         self._compile_when_worth_it(total)
@@ -224,6 +301,7 @@ class Segmenter:
         probabilities = np.empty(slices.shape[:3], dtype=np.float32)
         nearest: list[int] = []
         similarity: list[float] = []
+        domain_scores = np.empty(total, dtype=np.float64)
         for start in range(0, total, self.batch_size):
             if cancel is not None and cancel():
                 raise SegmentationCancelled()
@@ -240,7 +318,10 @@ class Segmenter:
                 bank_rows = list(range(len(batch)))
             else:
                 tokens, mask = guidance
-                logits = self.network(images, tokens.expand(len(batch), -1, -1), mask.expand(len(batch), -1))
+                out = self.network(images, tokens.expand(len(batch), -1, -1), mask.expand(len(batch), -1),
+                                   return_features=True)
+                logits = out["logits"]
+            domain_scores[start:start + len(batch)] = self._domain_scores(out["pooled_features"])
             maps = torch.sigmoid(logits.float())
             if bank_rows:
                 maps[bank_rows] = self._average_views(images[bank_rows], maps[bank_rows])
@@ -256,7 +337,7 @@ class Segmenter:
             probabilities[start:start + len(batch)] = probs
             if progress is not None:
                 progress(min(start + len(batch), total), total)
-        return probabilities, nearest, similarity
+        return SlicePredictions(probabilities, nearest, similarity, domain_scores)
 
     def _mixed_forward(self, images: torch.Tensor, texts: Sequence[Optional[str]]) -> dict:
         """The network's outputs for a batch where each image has its own report (None: the prototype bank guides it).
@@ -360,21 +441,46 @@ class Segmenter:
             stack, target = stack[slice_index:slice_index + 1], slice(slice_index, slice_index + 1)
         else:
             target = slice(None)
-        probabilities, nearest, similarity = self.predict_slices(stack, model_text, progress, cancel)
+        probabilities, nearest, similarity, scores = self.predict_slices(stack, model_text, progress, cancel)
         mask_stack[target] = probabilities > threshold
+        if text is None and self.report_check is not None:  # a report typed next is checked without a second pass
+            self.report_check.remember(stack, probabilities)
         labels = self._sides(sides, orientation)
+        volume = array.ndim - (1 if rgb else 0) == 3
+        applicability = domain_fields(judge(self.domain, scores, self.config.name, volume=volume))
         if text is not None:
-            return SegmentationResult(mask, text, "given", time.perf_counter() - started, **labels)
+            warnings = self._report_warnings(stack, model_text, sides, orientation, applicability["in_domain"])
+            return SegmentationResult(mask, text, "given", time.perf_counter() - started, **labels, **applicability,
+                                      report_warnings=warnings)
+        if applicability["in_domain"] is False:  # the mask, as asked, but no report approximated from it
+            return SegmentationResult(mask, "", "prototype", time.perf_counter() - started, **labels,
+                                      **applicability)
         # The approximated report shown to the user: the prototype nearest to most slices, in the user's convention.
         index = collections.Counter(nearest).most_common(1)[0][0]
         sims = [s for n, s in zip(nearest, similarity) if n == index]
         approximated = translate_report(self.prototype_report(index), self.report_sides, sides, orientation)
         return SegmentationResult(mask, approximated, "prototype", time.perf_counter() - started,
-                                  similarity=float(np.mean(sims)), **labels)
+                                  similarity=float(np.mean(sims)), **labels, **applicability)
+
+    def _report_warnings(self, stack: np.ndarray, model_text: Optional[str], sides: str, orientation: Orientation,
+                         in_domain: Optional[bool]) -> list[str]:
+        """The report (in the model's convention) checked against the slice, in the words of ``sides``: for one
+        slice (a 2D image or ``slice_index``: a volume's every slice would need a second pass), not for an image
+        outside the model's domain, nor where the slice has no left-right axis to tell the user's sides by."""
+        check = self.report_check
+        if check is None or len(stack) != 1 or in_domain is False:
+            return []
+        if sides != self.report_sides and orientation.patient_left is None:
+            return []
+        return check.warnings(stack, model_text,
+                              lambda side: translate_report(side, self.report_sides, sides, orientation))
 
     def approximated_reports(self, slices: np.ndarray) -> list[str]:
         """The approximated report of each slice of a stack ``[N, H, W(, 3)]`` (no report given)."""
-        return [self.prototype_report(index) for index in self.predict_slices(slices)[1]]
+        predictions = self.predict_slices(slices)
+        if self.report_check is not None:  # a check of these slices' reports then needs no second pass
+            self.report_check.remember(slices, predictions.probabilities)
+        return [self.prototype_report(index) for index in predictions.nearest]
 
     def prototype_report(self, index: int) -> str:
         reports = self.config.prototype_reports
@@ -386,7 +492,8 @@ class Segmenter:
                     geometry: Optional[Geometry] = None) -> Approximation:
         """The prototype approximation of a 2D image (or one slice; default the middle one) as a report.
 
-        The reports are written in the ``sides`` convention, as in :meth:`segment_array`.
+        The reports are written in the ``sides`` convention, as in :meth:`segment_array`. The slice is judged for
+        applicability; outside the model's domain no report is approximated (see :class:`Approximation`).
         """
         check_sides(sides)
         stack = slices_of(array, rgb, axis)
@@ -398,9 +505,61 @@ class Segmenter:
         one = stack[index:index + 1]
         images = prepare_slices(one, self.preprocess).to(self.device, memory_format=torch.channels_last)
         out = self.network(images, return_features=True)
+        volume = array.ndim - (1 if rgb else 0) == 3
+        applicability = domain_fields(judge(self.domain, self._domain_scores(out["pooled_features"]),
+                                            self.config.name, volume=volume))
+        if applicability["in_domain"] is False:
+            return Approximation(report="", similarity=None, **self._sides(sides, orientation), **applicability)
         maps = self._average_views(images, torch.sigmoid(out["logits"].float()))
         probabilities = restore_size(maps, one.shape[1:3]).cpu().numpy()
         ranked = self._rank_prototypes(out["image_features"], probabilities)[0][:top_k or self.network.bank.top_k]
         top = [(translate_report(self.prototype_report(i), self.report_sides, sides, orientation), float(s))
                for i, s in ranked]
-        return Approximation(report=top[0][0], similarity=top[0][1], top=top, **self._sides(sides, orientation))
+        return Approximation(report=top[0][0], similarity=top[0][1], top=top, **self._sides(sides, orientation),
+                             **applicability)
+
+
+CHOICE_SLICES = 9  # a volume's slices, evenly spaced, that choose_model judges (a slice costs one encoder pass)
+
+
+def choose_model(array: np.ndarray, *, rgb: bool = False, axis: int = 2, slice_index: Optional[int] = None,
+                 device: str = "auto", load: Optional[Callable[[str], Segmenter]] = None,
+                 models: Optional[Sequence[str]] = None) -> tuple[str, float]:
+    """The installed model (``package.list_models``; or ``models``) for which the image is in-domain with the best
+    domain score, and that score: ``--model auto``.
+
+    The image (a 2D image, one slice with ``slice_index``, else up to ``CHOICE_SLICES`` evenly spaced slices of a
+    volume, their median score) is judged by each model's encoder alone. ``load(name)`` gives a model's Segmenter
+    (default ``Segmenter.load(name, device)``); a caching loader (``functools.cache``) keeps the chosen one for the
+    segmentation that follows. Where no model's domain fits the image, the error lists what the models are for.
+    """
+    from .package import list_models, nothing_installed
+
+    names = list(models) if models is not None else [info.name for info in list_models()]
+    if not names:
+        raise nothing_installed()
+    load = load or functools.partial(Segmenter.load, device=device)
+    stack = slices_of(array, rgb, axis)
+    if slice_index is not None:
+        if not 0 <= slice_index < stack.shape[0]:
+            raise LgsegError(f"slice {slice_index} is outside the image (0..{stack.shape[0] - 1} along axis {axis})",
+                             option="slice")
+        stack = stack[slice_index:slice_index + 1]
+    elif stack.shape[0] > CHOICE_SLICES:
+        stack = stack[np.linspace(0, stack.shape[0] - 1, CHOICE_SLICES).round().astype(int)]
+    best: Optional[tuple[str, float]] = None
+    purposes = []
+    for name in names:
+        segmenter = load(name)
+        if segmenter.domain is None:
+            purposes.append(f"{name} (applicability unknown: no description of its images)")
+            continue
+        judged = judge(segmenter.domain, segmenter.domain_scores(stack), name)
+        purposes.append(f"{name} ({segmenter.domain.config.images}: {segmenter.config.card.task})"
+                        if segmenter.config.card.task else f"{name} ({segmenter.domain.config.images})")
+        if judged.in_domain and judged.score is not None and (best is None or judged.score > best[1]):
+            best = (name, judged.score)
+    if best is None:
+        raise LgsegError(f"no installed model is made for this image; the models are for: "
+                         f"{'; '.join(purposes) or 'none installed'}; choose one explicitly", option="model")
+    return best

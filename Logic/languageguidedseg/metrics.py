@@ -3,7 +3,9 @@
 ``dice`` / ``iou`` are micro-averaged: intersections and sums are added over every pixel of the evaluation set
 before dividing, the headline numbers of the GuideDecoder / ProLearn protocol. ``mean_dice`` / ``mean_iou`` average
 the per-image scores; an image whose prediction and ground truth are both empty scores 1.0 (MONAI's
-``ignore_empty=False`` convention), an empty ground truth with a non-empty prediction scores 0.0.
+``ignore_empty=False`` convention), an empty ground truth with a non-empty prediction scores 0.0. The per-image
+scores are computed here as MONAI's ``compute_dice`` / ``compute_iou`` compute them (float32 division of the
+counts; ``Testing/test_metrics.py`` compares the two), so that scoring needs no MONAI.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from typing import Union
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_iou
 
 from .errors import LgsegError
 
@@ -53,13 +54,15 @@ class ScoreAccumulator:
                 f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(true.shape)}; "
                 f"resample the prediction to the ground-truth grid before scoring"
             )
-        self.intersection += int((pred & true).sum())
-        self.prediction_sum += int(pred.sum())
-        self.target_sum += int(true.sum())
-        # MONAI's per-image values: [N, C=1, H, W] float, ignore_empty=False gives 1.0 for empty-empty.
-        pred_f, true_f = pred[:, None].float(), true[:, None].float()
-        self.image_dice += compute_dice(pred_f, true_f, include_background=True, ignore_empty=False)[:, 0].tolist()
-        self.image_iou += compute_iou(pred_f, true_f, include_background=True, ignore_empty=False)[:, 0].tolist()
+        intersection, prediction_sum, target_sum = ((pred & true).sum((1, 2)), pred.sum((1, 2)), true.sum((1, 2)))
+        self.intersection += int(intersection.sum())
+        self.prediction_sum += int(prediction_sum.sum())
+        self.target_sum += int(target_sum.sum())
+        # Per image, in float32 as MONAI divides; an empty prediction of an empty ground truth scores 1.0.
+        total, union = prediction_sum + target_sum, prediction_sum + target_sum - intersection
+        one = torch.ones((), dtype=torch.float32)
+        self.image_dice += torch.where(total > 0, (2 * intersection).float() / total.float(), one).tolist()
+        self.image_iou += torch.where(union > 0, intersection.float() / union.float(), one).tolist()
 
     def compute(self) -> SegmentationScores:
         """Scores over everything passed to :meth:`update` so far."""

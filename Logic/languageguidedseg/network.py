@@ -19,6 +19,7 @@ TeViA's alignment).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -236,6 +237,13 @@ class LanguageGuidedSegNet(nn.Module):
         """The encoder's deepest feature map pooled as the bank query's head takes it ``[B, C]``."""
         return deepest.mean(dim=(2, 3)).float()
 
+    @staticmethod
+    def pooled_features(feats: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Each of the encoder's feature maps averaged over space, concatenated shallowest first ``[B, sum(C)]``:
+        what a model's domain description models (domain.py). The shallow levels carry the colours and intensities
+        that the deepest one no longer tells apart (Training/README.md has the figures)."""
+        return torch.cat([level.mean(dim=(2, 3)).float() for level in feats], dim=1)
+
     def image_embedding(self, deepest: torch.Tensor) -> torch.Tensor:
         """The bank query vector ``[B, text_dim]`` from the encoder's deepest feature map."""
         return self.embed_head(self.query_features(deepest))
@@ -246,7 +254,8 @@ class LanguageGuidedSegNet(nn.Module):
         """Segment ``images [B, 3, H, W]`` guided by ``tokens [B, L, D]`` or, when None, by the prototype bank.
 
         ``use_bank [B]`` (bool) takes the bank's guidance for some samples of a batch that has report tokens
-        (training mixes both). Returns logits ``[B, 1, H, W]``, or a dict with the training features too.
+        (training mixes both). Returns logits ``[B, 1, H, W]``, or a dict with the training features too and the
+        encoder's pooled features (``pooled_features``: what the applicability check scores, domain.py).
         """
         feats = self.encoder(images)
         query = None
@@ -284,7 +293,8 @@ class LanguageGuidedSegNet(nn.Module):
         if not return_features:
             return logits
         return {"logits": logits, "levels": levels, "stage_text": stage_text, "tokens": tokens,
-                "token_mask": token_mask, "bank_query": query, "image_features": feats[-1]}
+                "token_mask": token_mask, "bank_query": query, "image_features": feats[-1],
+                "pooled_features": self.pooled_features(feats)}
 
     def _approximate(self, stage: int, tokens: torch.Tensor, mask: torch.Tensor, rows: Optional[torch.Tensor],
                      length: int, visual: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,18 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def add_model_option(parser: argparse.ArgumentParser) -> None:
-    """``--model``: an installed model's name or a model folder (none: the default model)."""
-    parser.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
+AUTO_MODEL = "auto"  # --model auto: the installed model made for the image (inference.choose_model)
+
+
+def add_model_option(parser: argparse.ArgumentParser, auto: bool = False) -> None:
+    """``--model``: an installed model's name or a model folder; ``auto``: also ``auto``, the default (the
+    installed model made for the image), else none means the default model."""
+    if auto:
+        parser.add_argument("--model", default=AUTO_MODEL,
+                            help="model name (see 'lgseg models') or model folder; default: auto, the installed "
+                                 "model whose training images the image looks like")
+    else:
+        parser.add_argument("--model", help="model name (see 'lgseg models') or model folder; default: qata-cxr")
 
 
 def add_device_option(parser: argparse.ArgumentParser, default: str = "auto") -> None:

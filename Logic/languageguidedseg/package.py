@@ -1,9 +1,10 @@
 """Model packages: a folder with ``model.safetensors`` and ``model.json``, verified by SHA-256 on load.
 
 ``model.json`` holds the architecture, text encoder, preprocessing, threshold, segment name and colour, the
-prototype reports and what left and right mean in them (``report_sides``), training provenance, metrics and licence,
-plus the SHA-256 of the weights. The weights file's metadata holds the SHA-256 of the JSON's content, so a changed
-byte in either file is refused. Weights are read with safetensors only: nothing is ever unpickled.
+prototype reports and what left and right mean in them (``report_sides``), the description of the images the model
+was trained on (``domain``; its arrays are in the weights file under ``domain.``), training provenance, metrics and
+licence, plus the SHA-256 of the weights. The weights file's metadata holds the SHA-256 of the JSON's content, so a
+changed byte in either file is refused. Weights are read with safetensors only: nothing is ever unpickled.
 
 Models are found by name among those installed with the package (``languageguidedseg/models``), in the user's
 models folder (``LGSEG_MODELS`` or the platform's user data folder), or by path.
@@ -17,7 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -29,6 +30,7 @@ from .sides import LEGACY_REPORT_SIDES, REPORT_SIDES
 if TYPE_CHECKING:
     import torch
 
+    from .domain import Domain
     from .network import LanguageGuidedSegNet
 
 # The network module (and MONAI, several seconds to import) is imported only when a network is built, and torch and
@@ -59,6 +61,7 @@ class ModelInfo:
     source: str
     threshold: float = ModelCard.threshold
     report_sides: Optional[str] = None  # None: undeclared, the package will be refused on load
+    images: str = ""  # the images it was trained on, in words (its domain description); "": not described
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -68,16 +71,27 @@ class ModelInfo:
 
 @dataclass
 class ModelPackage:
-    """A verified model package: its config and its weights as a state dict (float32)."""
+    """A verified model package: its config, its weights as a state dict (float32) and its domain description's
+    arrays (``domain.*`` in the weights file, keys without the prefix; empty in packages saved before it existed)."""
 
     path: Path
     config: ModelConfig
     state_dict: dict[str, torch.Tensor]
     weights_sha256: str
+    domain_arrays: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights_dtype: str = "float16"  # as stored: "float16" or "float32"
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    def domain(self) -> Optional[Domain]:
+        """The domain description (``domain.py``); None where the package has none (applicability unknown)."""
+        from .domain import Domain
+
+        if self.config.domain is None:
+            return None
+        return Domain.from_arrays(self.config.domain, self.domain_arrays)
 
     def build_network(self, device: Union[str, torch.device] = "cpu") -> LanguageGuidedSegNet:
         """The network with this package's weights, in eval mode on ``device``."""
@@ -158,7 +172,7 @@ def list_models() -> list[ModelInfo]:
                                           version=str(config.get("version", "")),
                                           size_mb=round(size, 2), path=entry, source=source,
                                           threshold=_threshold(config.get("threshold")),
-                                          report_sides=_report_sides(config))
+                                          report_sides=_report_sides(config), images=_images(config))
     return list(found.values())
 
 
@@ -166,6 +180,12 @@ def _report_sides(config: dict[str, Any]) -> Optional[str]:
     """A listed model's report_sides, as load_package reads it (shipped packages predate the key)."""
     value = config.get("report_sides", LEGACY_REPORT_SIDES.get(str(config.get("name"))))
     return value if value in REPORT_SIDES else None
+
+
+def _images(config: dict[str, Any]) -> str:
+    """A listed model's training images in words, from its domain description ("" without one)."""
+    domain = config.get("domain")
+    return str(domain.get("images", "")) if isinstance(domain, dict) else ""
 
 
 def _threshold(value: object) -> float:
@@ -188,13 +208,16 @@ def find_model(model: Optional[PathLike] = None) -> Path:
         if (folder / name / CONFIG_FILE).is_file():
             return folder / name
     if model is None:
-        raise LgsegError(
-            f"no model is installed; train one with Training/train.py and copy it to {user_models_folder()}, or "
-            "give a model folder", option="model"
-        )
+        raise nothing_installed()
     names = ", ".join(sorted(m.name for m in list_models())) or "none installed"
     raise LgsegError(f"unknown model '{name}' (available: {names}); give a model folder or install the model",
                      option="model")
+
+
+def nothing_installed() -> LgsegError:
+    """The error where a model is needed and none is installed."""
+    return LgsegError(f"no model is installed; train one with Training/train.py and copy it to "
+                      f"{user_models_folder()}, or give a model folder", option="model")
 
 
 def load_package(model: Optional[PathLike] = None) -> ModelPackage:
@@ -242,6 +265,10 @@ def load_package(model: Optional[PathLike] = None) -> ModelPackage:
     content = {k: v for k, v in values.items() if k != "weights"}
     if metadata.get("config_sha256") != _sha256(_canonical(content)):
         raise LgsegError(f"{config_path} was changed after the model was saved; reinstall the model")
+    from .domain import DOMAIN_PREFIX
+
+    # The domain description's arrays are stored in float32 whatever the weights' precision (domain.py).
+    domain_arrays = {k[len(DOMAIN_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(DOMAIN_PREFIX)}
     dtypes = {str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()}
     if weights.get("file") != WEIGHTS_FILE or dtypes - {weights.get("dtype")}:
         raise LgsegError(f"{config_path} was changed after the model was saved; reinstall the model")
@@ -261,7 +288,9 @@ def load_package(model: Optional[PathLike] = None) -> ModelPackage:
     _check_report_sides(config, f"model '{config.name}'", "re-save it with report_sides set (Training/train.py "
                         "takes it from the data set's dataset.json)")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    return ModelPackage(path=path, config=config, state_dict=state, weights_sha256=expected)
+    return ModelPackage(path=path, config=config, state_dict=state, weights_sha256=expected,
+                        domain_arrays={k: v.float() for k, v in domain_arrays.items()},
+                        weights_dtype=str(weights.get("dtype")))
 
 
 def _check_report_sides(config: ModelConfig, what: str, fix: str) -> None:
@@ -272,12 +301,16 @@ def _check_report_sides(config: ModelConfig, what: str, fix: str) -> None:
 
 
 def save_package(folder: PathLike, network: LanguageGuidedSegNet, config: ModelConfig,
-                 half: bool = True) -> Path:
+                 half: bool = True, domain: Optional[Domain] = None) -> Path:
     """Write a model package; both files are written atomically, the JSON last.
 
     ``half`` stores floating-point weights in float16 (halves the size; the network computes in float32).
+    ``domain``: the description of the images the model was trained on (``config.domain`` becomes its config; its
+    arrays are stored in float32 under ``domain.`` in the weights file, covered by the same hashes); None: none.
     """
     from safetensors.torch import save as save_safetensors
+
+    from .domain import DOMAIN_PREFIX
 
     if not _valid_name(config.name):
         raise LgsegError(f"invalid model name {config.name!r}; use a plain folder name (no '/', '\\' or leading '.')")
@@ -287,6 +320,7 @@ def save_package(folder: PathLike, network: LanguageGuidedSegNet, config: ModelC
     config.network = network.config
     config.network.bank_size = network.bank.size
     config.network.bank_tokens = network.bank.tokens
+    config.domain = None if domain is None else domain.config
     content = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_dict()}
     state = {}
     for key, value in network.state_dict().items():
@@ -294,6 +328,8 @@ def save_package(folder: PathLike, network: LanguageGuidedSegNet, config: ModelC
         if half and value.is_floating_point():
             value = value.half()
         state[key] = value.contiguous()
+    for key, value in (domain.arrays() if domain is not None else {}).items():
+        state[DOMAIN_PREFIX + key] = value.detach().cpu().float().contiguous()
     data = save_safetensors(state, metadata={"config_sha256": _sha256(_canonical(content)), "format": FORMAT})
     values = dict(content, weights={"file": WEIGHTS_FILE, "sha256": _sha256(data),
                                     "dtype": "float16" if half else "float32"})

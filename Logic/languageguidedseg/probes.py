@@ -7,10 +7,14 @@
 - **Laterality** (:func:`laterality_probe`): does the approximated report (no report given) name the sides that
   the true report names? Balanced accuracy over bilateral / left / right (chance 1/3); an approximated report that
   names no side counts as wrong.
+- **Report check** (:func:`report_check_probe`): how often is a report warned about as contradicting the image
+  (:mod:`~languageguidedseg.consistency`)? The share of the true reports warned about (false warnings), and of the
+  unilateral cases given their true report with the side swapped (caught wrong-side reports).
 
-Both take plain callables, so they run on a :class:`~languageguidedseg.inference.Segmenter` (``lgseg evaluate``)
+All take plain callables, so they run on a :class:`~languageguidedseg.inference.Segmenter` (``lgseg evaluate``)
 or on a network in training: ``predict(images, reports) -> probabilities`` and ``approximate(images) -> reports``,
-where ``images`` is a stack ``[N, H, W(, 3)]`` of one data set's images of one size.
+where ``images`` is a stack ``[N, H, W(, 3)]`` of one data set's images of one size; the report check takes
+``check(images, reports) -> warned`` (one bool per image).
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ import numpy as np
 
 from .data import Sample, load_pair
 from .laterality import LATERALITIES, left_share, report_laterality
+from .sides import swap_sides
 
 LEFT_REPORT = "unilateral pulmonary infection, one infected area, middle lower left lung."
 RIGHT_REPORT = "unilateral pulmonary infection, one infected area, middle lower right lung."
 
 Predict = Callable[[np.ndarray, Sequence[Optional[str]]], np.ndarray]
 Approximate = Callable[[np.ndarray], Sequence[str]]
+Check = Callable[[np.ndarray, Sequence[Optional[str]]], Sequence[bool]]
 ProgressCallback = Callable[[int, int], None]  # (images done, images in all), as the engine's other loops
 
 
@@ -56,6 +62,20 @@ class LateralityResult:
         return {"laterality_balanced_accuracy": round(self.balanced_accuracy, 4),
                 "laterality_recall": {k: round(v, 4) for k, v in self.recall.items()},
                 "laterality_n": self.n}
+
+
+@dataclass
+class ReportCheckResult:
+    """The share of ``n`` true reports warned about and of ``swapped_n`` side-swapped unilateral reports."""
+
+    warning_rate: float
+    n: int
+    swapped_flag_rate: float
+    swapped_n: int
+
+    def to_dict(self) -> dict:
+        return {"report_warning_rate": round(self.warning_rate, 4), "report_warning_n": self.n,
+                "swapped_side_flag_rate": round(self.swapped_flag_rate, 4), "swapped_side_flag_n": self.swapped_n}
 
 
 def bilateral_cases(samples: Sequence[Sample]) -> list[Sample]:
@@ -99,6 +119,25 @@ def laterality_probe(approximate: Approximate, samples: Sequence[Sample], batch_
     recall = {c: hits[c] / counts[c] for c in LATERALITIES if counts[c]}
     balanced = float(np.mean(list(recall.values()))) if recall else float("nan")
     return LateralityResult(balanced, recall, sum(counts.values()), counts)
+
+
+def report_check_probe(check: Check, samples: Sequence[Sample], batch_size: int = 16,
+                       progress: Optional[ProgressCallback] = None) -> ReportCheckResult:
+    """The report check's figures (see the module docstring) on the samples that have a report."""
+    cases = [s for s in samples if s.report and s.report.strip()]
+    warned, flagged = [], []
+    done = 0
+    for chunk, images in _image_batches(cases, batch_size):
+        reports = [str(sample.report) for sample in chunk]
+        warned += [bool(w) for w in check(images, reports)]
+        unilateral = [i for i, report in enumerate(reports) if report_laterality(report) in ("left", "right")]
+        if unilateral:
+            flagged += [bool(w) for w in check(images[unilateral], [swap_sides(reports[i]) for i in unilateral])]
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(cases))
+    return ReportCheckResult(float(np.mean(warned)) if warned else float("nan"), len(warned),
+                             float(np.mean(flagged)) if flagged else float("nan"), len(flagged))
 
 
 def _side_share(mask: np.ndarray) -> float:

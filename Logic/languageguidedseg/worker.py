@@ -12,10 +12,16 @@ one request at a time with :func:`languageguidedseg.runner.serve_request`, as
 :class:`~languageguidedseg.runner.ThreadRunner` does in a thread; PyTorch is imported there only.
 :class:`ProcessWorker` keeps the runner contract (:class:`languageguidedseg.runner.Runner`); :func:`find_worker` gives
 it as the 3D Slicer module runs it.
+
+As Slicer's ``slicer.util.launchConsoleProcess`` runs a console program: no console window on Windows, and the
+process's output (stdout and stderr) read by a thread and logged by the thread that polls (Slicer's log handlers
+write to Qt widgets, so not from another thread). Closing never waits on the calling (GUI) thread: the process is
+asked to stop, and a thread reaps it, or kills it after a grace period.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
@@ -23,12 +29,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
 from .errors import LgsegError
 from .runner import ModelCache, Reply, ReplyKind, Request, model_key, serve_request
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_LINES = 10  # the worker's last output lines, shown when it stops
+STOP_GRACE_SECONDS = 5.0  # how long a closed worker may take to stop before it is killed
 
 
 def find_worker(executable: str = "PythonSlicer") -> Optional[ProcessWorker]:
@@ -41,11 +53,16 @@ def find_worker(executable: str = "PythonSlicer") -> Optional[ProcessWorker]:
 class ProcessWorker:
     """A worker process serving segmentation requests (see the module docstring), a
     :class:`languageguidedseg.runner.Runner`. Use it from one thread (the controller's GUI thread); nothing here
-    blocks except :meth:`wait` and :meth:`close`."""
+    blocks except :meth:`wait` (and :meth:`poll`, at most 0.1 s, once, for the last output of a process that
+    stopped)."""
 
-    def __init__(self, executable: Optional[str] = None):
+    def __init__(self, executable: Optional[str] = None, stop_grace_s: float = STOP_GRACE_SECONDS):
         self._executable = executable or sys.executable
+        self._stop_grace_s = stop_grace_s
         self._process: Optional[subprocess.Popen] = None
+        self._reader: Optional[threading.Thread] = None  # reads the process's output into _output_queue
+        self._output_queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._last_output: deque[str] = deque(maxlen=OUTPUT_LINES)
         self._listener: Any = None
         self._connection: Any = None  # set by the accepting thread once the worker has connected
         self._accepted = threading.Event()
@@ -67,13 +84,29 @@ class ProcessWorker:
         self._listener = Listener(("127.0.0.1", 0), authkey=key)
         host, port = self._listener.address
         engine_folder = str(Path(__file__).resolve().parent.parent)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [engine_folder, os.environ.get("PYTHONPATH")])))
-        self._process = subprocess.Popen([self._executable, "-m", "languageguidedseg.worker", host, str(port)],
-                                         stdin=subprocess.PIPE, env=env)
-        stdin = self._process.stdin
-        assert stdin is not None  # Popen(stdin=PIPE)
-        stdin.write(key.hex().encode("ascii") + b"\n")  # not on the command line: others can read that
-        stdin.close()
+        # Unbuffered output: its lines reach the log in order, and a crash loses none.
+        env = dict(os.environ, PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [engine_folder, os.environ.get("PYTHONPATH")])))
+        try:
+            process = subprocess.Popen(
+                [self._executable, "-m", "languageguidedseg.worker", host, str(port)], env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                **_no_console_window())
+        except BaseException:
+            self.close()
+            raise
+        self._process = process
+        self._last_output.clear()
+        self._output_queue = queue.SimpleQueue()
+        self._reader = threading.Thread(target=_read_lines, args=(process.stdout, self._output_queue),
+                                        name="LanguageGuidedSeg worker output", daemon=True)
+        self._reader.start()
+        assert process.stdin is not None  # Popen(stdin=PIPE)
+        try:
+            process.stdin.write(key.hex() + "\n")  # not on the command line: others can read that
+            process.stdin.close()
+        except OSError:
+            pass  # the process stopped at once: poll() reports it, with its output
         self._accepted.clear()
         threading.Thread(target=self._accept, name="LanguageGuidedSeg worker connection", daemon=True).start()
 
@@ -135,12 +168,28 @@ class ProcessWorker:
             elif key != self._loaded:  # it may have let the loaded model go before it failed or was cancelled
                 self._loaded = None
         if not replies and self._process.poll() is not None:
+            if self._reader is not None:
+                self._reader.join(0.1)  # its last lines; a child process that keeps the pipe open is not waited for
+            self._log_output()
             code = self._process.returncode
+            output = "\n".join(self._last_output)
             replies.append(Reply(-1, ReplyKind.FAILED, LgsegError(
-                f"the segmentation worker process stopped (exit code {code}); see the application log, then try "
-                "again")))
+                f"the segmentation worker process stopped (exit code {code}). Its last output:\n{output}"
+                if output else f"the segmentation worker process stopped (exit code {code}) without output")))
             self.close()
+        else:
+            self._log_output()
         return replies
+
+    def _log_output(self) -> None:
+        """Log the lines the process wrote since the last call, on the calling thread; keep the last ones."""
+        while True:
+            try:
+                line = self._output_queue.get_nowait()
+            except queue.Empty:
+                return
+            self._last_output.append(line)
+            logger.warning("LanguageGuidedSeg worker: %s", line)
 
     def loaded(self, model: Optional[str], device: str) -> bool:
         return self.alive and self._loaded == model_key(model, device)
@@ -157,14 +206,18 @@ class ProcessWorker:
         return self._connection.poll(timeout)
 
     def close(self) -> None:
-        """Stop the worker process (the loaded model goes with it)."""
+        """Stop the worker process (the loaded model goes with it) without waiting for it: its running request is
+        cancelled and the process asked to stop; a thread reaps it, or kills it after ``stop_grace_s`` seconds."""
         connection, process, listener = self._connection, self._process, self._listener
         self._connection = self._process = self._listener = None
         self._pending = []
         self._keys = {}
         self._loaded = None
+        if process is not None:
+            self._log_output()
         if connection is not None:
             try:
+                connection.send(("cancel", self._next_id - 1))
                 connection.send(None)
             except (OSError, ValueError):
                 pass
@@ -172,11 +225,35 @@ class ProcessWorker:
         elif listener is not None:
             listener.close()
         if process is not None:
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            threading.Thread(target=_stop, args=(process, self._stop_grace_s), name="LanguageGuidedSeg worker stop",
+                             daemon=True).start()
+
+
+def _no_console_window() -> dict[str, Any]:
+    """Popen's keywords that start a console program without a console window on Windows, as Slicer's
+    ``slicer.util.launchConsoleProcess`` does (its STARTUPINFO, hidden window), and with ``CREATE_NO_WINDOW``:
+    ``PythonSlicer`` is a console launcher, and its window would stay open for the worker's whole life (closing it
+    kills the worker)."""
+    if sys.platform != "win32":
+        return {}
+    info = subprocess.STARTUPINFO(dwFlags=subprocess.STARTF_USESHOWWINDOW, wShowWindow=0)  # 0: SW_HIDE
+    return {"startupinfo": info, "creationflags": subprocess.CREATE_NO_WINDOW}
+
+
+def _read_lines(stream: IO[str], lines: queue.SimpleQueue[str]) -> None:
+    """A thread: queue each line the process writes until it closes its output."""
+    with stream:
+        for line in stream:
+            lines.put(line.rstrip())
+
+
+def _stop(process: subprocess.Popen, grace_s: float) -> None:
+    """A thread: wait for a process asked to stop, kill it after ``grace_s`` seconds."""
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 # ----------------------------------------------------------------------------------------------------------------

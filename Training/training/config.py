@@ -29,6 +29,9 @@ class PackageConfig(ModelCard):
     with the package's training provenance)."""
 
     data_citation: str = ""
+    # The training images in words, with an article ("a frontal chest X-ray"): the package's domain description
+    # names them in the warning for an image that does not look like them (training/domain.py).
+    domain_images: str = ""
 
     def card(self) -> ModelCard:
         """The model card alone, as the package's ``ModelConfig`` holds it."""

@@ -29,6 +29,7 @@ from .augment import augmenter
 from .bank import BankMembers, align_query, fill_bank, join_bank, refresh_bank_keys
 from .config import NOT_SHAPING_RESULTS, REPO_ROOT, TrainConfig, flatten
 from .data import Reports, epoch_loader, load_samples, preload
+from .domain import describe_package
 from .losses import SegmentationLoss, pseudo_label_positives
 from .optim import build_optimizer, replace_parameter, warmup_cosine
 from .runtime import Runtime
@@ -306,6 +307,9 @@ class Trainer:
             self.save_checkpoint(epoch, best, history)
             runtime.barrier()
         runtime.leave()
+        if runtime.main and end == epochs and (self.output / CONFIG_FILE).is_file():
+            # The finished model's description of its images, for the applicability check (training.domain).
+            describe_package(self.output, c.data, c.package.domain_images, runtime.device.type)
         return history[-1] if history else {}
 
     def _report_epoch(self, epoch: int, row: dict[str, Any], metrics: dict[str, float],

@@ -389,8 +389,10 @@ class WebApp(TrameApp):
             self._on_scope(scope)
             self._on_sides(sides or self.parameters.sides)
             self.controller.set_report(report or "")
-        if self.controller.run_kind == "apply":
-            return  # a click that reached the server before the page disabled the button: that run is this one
+        if self.controller.apply_cancels:
+            # A click that reached the server before the page disabled the button: that run is this one (the page
+            # cancels with its own Cancel button, never with a second Segment).
+            return
         try:
             # A running live run is dropped and this run follows it; a live run that is only scheduled is replaced.
             self.controller.apply()
