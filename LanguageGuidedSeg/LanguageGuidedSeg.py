@@ -40,9 +40,12 @@ class LanguageGuidedSeg(ScriptedLoadableModule):
         self.parent.helpText = _(
             "Segment the target a radiology report describes, e.g. <i>bilateral pulmonary infection, two infected "
             "areas, lower left lung and middle lower right lung.</i> Leave the report empty and the model "
-            "approximates one from the image (shown in the report box, with its similarity): accept it, or edit "
-            "it to refine; in slice mode the segment follows while you type. Left and right mean the patient's "
-            "sides. The report stays in this scene only; it is never logged or sent anywhere. See <a "
+            "approximates one from the image (shown in the report box, with the similarity of the nearest prototype "
+            "report, not a confidence): accept it, or edit it to refine; in slice mode the segment follows while you "
+            "type. An image unlike the model's training images gets a warning beside the report box instead of an "
+            "approximated report: type a report, or press Segment anyway. The model 'Automatic' picks the installed "
+            "model made for the input. Left and right mean the patient's sides. The report stays in this scene "
+            "only; it is never logged or sent anywhere. See <a "
             "href='https://github.com/LanguageGuidedSeg/SlicerLanguageGuidedSeg/blob/main/docs/slicer.md'>the "
             "tutorial</a>."
         )
@@ -65,6 +68,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._pollTimer = None
         self._updatingModels = False
         self._eventHandlers = {}
+        self._shownWarnings = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -75,14 +79,16 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.logic = LanguageGuidedSegLogic()
         self.ui.progressBar.setVisible(False)
         LoopEvent = importEngine("controller").LoopEvent  # the controller's events, each with its handler
+        self._autoModel = importEngine("options").AUTO_MODEL  # the model selector's "Automatic"
         self._eventHandlers = {
             LoopEvent.RUNNING: self._showRunning,
             LoopEvent.PROGRESS: self._showProgress,
             LoopEvent.STATUS: self._showStatus,
             LoopEvent.REPORT: self._showReportStatus,
             LoopEvent.PENDING: lambda payload: self._startPolling(),
-            LoopEvent.RESULT: lambda payload: self._showSidesLabel(),
+            LoopEvent.RESULT: self._showResult,
             LoopEvent.ERROR: self._showError,
+            LoopEvent.WARNINGS: self._showWarnings,
         }
 
         # The model runs in a worker process (the logic's workerProcess), which never touches Qt or MRML; this timer
@@ -96,6 +102,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.clearReportButton.connect("clicked(bool)", lambda: self.controller and self.controller.clear_report())
+        self.ui.segmentAnywayButton.connect("clicked(bool)", self.onSegmentAnyway)
         self.ui.reportTextEdit.connect("textChanged()", self.onReportEdited)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
@@ -164,6 +171,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.addObserver(parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterChanged)
         self.refreshModels()
         self._showReportStatus(self.controller.report_status())
+        self._showWarnings(self.controller.warnings)
         self.controller.watch_slices()
         self.onParameterChanged()
 
@@ -185,6 +193,9 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.liveUpdateCheckBox.enabled = self._parameterNode.scope == "slice"
         self._showSidesLabel()
         self._showApplyButton()
+        if self.controller.warnings != self._shownWarnings:  # e.g. another input volume: its own warnings, or none
+            self._showWarnings(self.controller.warnings)
+        self._showModelTitle()
 
     def _showApplyButton(self):
         """The button says what a click does: Cancel while an Apply runs (in both scopes, loading the model included),
@@ -234,6 +245,20 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _showSidesLabel(self):
         self.ui.sidesLabel.text = self.controller.sides_label()
 
+    def _showResult(self, result):
+        self._showSidesLabel()
+        self._showModelTitle()
+
+    def _showWarnings(self, warnings):
+        """Beside the report box, not a dialog: the warnings stay until a result has none; "Segment anyway" is
+        offered where a run without a report was held back."""
+        self._shownWarnings = warnings
+        lines = ([_("Warning: {warning}.").format(warning=warnings.domain)] if warnings.domain else []) + [
+            _("Report check: {warning}.").format(warning=warning) for warning in warnings.report]
+        self.ui.warningsLabel.text = "\n".join(lines)
+        self.ui.warningsLabel.setVisible(bool(lines))
+        self.ui.segmentAnywayButton.setVisible(warnings.segment_anyway)
+
     def _showError(self, error):
         if self.controller.last_run_kind == "apply":  # a failed live update only says so in the status line
             slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=error))
@@ -268,6 +293,11 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.controller.apply()
             self._startPolling()
 
+    def onSegmentAnyway(self):
+        with slicer.util.tryWithErrorDisplay(_("Segmentation failed."), waitCursor=True):
+            self.controller.segment_anyway()
+            self._startPolling()
+
     def _ensureInstalled(self):
         """Check (and with the user's consent install) the dependencies; False when a run cannot start. Install
         errors get their own title and say what to do; the questions are asked without the busy cursor."""
@@ -287,10 +317,11 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._updatingModels = True
         try:
             self.ui.modelComboBox.clear()
-            for info in models:
-                self.ui.modelComboBox.addItem(info["name"])
+            # Each item's data is the model's name; its text says which model "auto" chose for the input.
+            for name in [self._autoModel] + [info["name"] for info in models]:
+                self.ui.modelComboBox.addItem(self.controller.model_title(name), name)
             name = select or self._parameterNode.model or self.controller.default_model_name()
-            self.ui.modelComboBox.currentIndex = max(self.ui.modelComboBox.findText(name), 0) if models else -1
+            self.ui.modelComboBox.currentIndex = max(self.ui.modelComboBox.findData(name), 0) if models else -1
         finally:
             self._updatingModels = False
         if not models:
@@ -302,13 +333,30 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onModelSelected(self, index):
         if self._updatingModels or index < 0 or not self.controller:
             return
-        name = self.ui.modelComboBox.currentText
+        name = self.ui.modelComboBox.itemData(index)
         if self._parameterNode.model != name:
             self.controller.select_model(name)
+        self._showModelInfo()
+
+    def _showModelInfo(self):
+        name = self._parameterNode.model
+        if name == self._autoModel and not self.controller.model_choice():
+            self.ui.modelInfoLabel.text = _("Chooses the installed model whose training images the input looks like, "
+                                            "when it runs.")
+            return
+        name = self.controller.model_choice() or name
         info = {m["name"]: m for m in self.controller.available_models()}.get(name, {})
         self.ui.modelInfoLabel.text = _("{task}\nLicence: {licence} | {size:.0f} MB | {source} model").format(
             task=info.get("task") or name, licence=info.get("licence") or _("not stated"),
             size=float(info.get("size_mb") or 0.0), source=info.get("source", ""))
+
+    def _showModelTitle(self):
+        """The "Automatic" item names the model chosen for the current input ("Automatic (qata-cxr)")."""
+        index = self.ui.modelComboBox.findData(self._autoModel)
+        title = self.controller.model_title(self._autoModel)
+        if index >= 0 and self.ui.modelComboBox.itemText(index) != title:
+            self.ui.modelComboBox.setItemText(index, title)
+            self._showModelInfo()
 
     def onImportModel(self):
         folder = qt.QFileDialog.getExistingDirectory(

@@ -96,7 +96,7 @@ def _gated_live_loop(scene, segmenter):
     volume = _volume(scene)
     _red_slice_node(scene, volume, 3)
     clock = Clock()
-    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu")
+    parameters = ReportLoopParameters(inputVolume=volume, scope="slice", device="cpu", model="")
     release = threading.Event()
 
     def gated_loader(model, device):
@@ -278,7 +278,8 @@ def test_cancel_and_failure_leave_the_scene_unchanged(scene, loop, segmenter, tm
     # A write that fails (the volume lost its voxels while the model ran) leaves no new node behind.
     emptied = _volume(scene)
     nodes = scene.GetNumberOfNodes()
-    lost, lost_events = _controller(ReportLoopParameters(inputVolume=emptied, scope="volume", device="cpu"), segmenter)
+    lost, lost_events = _controller(
+        ReportLoopParameters(inputVolume=emptied, scope="volume", device="cpu", model=""), segmenter)
     lost.run()
     emptied.SetAndObserveImageData(None)
     lost.wait(60)
@@ -468,7 +469,7 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(scene, segmenter):
         return segmenter if device == "cpu" else GpuModel(torch.cuda.OutOfMemoryError("CUDA out of memory."))
 
     volume = _volume(scene)
-    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="auto")
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="auto", model="")
     controller, events = _controller(parameters, runner=ThreadRunner(load_segmenter=loader))
     controller.run()
     controller.wait(120)
@@ -476,8 +477,9 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(scene, segmenter):
     assert controller.last_result is not None and "ran on the CPU" in events[-2][1]
 
     # Any other error is reported as it is, not retried.
-    controller2, events2 = _controller(ReportLoopParameters(inputVolume=volume, scope="volume"), runner=ThreadRunner(
-        load_segmenter=lambda model, device: GpuModel(RuntimeError("something else"))))
+    controller2, events2 = _controller(
+        ReportLoopParameters(inputVolume=volume, scope="volume", model=""),
+        runner=ThreadRunner(load_segmenter=lambda model, device: GpuModel(RuntimeError("something else"))))
     controller2.run()
     controller2.wait(60)
     errors = [payload for event, payload in events2 if event is LoopEvent.ERROR]
@@ -487,7 +489,8 @@ def test_gpu_out_of_memory_falls_back_to_the_cpu(scene, segmenter):
 def test_sides_reach_the_engine_and_the_label(scene, segmenter):
     """What left and right mean is passed to the engine, and the label beside the report box says it."""
     volume = _volume(scene)
-    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", report="left lower lobe")
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", report="left lower lobe",
+                                      model="")
     controller, _ = _controller(parameters, segmenter)
     # Before any run, from the volume's geometry and the (default) model's convention.
     assert controller.sides_label() == "Left/right: patient (image orientation from the volume)"
@@ -779,3 +782,192 @@ def test_runner_close_lets_the_model_go_and_a_new_request_starts_afresh(runner, 
         assert not runner.alive  # the process has stopped
     request_id = runner.submit(model, "cpu", array, _options())
     assert _finish(runner, request_id)[-1].kind is ReplyKind.DONE and runner.loaded(model, "cpu")
+
+
+# Applicability, report warnings and the automatic model choice, with the shipped models on real images
+# ----------------------------------------------------------------------------------------------------------------
+
+# A unilateral QaTa val case (Testing/test_consistency.py): its true report, in the image's sides.
+UNILATERAL_ID = "cxr_s11236-e25185-r1"
+UNILATERAL_REPORT = "unilateral pulmonary infection, one infected area, lower left lung."
+
+
+@pytest.fixture(scope="module")
+def shipped_runner():
+    """One thread runner for these tests: it keeps every shipped model loaded once."""
+    runner = ThreadRunner()
+    yield runner
+    runner.close()
+
+
+def _image_node(scene, path):
+    from languageguidedseg.imageio import read_image
+
+    return mrml.add_volume_node(scene, read_image(path), Path(path).stem, source=path)
+
+
+def _kvasir_frame(kvasir):
+    from languageguidedseg.data import load_split
+
+    return load_split(kvasir, "val", validate=False)[0].image_path
+
+
+class Recording:
+    """A runner that records the model each request names."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.models = []
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def submit(self, model, device, array, options):
+        self.models.append(model)
+        return self.runner.submit(model, device, array, options)
+
+
+def test_an_image_outside_the_models_domain_is_not_segmented_without_a_report_until_the_user_asks(
+        scene, kvasir, shipped_runner):
+    """A colonoscopy frame with the chest X-ray model: no approximated report and no mask, the warning instead;
+    "Segment anyway" writes the mask once, still without a report in the box; a typed report segments, warned."""
+    from languageguidedseg.controller import Warnings
+
+    volume = _image_node(scene, _kvasir_frame(kvasir))
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", model="qata-cxr")
+    controller, events = _controller(parameters, runner=shipped_runner)
+    assert controller.warnings == Warnings()
+    before = _scene_state(scene, parameters)
+    controller.run()
+    controller.wait(120)
+    warning = ("this image does not look like a frontal chest X-ray (the images qata-cxr was trained on); its mask and "
+               "approximated report are unreliable")
+    assert controller.warnings == Warnings(warning, (), True)
+    assert (LoopEvent.WARNINGS, Warnings(warning, (), True)) in events
+    assert LoopEvent.RESULT not in _names(events) and LoopEvent.ERROR not in _names(events)
+    assert _scene_state(scene, parameters)[0] == before[0] and parameters.outputSegmentation is None
+    status = controller.report_status()
+    assert parameters.report == "" and status.kind == "empty"
+    assert status.message == (f"No report approximated: {warning}. Type a report to segment with it, or press "
+                              "Segment anyway to segment without one.")
+    assert (LoopEvent.STATUS, f"Nothing was segmented: {warning}.") in events
+
+    events.clear()
+    controller.segment_anyway()
+    controller.wait(120)
+    result = controller.last_result
+    assert result is not None and result.in_domain is False and result.domain_warning == warning
+    assert result.model == "qata-cxr" and result.report == "" and result.similarity is None
+    assert parameters.outputSegmentation is not None and parameters.report == ""
+    np.testing.assert_array_equal(mrml.segment_mask(parameters.outputSegmentation, result.segment_id, volume),
+                                  result.mask)
+    assert controller.warnings == Warnings(warning, (), False)  # still shown, nothing more to confirm
+    assert "guided by the image alone" in controller.describe(result)
+
+    # Typing a report: "Segment anyway" is no longer offered; the report segments as usual, the warning kept.
+    events.clear()
+    controller.set_report("bilateral pulmonary infection, two infected areas.")
+    assert controller.warnings == Warnings(warning, (), False)
+    controller.run()
+    controller.wait(120)
+    assert controller.last_result.report_source == "given" and controller.warnings.domain == warning
+    assert LoopEvent.RESULT in _names(events)
+
+
+def test_an_in_domain_image_fills_the_box_the_similarity_is_labelled_and_report_warnings_come_and_go(
+        scene, qata, kvasir, shipped_runner):
+    from languageguidedseg.controller import Warnings
+
+    xray = _image_node(scene, qata / "images" / f"{UNILATERAL_ID}.png")
+    parameters = ReportLoopParameters(inputVolume=xray, scope="volume", device="cpu", model="qata-cxr", sides="image")
+    controller, events = _controller(parameters, runner=shipped_runner)
+    controller.run()
+    controller.wait(120)
+    result = controller.last_result
+    assert result.in_domain is True and result.report_source == "prototype" and result.report
+    status = controller.report_status()
+    assert status.kind == "approximated" and parameters.report == result.report
+    assert f"prototype similarity {result.similarity:.2f}: how close the nearest of the model's prototype reports " \
+           "is, not a confidence" in status.message
+    assert controller.warnings == Warnings()
+
+    # The report names the other side from the one the image shows: warned about, beside the box; the mask follows it.
+    controller.set_report(UNILATERAL_REPORT.replace("left", "right"))
+    controller.run()
+    controller.wait(120)
+    assert controller.warnings == Warnings("", ("the report names the right lung only; the image shows findings on "
+                                                "the left lung",))
+    assert controller.last_result.report_warnings == list(controller.warnings.report)
+    events.clear()
+    controller.set_report(UNILATERAL_REPORT)  # the true report: the warning goes
+    controller.run()
+    controller.wait(120)
+    assert controller.warnings == Warnings() and (LoopEvent.WARNINGS, Warnings()) in events
+
+    # Another input outside the model's domain: the approximation of the X-ray is not left in the box for it.
+    controller.clear_report()
+    controller.run()
+    controller.wait(120)
+    assert parameters.report == result.report
+    parameters.inputVolume = _image_node(scene, _kvasir_frame(kvasir))
+    controller.run()
+    controller.wait(120)
+    assert parameters.report == "" and controller.warnings.segment_anyway
+    parameters.inputVolume = xray  # the warnings are about the frame, not about the X-ray
+    assert controller.warnings == Warnings()
+
+
+def test_auto_chooses_the_model_once_per_input_and_says_when_none_fits(scene, qata, kvasir, shipped_runner):
+    recording = Recording(shipped_runner)
+    frame = _image_node(scene, _kvasir_frame(kvasir))
+    parameters = ReportLoopParameters(inputVolume=frame, scope="volume", device="cpu")
+    assert parameters.model == "auto"
+    controller, events = _controller(parameters, runner=recording)
+    assert controller.model_title("auto") == "Automatic" and controller.model_choice() is None
+    controller.run()
+    controller.wait(120)
+    assert controller.last_result.model == "kvasir-polyp" and controller.last_result.in_domain is True
+    assert controller.model_choice() == "kvasir-polyp" and controller.model_title("auto") == "Automatic (kvasir-polyp)"
+    assert controller.model_title("qata-cxr") == "qata-cxr"
+    controller.set_report("one polyp")
+    controller.run()
+    controller.wait(120)
+    assert recording.models == ["auto", "kvasir-polyp"]  # the next run reuses the choice
+
+    # A new input chooses again.
+    parameters.inputVolume = _image_node(scene, qata / "images" / f"{UNILATERAL_ID}.png")
+    assert controller.model_choice() is None
+    controller.clear_report()
+    controller.run()
+    controller.wait(120)
+    assert recording.models[-1] == "auto" and controller.model_choice() == "qata-cxr"
+
+    # No installed model is made for a flat grey image: one line saying what the models are for; nothing written.
+    flat = _volume(scene)
+    flat.GetImageData().GetPointData().GetScalars().Fill(500)
+    parameters.inputVolume, parameters.outputSegmentation = flat, None
+    events.clear()
+    controller.run()
+    controller.wait(120)
+    errors = [payload for event, payload in events if event is LoopEvent.ERROR]
+    assert len(errors) == 1 and isinstance(errors[0], LgsegError)
+    assert str(errors[0]).startswith("no installed model is made for this image; the models are for: ")
+    assert "qata-cxr" in str(errors[0]) and "kvasir-polyp" in str(errors[0])
+    assert (LoopEvent.STATUS, f"{errors[0]}; the scene was not changed.") in events
+    assert parameters.outputSegmentation is None and controller.model_choice() is None
+
+
+def test_runner_chooses_the_model_for_auto_and_keeps_every_model_it_judged_with(runner, kvasir):
+    """``"auto"`` is resolved where the model runs (thread or worker process): the reply names the model chosen, and
+    the installed models stay loaded, so that choosing again loads nothing."""
+    from languageguidedseg.imageio import image_array, read_image
+    from languageguidedseg.package import list_models
+
+    frame = image_array(read_image(_kvasir_frame(kvasir)))
+    for _ in range(2):
+        reply = _finish(runner, runner.submit("auto", "cpu", frame, _options(rgb=True)))[-1]
+        assert reply.kind is ReplyKind.DONE and reply.payload.model == "kvasir-polyp"
+        assert reply.payload.result.in_domain is True and reply.payload.segment_style[2] == "kvasir-polyp"
+    assert runner.loaded("kvasir-polyp", "cpu")
+    if isinstance(runner, ThreadRunner):
+        assert sorted(runner.loads) == sorted((info.name, "cpu") for info in list_models())

@@ -510,7 +510,7 @@ def test_ct_segmented_whole_and_in_each_view_on_the_volumes_grid(scene, ct_examp
 
     volume = _ct_volumes(scene, ct_examples)[source]
     dims = mrml.volume_dimensions(volume)
-    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu",
+    parameters = ReportLoopParameters(inputVolume=volume, scope="volume", device="cpu", model="",
                                       report="infection in the lower left lung")
     controller = ReportLoopController(parameters, runner=ThreadRunner(load_segmenter=lambda model, device: segmenter))
     controller.run()

@@ -251,7 +251,28 @@ def test_widget_dispatches_every_controller_event_it_names_to_a_handler():
     named = {node.attr for node in ast.walk(_module_tree()) if isinstance(node, ast.Attribute)
              and isinstance(node.value, ast.Name) and node.value.id == "LoopEvent"}
     assert named <= set(LoopEvent.__members__), f"no such events: {named - set(LoopEvent.__members__)}"
-    assert {"RUNNING", "PROGRESS", "STATUS", "REPORT", "PENDING", "RESULT", "ERROR"} <= named
+    assert {"RUNNING", "PROGRESS", "STATUS", "REPORT", "PENDING", "RESULT", "ERROR", "WARNINGS"} <= named
+
+
+def test_warnings_sit_beside_the_report_box_hidden_until_there_is_one():
+    """Issue 25: the warnings label and "Segment anyway" are in the report section, right below the report status,
+    hidden at first (the widget shows them from the controller's ``warnings``), and not in a dialog."""
+    root = ET.parse(UI_FILE).getroot()
+    widgets = {w.get("name"): w for w in root.iter("widget")}
+    for name, cls in (("warningsLabel", "QLabel"), ("segmentAnywayButton", "QPushButton")):
+        assert widgets[name].get("class") == cls
+        visible = {prop.get("name"): prop for prop in widgets[name].findall("property")}["visible"]
+        assert visible.find("bool").text == "false", f"{name} must be hidden until there is a warning"
+    grid_rows = {}
+    for item in root.iter("item"):
+        names = {w.get("name") for w in item.iter("widget")}
+        if item.get("row") is not None:
+            for name in names:
+                grid_rows.setdefault(name, int(item.get("row")))
+    assert grid_rows["warningsLabel"] == grid_rows["reportStatusLabel"] + 1
+    assert widgets["inputsCollapsibleButton"].find(".//widget[@name='warningsLabel']") is not None
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert "segmentAnywayButton.connect(" in source and "segment_anyway()" in source
 
 
 def test_every_module_file_is_listed_in_cmake():
@@ -505,7 +526,8 @@ def test_parameter_node_round_trips_through_slicers_serializers(release, scene, 
     node = module.LanguageGuidedSegLogic().getParameterNode()
     assert node.parameterNode.IsA("vtkMRMLScriptedModuleNode") and node.parameterNode.GetScene() is scene
     assert node.inputVolume is None and node.outputSegmentation is None
-    assert (node.model, node.scope, node.sliceView, node.report, node.reportSource) == ("", "slice", "Red", "", "")
+    # The model "auto" (issue 25): the installed model made for the input.
+    assert (node.model, node.scope, node.sliceView, node.report, node.reportSource) == ("auto", "slice", "Red", "", "")
     assert (node.threshold, node.device, node.sides, node.liveUpdate) == (0.5, "auto", "patient", True)
 
     scalar = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
@@ -664,6 +686,30 @@ def test_logic_segments_through_the_controller_on_the_parameter_node(release, sc
     assert controller.report_status().kind == "approximated"
 
 
+def test_logic_process_holds_back_an_image_outside_the_models_domain_unless_asked(release, scene, kvasir):
+    """Issue 25 for scripts: a colonoscopy frame with the chest X-ray model and no report writes nothing and says why
+    in one line; ``segmentAnyway=True`` writes the mask, with no approximated report and the warning in the result."""
+    from languageguidedseg import mrml
+    from languageguidedseg.data import load_split
+    from languageguidedseg.errors import LgsegError
+    from languageguidedseg.imageio import read_image
+
+    _, module = release
+    path = load_split(kvasir, "val", validate=False)[0].image_path
+    frame = mrml.add_volume_node(scene, read_image(path), "frame", source=path)
+    logic = module.LanguageGuidedSegLogic()
+    nodes = scene.GetNumberOfNodes()
+    with pytest.raises(LgsegError, match=r"^nothing was segmented: this image does not look like a frontal chest "
+                                         r"X-ray .*; give a report, or pass segmentAnyway=True$"):
+        logic.process(frame, model="qata-cxr", device="cpu")
+    assert scene.GetNumberOfNodes() == nodes
+    result = logic.process(frame, model="qata-cxr", device="cpu", segmentAnyway=True)
+    assert result.in_domain is False and result.report == "" and result.domain_warning
+    assert result.segmentation_node is not None and result.model == "qata-cxr"
+    chosen = logic.process(frame, model="auto", device="cpu")
+    assert chosen.model == "kvasir-polyp" and chosen.in_domain is True and chosen.report
+
+
 def test_apply_cancels_only_a_running_apply_in_both_scopes(release, scene, segmenter):
     """Apply means one thing (the widget labels its button by the controller's ``apply_cancels``): while an Apply
     runs (in slice and volume scope, from the moment it starts loading the model) the button is Cancel and cancels
@@ -675,7 +721,7 @@ def test_apply_cancels_only_a_running_apply_in_both_scopes(release, scene, segme
     _, module = release
     logic = module.LanguageGuidedSegLogic()
     node = logic.getParameterNode()
-    node.inputVolume, node.device = _volume_in_the_red_view(scene), "cpu"
+    node.inputVolume, node.device, node.model = _volume_in_the_red_view(scene), "cpu", ""  # the default model
     events = []
     controller = logic.createController(node, runner=ThreadRunner(lambda model, device: segmenter), debounce_s=0.0)
     controller.add_observer(lambda event, payload: events.append(event))

@@ -100,6 +100,10 @@ def test_single_process_run_writes_a_verified_package_with_bank_and_logs(trained
         assert config.metrics[f"val_{mode}_dice"] == pytest.approx(float(logged[f"val_{mode}_dice"]), abs=1e-4)
     assert config.training["command"].startswith("python ") and "--limit 16" in config.training["command"]
     assert "QaTa-COV19" in config.training["data_citation"]
+    # The finished run describes its training images (16 here, --limit) for the applicability check.
+    domain = package.domain()
+    assert domain is not None and domain.config.images == "a frontal chest X-ray"
+    assert domain.config.train_images == 16 and domain.config.val_in_domain_rate >= 0.99
     run = trained.parent / "model-training"
     for name in ("checkpoint.pt", "log.csv", "curves.png", "val_cases.png"):
         assert (run / name).stat().st_size > 0, name

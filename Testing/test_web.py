@@ -46,6 +46,7 @@ from languageguidedseg.web.access import is_loopback, parse_size, resolve_token 
 from languageguidedseg.web.uploads import safe_name  # noqa: E402
 
 QATA = DATA_ROOT / "qata-cov19"
+KVASIR = DATA_ROOT / "kvasir-seg"
 CT = DATA_ROOT / "ct-examples" / "ct.nii.gz"
 DICOM = DATA_ROOT / "ct-examples" / "ct-dicom"
 # QaTa-COV19 validation images. The second one's mask follows the side a report names clearly (checked with the
@@ -198,6 +199,16 @@ def segment_summary(page) -> dict:
     return {key: element.get_attribute(f"data-{key}") for key in ("name", "color", "voxels", "sha256")}
 
 
+def model_selection(page) -> str:
+    """What the model selector shows."""
+    return page.inner_text(".v-select:has(#lg-model) .v-select__selection-text")
+
+
+def warnings_shown(page) -> str:
+    """The warnings beside the report box ("" when none is shown)."""
+    return page.inner_text("#lg-warnings") if page.locator("#lg-warnings").count() else ""
+
+
 def mask_digest(mask: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(mask != 0, dtype=np.uint8).tobytes()).hexdigest()
 
@@ -222,7 +233,11 @@ def test_empty_report_is_approximated_and_the_segment_appears_and_downloads(serv
     page.wait_for_selector("#lg-segment-summary", timeout=RUN_TIMEOUT)
     report = page.input_value("#lg-report")
     assert report.strip(), "the report box was not filled with the approximation"
-    assert re.search(r"Approximated from the image \(similarity 0\.\d\d\)", page.inner_text("#lg-report-status"))
+    assert re.search(r"Approximated from the image \(prototype similarity 0\.\d\d: how close the nearest of the "
+                     r"model's prototype reports is, not a confidence\)", page.inner_text("#lg-report-status"))
+    # The default model, "auto", chose the chest X-ray model for the X-ray; the selector says so.
+    assert model_selection(page) == "Automatic (qata-cxr)"
+    assert page.locator("#lg-warnings").count() == 0
     summary = segment_summary(page)
     assert int(summary["voxels"]) > 100
     # The overlay in the browser: the red segment over the grey X-ray.
@@ -312,26 +327,37 @@ def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
     volume = tmp_path / "ct-240.nii.gz"
     sitk.WriteImage(sitk.Resample(ct, size, sitk.Transform(), sitk.sitkLinear, ct.GetOrigin(), spacing,
                                   ct.GetDirection(), 0, ct.GetPixelID()), str(volume))
-    server = serve(volume)
+    # The chest X-ray model, chosen explicitly (no installed model is made for a CT: "auto" would refuse it).
+    server = serve(volume, "--model", "qata-cxr")
     started = time.perf_counter()
     open_page(page, server, "122 x 101 x 240 volume")
     wait_until(lambda: page.locator("#lg-views img").count() == 3, 60, "three slice views", server)
     assert page.inner_text("#lg-sides-label") == "Left/right: patient (image orientation from the volume)"
+    assert model_selection(page) == "qata-cxr"
 
+    # A CT slice is not a chest X-ray: no report approximated, nothing segmented, the warning beside the report box.
     page.click("#lg-scope-slice")
     page.click("#lg-segment")
+    page.wait_for_selector("#lg-segment-anyway", timeout=RUN_TIMEOUT)
+    assert "this image does not look like a frontal chest X-ray (the images qata-cxr was trained on)" in \
+        warnings_shown(page)
+    assert page.input_value("#lg-report") == "" and page.locator("#lg-segment-summary").count() == 0
+    assert page.inner_text("#lg-report-status").startswith("No report approximated: this image does not look like")
+    assert status(page).startswith("Nothing was segmented")
+    # "Segment anyway": the mask, still without a report in the box, the warning kept.
+    page.click("#lg-segment-anyway")
     page.wait_for_selector("#lg-segment-summary", timeout=RUN_TIMEOUT)
-    first_slice = re.search(r"of slice (\d+) ", status(page)).group(1)
-    # Scrolling the axial view with the box holding the approximation approximates again for the new slice.
+    assert page.input_value("#lg-report") == "" and page.locator("#lg-segment-anyway").count() == 0
+    assert "does not look like a frontal chest X-ray" in warnings_shown(page)
+    assert re.search(r"^Done .* guided by the image alone: .* of slice \d+ ", status(page))
+    before = segment_summary(page)
+    # Scrolling the axial view runs again for the new slice: held back again (no report), the segment kept.
     box = page.locator("#lg-views img").first.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     for _ in range(3):
         page.mouse.wheel(0, 120)
-    page.wait_for_function("(first) => /^Done.* of slice (\\d+) /.test(document.querySelector('#lg-status').innerText)"
-                           " && !document.querySelector('#lg-status').innerText.includes(`of slice ${first} `)",
-                           arg=first_slice, timeout=RUN_TIMEOUT)
-    assert page.inner_text("#lg-report-status").startswith("Approximated from the image")
-    before = segment_summary(page)
+    page.wait_for_selector("#lg-segment-anyway", timeout=RUN_TIMEOUT)
+    assert status(page).startswith("Nothing was segmented") and segment_summary(page) == before
 
     page.click("#lg-scope-volume")
     page.click("#lg-segment")
@@ -345,6 +371,38 @@ def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
     assert page.locator("#lg-cancel").count() == 0
     assert segment_summary(page) == before  # the server's node, read back after the cancel
     print(f"volume cancel: {time.perf_counter() - started:.1f} s")
+
+
+def _kvasir_frame() -> Path:
+    from languageguidedseg.data import load_split
+
+    return load_split(_need(KVASIR), "val", validate=False)[0].image_path
+
+
+def test_auto_chooses_the_polyp_model_and_the_chest_model_warns_on_a_colonoscopy_frame(serve, page, tmp_path):
+    """Issue 25: the default model "auto" picks the model made for the image and the selector shows it; the chest
+    X-ray model chosen explicitly warns beside the report box and puts no approximated report in it."""
+    server = serve(_kvasir_frame())
+    open_page(page, server, "image. Type a report")
+    assert model_selection(page) == "Automatic"
+    page.click("#lg-segment")
+    page.wait_for_selector("#lg-segment-summary", timeout=RUN_TIMEOUT)
+    wait_until(lambda: model_selection(page) == "Automatic (kvasir-polyp)", 30, "the model chosen", server)
+    assert page.input_value("#lg-report").strip() and warnings_shown(page) == ""
+    before = segment_summary(page)
+
+    page.click(".v-select:has(#lg-model)")
+    page.click(".v-overlay .v-list-item:has-text('qata-cxr')")
+    wait_until(lambda: model_selection(page) == "qata-cxr", 30, "qata-cxr selected", server)
+    page.click("#lg-segment")
+    page.wait_for_selector("#lg-segment-anyway", timeout=RUN_TIMEOUT)
+    assert warnings_shown(page).startswith(
+        "this image does not look like a frontal chest X-ray (the images qata-cxr was trained on); its mask and "
+        "approximated report are unreliable")
+    # The polyp model's approximation is taken out of the box, and none of the chest model's is put in; the segment
+    # stays as it was.
+    assert page.input_value("#lg-report") == "" and segment_summary(page) == before
+    assert page.locator("[role=dialog]").count() == 0  # shown beside the box, not as a dialog
 
 
 def test_bad_uploads_give_one_message_and_a_good_one_works(serve, page, tmp_path):

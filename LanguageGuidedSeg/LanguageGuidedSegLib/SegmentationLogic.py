@@ -91,11 +91,14 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
             self.worker = None
 
     def process(self, inputVolume, outputSegmentation=None, report="", model="", scope="volume", sliceView="Red",
-                threshold=0.5, device="auto", sides="patient", timeout=600.0):
+                threshold=0.5, device="auto", sides="patient", timeout=600.0, segmentAnyway=False):
         """Segment ``inputVolume`` (scripted use; blocks until done) and return the result.
 
-        An empty ``report`` approximates it from the image. Returns ``languageguidedseg.mrml.NodeSegmentationResult``;
-        raises the run's error (the scene unchanged) when it fails.
+        An empty ``report`` approximates it from the image. ``model``: a name, a folder, "auto" (the installed model
+        made for the image) or "" (the default model). Returns ``languageguidedseg.mrml.NodeSegmentationResult``, whose
+        ``in_domain``, ``domain_warning`` and ``report_warnings`` say when not to trust it; raises the run's error (the
+        scene unchanged) when it fails, and LgsegError when the image is outside the model's domain and no report is
+        given, unless ``segmentAnyway`` (then the mask is written, without an approximated report).
         """
         controllerModule = importEngine("controller")
         parameters = importEngine("parameters").ReportLoopParameters(
@@ -105,7 +108,7 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
         errors = []
         error = controllerModule.LoopEvent.ERROR
         controller.add_observer(lambda event, payload: errors.append(payload) if event is error else None)
-        controller.run()
+        controller.run(anyway=segmentAnyway)
         try:
             controller.wait(timeout)
         except TimeoutError:
@@ -113,4 +116,7 @@ class LanguageGuidedSegLogic(ScriptedLoadableModuleLogic):
             raise
         if errors:
             raise errors[0]
+        if controller.warnings.segment_anyway:
+            raise importEngine("errors").LgsegError(
+                f"nothing was segmented: {controller.warnings.domain}; give a report, or pass segmentAnyway=True")
         return controller.last_result

@@ -31,7 +31,7 @@ from .config import ModelCard
 from .laterality import report_laterality, side_presence
 
 # Slices whose presences a check keeps: the QaTa val split (1429 images) fits, so that lgseg evaluate's check of the
-# true and the side-swapped reports reuses those of its laterality probe; 4096 entries take about 0.5 MB.
+# true and the side-swapped reports reuses those of its laterality probe; 4096 entries take about 1 MB.
 KEPT_SLICES = 4096
 _OTHER = {"left": "right", "right": "left"}
 
@@ -41,7 +41,7 @@ Predict = Callable[[np.ndarray], np.ndarray]  # slices [N, H, W(, 3)] -> no-repo
 @dataclass(frozen=True)
 class Contradiction:
     """A report that names the ``named`` side only ("left" or "right", in the model's convention) where the image
-    shows findings on the other side only."""
+    shows findings on the other side, more surely than on the named one."""
 
     named: str
 
@@ -94,10 +94,7 @@ class ReportCheck:
     def remember(self, slices: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
         """Keep the presences ``[N, 2]`` of ``slices`` from their no-report ``probabilities`` ``[N, H, W]``; returns
         them."""
-        presence = side_presence(torch.from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32))).numpy()
-        for slice_, values in zip(slices, presence):
-            self._keep(slice_key(slice_), (float(values[0]), float(values[1])))
-        return presence
+        return self._remember([slice_key(slice_) for slice_ in slices], probabilities)
 
     def presence(self, slices: np.ndarray) -> np.ndarray:
         """The no-report presences ``[N, 2]`` (left half, right half) of a stack of slices; only the slices not
@@ -106,7 +103,7 @@ class ReportCheck:
         found = {key: self._kept[key] for key in keys if key in self._kept}
         missing = [i for i, key in enumerate(keys) if key not in found]
         if missing:
-            computed = self.remember(slices[missing], self.predict(slices[missing]))
+            computed = self._remember([keys[i] for i in missing], self.predict(slices[missing]))
             found.update((keys[i], (float(v[0]), float(v[1]))) for i, v in zip(missing, computed))
         for key in keys:
             if key in self._kept:
@@ -126,8 +123,11 @@ class ReportCheck:
         found = self.contradictions(slices, [report] * len(slices))
         return list(dict.fromkeys(c.text(side) for c in found if c is not None))
 
-    def _keep(self, key: bytes, presence: tuple[float, float]) -> None:
-        self._kept[key] = presence
-        self._kept.move_to_end(key)
+    def _remember(self, keys: Sequence[bytes], probabilities: np.ndarray) -> np.ndarray:
+        presence = side_presence(torch.from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32))).numpy()
+        for key, values in zip(keys, presence):
+            self._kept[key] = (float(values[0]), float(values[1]))
+            self._kept.move_to_end(key)
         while len(self._kept) > self.capacity:
             self._kept.popitem(last=False)
+        return presence

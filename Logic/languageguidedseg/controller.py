@@ -4,7 +4,13 @@ A front end (the Slicer widget, the trame web app) wires its widgets to one :cla
 renders what the controller tells its observers. The controller owns the loop a clinician works in:
 
 * an empty report box -> the model approximates the report from the image (prototype bank), the box is filled
-  with it and marked as an approximation, with its similarity;
+  with it and marked as an approximation, with its prototype similarity (how close the nearest prototype report is,
+  not a confidence);
+* an image outside the model's domain (``in_domain`` False) and no report -> nothing is written and the box stays
+  empty: the warning says what the model was made for (:attr:`warnings`), and the user types a report or confirms
+  with :meth:`segment_anyway`; a report given on such an image segments as usual, the warning kept;
+* the model ``"auto"`` (the default) -> the runner chooses the installed model made for the input, once per input
+  volume (:meth:`model_choice`; live edits reuse it);
 * an unedited approximation -> approximated again for the current image or slice;
 * an edited or typed report -> used as written;
 * run / cancel / progress / result, the model choice and import, the device choice with a CPU fallback when the
@@ -38,6 +44,7 @@ Observers: ``controller.add_observer(callback)``; ``callback(event, payload)`` w
 ``LoopEvent.ERROR``       the exception of a failed run (the scene was not changed)
 ``LoopEvent.CANCELLED``   None (the scene was not changed)
 ``LoopEvent.PENDING``     None: a live run was scheduled (a report edit, a move to another slice); poll until idle
+``LoopEvent.WARNINGS``    :class:`Warnings`: what to show next to the report box (empty when there is nothing)
 ========================  ======================================================================================
 
 What a front end calls (all from its GUI thread):
@@ -45,12 +52,13 @@ What a front end calls (all from its GUI thread):
 * ``set_report(text)`` on every edit of the report box (stores it only when it differs; live: schedules a run),
   ``clear_report()``, ``report_status()`` (what the box holds), ``sides_label()`` (the line beside the box);
 * ``apply()`` (the run button: run, or after a running live run, or cancel a running Apply: label the button by
-  ``apply_cancels``), ``run()``, ``cancel()``, ``can_run()``,
+  ``apply_cancels``), ``segment_anyway()`` (offered by ``warnings.segment_anyway``), ``run()``, ``cancel()``,
+  ``can_run()``,
   ``poll()`` from a timer while ``running`` or ``live_pending``, ``abandon()`` when the scene closes;
 * ``watch_slices()`` / ``unwatch_slices()``: follow the slice nodes (a moved slice re-approximates, see above);
-* ``available_models()``, ``default_model_name()``, ``select_model(name)``, ``import_model(folder)``,
-  ``user_models_folder()``, ``device_name()``;
-* state to read: ``running``, ``run_kind`` ("apply" | "live" | None), ``live_pending``, ``progress``,
+* ``available_models()``, ``default_model_name()``, ``select_model(name)``, ``model_choice()``, ``model_title(name)``,
+  ``import_model(folder)``, ``user_models_folder()``, ``device_name()``;
+* state to read: ``running``, ``run_kind`` ("apply" | "live" | None), ``live_pending``, ``progress``, ``warnings``,
   ``last_result``, ``last_run_kind``, ``fell_back_to_cpu``.
 
 MRML comes through :mod:`languageguidedseg.mrml`, which imports ``slicer`` (3D Slicer, or ``pip install
@@ -68,13 +76,13 @@ from typing import Any, Callable, Optional
 
 from . import mrml, package
 from .errors import LgsegError
+from .options import AUTO_MODEL
 from .parameters import SLICE_VIEWS
 from .runner import Reply, ReplyKind, Runner, ThreadRunner
 
 logger = logging.getLogger(__name__)
 
 DEBOUNCE_SECONDS = 0.3
-
 
 
 class LoopEvent(enum.Enum):
@@ -88,6 +96,7 @@ class LoopEvent(enum.Enum):
     ERROR = "error"
     CANCELLED = "cancelled"
     PENDING = "pending"
+    WARNINGS = "warnings"
 
 
 Observer = Callable[[LoopEvent, Any], None]
@@ -103,6 +112,21 @@ class ReportStatus:
     message: str
 
 
+@dataclass(frozen=True)
+class Warnings:
+    """What to show next to the report box, in plain words (never a dialog: it stays until a result has none).
+
+    ``domain``: the image does not look like the images the model was made for ("" when it does, or when unknown);
+    ``report``: where the given report contradicts the image; ``segment_anyway``: a run without a report was held back
+    for that reason (nothing written, no report approximated), so offer "Segment anyway"
+    (:meth:`ReportLoopController.segment_anyway`) beside the report box.
+    """
+
+    domain: str = ""
+    report: tuple[str, ...] = ()
+    segment_anyway: bool = False
+
+
 def report_digest(text: Optional[str]) -> str:
     """A digest to recognise an unedited approximation (whitespace-insensitive)."""
     return hashlib.sha256(" ".join((text or "").split()).encode("utf-8")).hexdigest()
@@ -116,9 +140,11 @@ def default_slice_node(scene: Any, view: str) -> Any:
 class _Run:
     """One run: the job and its request to the runner."""
 
-    def __init__(self, job: Any, kind: str, generation: int, report_text: str, request_id: int):
+    def __init__(self, job: Any, kind: str, generation: int, report_text: str, request_id: int,
+                 anyway: bool = False):
         self.job = job
         self.kind = kind  # "apply" | "live"
+        self.anyway = anyway  # "Segment anyway": written even where the image is outside the model's domain
         self.generation = generation
         self.report_text = report_text  # the box's text when the run started
         self.request_id = request_id
@@ -164,6 +190,10 @@ class ReportLoopController:
         self._models: Optional[dict[str, dict]] = None  # the last model listing, by name
         self.last_run_kind: Optional[str] = None  # "apply" or "live": the kind of the last finished run
         self.progress: tuple[int, int] = (0, 0)
+        # The model "auto" chose, for the input volume it chose it for: live edits and later runs reuse it.
+        self._choice: Optional[tuple[Any, str]] = None
+        # The last finished run's warnings, for the input volume they are about.
+        self._warnings: tuple[Any, Warnings] = (None, Warnings())
 
     # Observers ------------------------------------------------------------------------------------------------
 
@@ -203,7 +233,7 @@ class ReportLoopController:
         """Whether a run can start now, and if not, what the user must do."""
         if self.parameters.inputVolume is None:
             return False, "Select an input volume."
-        if not self.available_models() and not self.parameters.model:
+        if not self.available_models() and self.parameters.model in ("", AUTO_MODEL):
             return False, "Install or import a model first (Model section)."
         return True, ""
 
@@ -212,14 +242,36 @@ class ReportLoopController:
         p = self.parameters
         text = p.report or ""
         if not text.strip():
+            warnings = self.warnings
+            if warnings.domain:
+                anyway = ", or press Segment anyway to segment without one" if warnings.segment_anyway else ""
+                return ReportStatus("empty", text, 0.0, f"No report approximated: {warnings.domain}. Type a report "
+                                                        f"to segment with it{anyway}.")
             return ReportStatus("empty", text, 0.0,
                                 f"No report: {self.run_button} approximates one from the image and shows it here.")
         if self._holds_approximation():
             return ReportStatus(
                 "approximated", text, float(p.reportSimilarity),
-                f"Approximated from the image (similarity {float(p.reportSimilarity):.2f}), not written by a "
-                "person. Accept it, or edit it to segment with your text.")
+                f"Approximated from the image (prototype similarity {float(p.reportSimilarity):.2f}: how close the "
+                "nearest of the model's prototype reports is, not a confidence), not written by a person. Accept "
+                "it, or edit it to segment with your text.")
         return ReportStatus("given", text, 0.0, f"{self.run_button} uses this report as written.")
+
+    @property
+    def warnings(self) -> Warnings:
+        """What to show next to the report box for the current input (see :class:`Warnings`)."""
+        volume, warnings = self._warnings
+        if volume is None or volume is not self.parameters.inputVolume:
+            return Warnings()
+        if warnings.segment_anyway and self.report_to_use() is not None:  # a report typed since: it segments
+            return Warnings(warnings.domain, warnings.report, False)
+        return warnings
+
+    def _set_warnings(self, volume: Any, warnings: Warnings) -> None:
+        before = self.warnings
+        self._warnings = (volume, warnings)
+        if self.warnings != before:
+            self._emit(LoopEvent.WARNINGS, self.warnings)
 
     def _holds_approximation(self) -> bool:
         p = self.parameters
@@ -245,8 +297,11 @@ class ReportLoopController:
         p = self.parameters
         if (p.report or "") == text:
             return
+        offered = self.warnings.segment_anyway
         p.report = text
         self._emit(LoopEvent.REPORT, self.report_status())
+        if self.warnings.segment_anyway != offered:
+            self._emit(LoopEvent.WARNINGS, self.warnings)
         if self.live_enabled():
             self._schedule_live()
 
@@ -326,7 +381,7 @@ class ReportLoopController:
         e.g. "Left/right: patient (image orientation from the volume)", as the next run will report it."""
         p = self.parameters
         sides = p.sides
-        info = self._model_info(p.model)
+        info = self._model_info(self._model_to_run() or "")
         if p.inputVolume is not None and info is not None and info.get("report_sides"):
             try:
                 where = self.current_slice() if p.scope == "slice" else None
@@ -339,10 +394,11 @@ class ReportLoopController:
         return "Left/right: patient's sides" if sides == "patient" else "Left/right: image (as displayed)"
 
     def _model_info(self, model: str) -> Optional[dict]:
-        """The listing of an installed model ("" = the default), or None (e.g. a model folder)."""
+        """The listing of an installed model ("" = the default; "auto" before it has chosen: the default, whose
+        reports name sides), or None (e.g. a model folder)."""
         if self._models is None:
             self.available_models()
-        return (self._models or {}).get(model or self.default_model_name())
+        return (self._models or {}).get(model if model not in ("", AUTO_MODEL) else self.default_model_name())
 
     # Models and device ----------------------------------------------------------------------------------------
 
@@ -355,6 +411,25 @@ class ReportLoopController:
 
     def default_model_name(self) -> str:
         return package.DEFAULT_MODEL
+
+    def model_choice(self) -> Optional[str]:
+        """The model "auto" chose for the current input volume, or None (another model is selected, or none was
+        chosen yet: the next run chooses)."""
+        if self.parameters.model != AUTO_MODEL or self._choice is None:
+            return None
+        volume, name = self._choice
+        return name if volume is self.parameters.inputVolume else None
+
+    def model_title(self, name: str) -> str:
+        """A model's entry in a model selector: "Automatic", "Automatic (qata-cxr)" once chosen, else the name."""
+        if name != AUTO_MODEL:
+            return name
+        chosen = self.model_choice()
+        return f"Automatic ({chosen})" if chosen else "Automatic"
+
+    def _model_to_run(self) -> Optional[str]:
+        """What the runner is asked for: the remembered choice of "auto" for this input, else the selection."""
+        return self.model_choice() or self.parameters.model or None
 
     def user_models_folder(self) -> str:
         return str(package.user_models_folder())
@@ -398,8 +473,15 @@ class ReportLoopController:
             return
         self.run()
 
-    def run(self, kind: str = "apply") -> None:
-        """Snapshot the input and hand it to the runner (see :meth:`poll`).
+    def segment_anyway(self) -> None:
+        """Segment once where a run without a report was held back (:attr:`warnings`' ``segment_anyway``): the mask
+        is written although the image is outside the model's domain; no report is approximated."""
+        if self._run is not None:
+            raise LgsegError("a segmentation is already running; wait for it or cancel it")
+        self.run(anyway=True)
+
+    def run(self, kind: str = "apply", anyway: bool = False) -> None:
+        """Snapshot the input and hand it to the runner (see :meth:`poll`); ``anyway``: see :meth:`segment_anyway`.
 
         Raises LgsegError (the scene unchanged) when the inputs do not allow a run.
         """
@@ -410,7 +492,7 @@ class ReportLoopController:
             raise LgsegError(why)
         p = self.parameters
         job = mrml.SegmentationJob(
-            p.inputVolume, report=self.report_to_use(), model=p.model or None, scope=p.scope,
+            p.inputVolume, report=self.report_to_use(), model=self._model_to_run(), scope=p.scope,
             slice_node=self.slice_node() if p.scope == "slice" else None, threshold=float(p.threshold),
             device=p.device, sides=p.sides)
         if job.slice_index is not None:
@@ -419,10 +501,13 @@ class ReportLoopController:
             self._due = None
         loaded = self._runner.loaded(job.model, job.device)
         request_id = self._runner.submit(job.model, job.device, job.array, job.segment_options())
-        self._run = _Run(job, kind, self._generation, p.report or "", request_id)
+        self._run = _Run(job, kind, self._generation, p.report or "", request_id, anyway)
         self.progress = (0, job.dimensions[job.axis] if job.slice_index is None else 1)
         self._emit(LoopEvent.RUNNING, True)
-        self._emit(LoopEvent.STATUS, "Segmenting..." if loaded else "Loading the model...")
+        if job.model == AUTO_MODEL:
+            self._emit(LoopEvent.STATUS, "Choosing the model made for this image...")
+        else:
+            self._emit(LoopEvent.STATUS, "Segmenting..." if loaded else "Loading the model...")
 
     def cancel(self) -> None:
         """Stop the running run after its current batch; its result is dropped and the scene stays as it was."""
@@ -486,7 +571,10 @@ class ReportLoopController:
         self.fell_back_to_cpu = done and reply.payload.fell_back_to_cpu
         if done:
             run.job.result, run.job.style = reply.payload.result, reply.payload.segment_style
+            run.job.model_used = reply.payload.model
             self._device_name = reply.payload.device
+            if run.job.model == AUTO_MODEL and reply.payload.model:
+                self._choice = (run.job.volume_node, reply.payload.model)
         # A run cancelled after its last batch (the runner finished before it saw the cancel) is dropped too: the user
         # asked for the scene to stay as it was.
         try:
@@ -496,12 +584,33 @@ class ReportLoopController:
                     self._emit(LoopEvent.CANCELLED, None)
                 return
             if not done:
-                self._emit(LoopEvent.STATUS, "Failed; the scene was not changed.")
+                # The engine's errors say what to do in one line (e.g. no installed model fits the image): shown as
+                # they are; anything else is a failure.
+                what = str(reply.payload) if isinstance(reply.payload, LgsegError) else "Failed"
+                self._emit(LoopEvent.STATUS, f"{what}; the scene was not changed.")
                 self._emit(LoopEvent.ERROR, reply.payload)
+                return
+            if self._held_back(run):
                 return
             self._write(run)
         finally:
             self._emit(LoopEvent.RUNNING, False)
+
+    def _held_back(self, run: _Run) -> bool:
+        """A run without a report on an image outside the model's domain writes nothing (its mask and any report
+        approximated from it would be unreliable): the warning is shown instead, with "Segment anyway" offered. An
+        approximation still in the box (of another image or slice) is taken out. True when held back."""
+        result = run.job.result
+        if run.anyway or result.report_source != "prototype" or result.in_domain is not False:
+            return False
+        p = self.parameters
+        self._set_warnings(run.job.volume_node, Warnings(result.domain_warning, (), True))
+        if self._holds_approximation() and (p.report or "") == run.report_text:
+            self._set_report_fields("", "", 0.0, "")
+        else:
+            self._emit(LoopEvent.REPORT, self.report_status())
+        self._emit(LoopEvent.STATUS, f"Nothing was segmented: {result.domain_warning}.")
+        return True
 
     def _write(self, run: _Run) -> None:
         p = self.parameters
@@ -518,7 +627,15 @@ class ReportLoopController:
             self._emit(LoopEvent.ERROR, exc)
             return
         p.outputSegmentation = result.segmentation_node
-        if result.report_source == "prototype":
+        self._set_warnings(run.job.volume_node, Warnings(result.domain_warning, tuple(result.report_warnings)))
+        if result.report_source == "prototype" and not result.report:
+            # Segmented anyway, outside the model's domain: no approximation for the box; one still there (of another
+            # image or slice) is taken out, unless the user typed meanwhile.
+            if self._holds_approximation() and (p.report or "") == run.report_text:
+                self._set_report_fields("", "", 0.0, "")
+            else:
+                self._emit(LoopEvent.REPORT, self.report_status())
+        elif result.report_source == "prototype":
             # Fill the box with the approximation, unless the user typed meanwhile.
             if (p.report or "") == run.report_text:
                 self._set_report_fields(result.report, "prototype", float(result.similarity or 0.0),
@@ -540,7 +657,10 @@ class ReportLoopController:
             where = f"slice {result.slice_index}"
         else:
             where = "the volume"
-        guidance = "your report" if result.report_source == "given" else "the approximated report"
+        if result.report_source == "given":
+            guidance = "your report"
+        else:  # without a report approximated: segmented anyway, outside the model's domain
+            guidance = "the approximated report" if result.report else "the image alone"
         segment = result.segmentation_node.GetSegmentation().GetSegment(result.segment_id).GetName()
         message = (f"Done in {result.seconds:.1f} s on {self.device_name()}, guided by {guidance}: {fraction:.1%} "
                    f"of {where} is in segment '{segment}'.")

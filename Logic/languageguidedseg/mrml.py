@@ -20,7 +20,7 @@ import importlib
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -78,6 +78,14 @@ class NodeSegmentationResult:
     sides: str = "patient"  # the convention of ``report``: "patient", "image" or "none" (the model names no sides)
     orientation: str = ""  # where the image orientation came from, e.g. "from the volume"
     sides_label: str = ""  # both in one line, for display beside the report box
+    # Whether the image is in the model's domain (None: unknown) and, when it is not, the warning in plain words
+    # ("" when in domain or unknown); see languageguidedseg.inference.SegmentationResult.
+    in_domain: Optional[bool] = None
+    domain_score: Optional[float] = None
+    domain_slices: Optional[tuple[int, int]] = None
+    domain_warning: str = ""
+    report_warnings: list[str] = field(default_factory=list)  # where the given report contradicts the image
+    model: str = ""  # the model that ran (the one chosen for the image when the model was "auto")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -466,6 +474,7 @@ class SegmentationJob:
         self.result: Any = None
         # Segment name, colour and tag when the model ran elsewhere (a worker process): see segment_style().
         self.style: Optional[tuple[str, tuple[float, float, float], str]] = None
+        self.model_used = ""  # the model that ran, when it ran elsewhere (a runner that chose it for the image)
 
     def compute(
         self,
@@ -537,6 +546,12 @@ class SegmentationJob:
             sides=self.result.sides,
             orientation=self.result.orientation,
             sides_label=self.result.sides_label,
+            in_domain=self.result.in_domain,
+            domain_score=self.result.domain_score,
+            domain_slices=self.result.domain_slices,
+            domain_warning=self.result.domain_warning,
+            report_warnings=list(self.result.report_warnings),
+            model=self.model_used or (self.segmenter.config.name if self.segmenter is not None else ""),
         )
 
 

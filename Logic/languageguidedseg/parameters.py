@@ -48,7 +48,8 @@ class ReportLoopParameters:
     outputSegmentation: Any = _parameter(
         None, "the segmentation written; None: the first run creates one and stores it here",
         node_classes=("vtkMRMLSegmentationNode",))
-    model: str = _parameter("", 'installed model name or model folder; "": the default model')
+    model: str = _parameter("auto", '"auto": the installed model made for the input (chosen once per input volume); '
+                                    'or an installed model name or model folder; "": the default model')
     scope: str = _parameter("slice", "the slice shown in sliceView, or every slice of the volume",
                             choices=("slice", "volume"))
     sliceView: str = _parameter("Red", "the view whose slice slice mode segments and follows", choices=SLICE_VIEWS)

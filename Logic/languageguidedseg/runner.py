@@ -8,7 +8,8 @@ Two runners keep the contract:
 * :class:`languageguidedseg.worker.ProcessWorker`: a worker process (3D Slicer, whose GUI thread holds Python's GIL
   while it is idle, so that a thread there would only run while the GUI runs Python code).
 
-Both serve a request with :func:`serve_request`, one request at a time: the model from a :class:`ModelCache`, the
+Both serve a request with :func:`serve_request`, one request at a time: the model from a :class:`ModelCache` (the
+model named ``"auto"`` is chosen there for the image with :func:`languageguidedseg.inference.choose_model`), the
 fallback of :func:`with_cpu_fallback` when the GPU runs out of memory, the device named by :func:`device_name`; so
 both send the same replies (:class:`Reply`). Importing this module needs neither PyTorch nor ``slicer``.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional, Protocol, TypeVar
 
 from . import mrml
+from .options import AUTO_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +52,8 @@ class Reply(NamedTuple):
 
 @dataclass(frozen=True)
 class Request:
-    """One segmentation: ``segment_array(array, **options)`` with the model ``model`` ("" or None: the default) on
-    ``device``."""
+    """One segmentation: ``segment_array(array, **options)`` with the model ``model`` ("" or None: the default;
+    ``"auto"``: the installed model made for the image) on ``device``."""
 
     request_id: int
     model: Optional[str]
@@ -68,6 +70,7 @@ class RunResult:
     segment_style: tuple[str, tuple[float, float, float], str]  # segment name, colour and tag of the model
     device: str  # where it ran: "CPU" or "GPU (name)"
     fell_back_to_cpu: bool = False  # the GPU ran out of memory, so it ran on the CPU
+    model: str = ""  # the model that ran: the one chosen for the image when the request named "auto"
 
 
 class Runner(Protocol):
@@ -99,7 +102,10 @@ def model_key(model: Optional[str], device: str) -> tuple[str, str]:
 
 
 class ModelCache:
-    """The loaded model, one at a time (loading takes seconds, a slice milliseconds); usable from any thread.
+    """The loaded models (loading takes seconds, a slice milliseconds); usable from any thread.
+
+    Every model asked for on one device stays loaded (the shipped models are small, and ``"auto"`` judges the image
+    with each installed one): asking for another device lets the others go, and so does a load that fails.
 
     :param load: ``(model, device) -> Segmenter``; default :func:`languageguidedseg.mrml.load_segmenter`.
     """
@@ -107,26 +113,29 @@ class ModelCache:
     def __init__(self, load: Optional[LoadSegmenter] = None):
         self._load = load or mrml.load_segmenter
         self._lock = threading.Lock()
-        self._key: Optional[tuple[str, str]] = None
-        self._segmenter: Any = None
+        self._segmenters: dict[tuple[str, str], Any] = {}
 
     def get(self, model: Optional[str], device: str) -> Any:
-        """The model for ``(model, device)``, loaded now unless it is the one held (which it then replaces)."""
+        """The model for ``(model, device)``, loaded now unless it is held."""
         key = model_key(model, device)
         with self._lock:
-            if self._segmenter is None or self._key != key:
-                self._segmenter = None  # free the old model before loading another
-                self._segmenter = self._load(model or None, device)
-                self._key = key
-            return self._segmenter
+            if key not in self._segmenters:
+                if any(held[1] != device for held in self._segmenters):
+                    self._segmenters = {}  # free the other device's models before loading
+                try:
+                    self._segmenters[key] = self._load(model or None, device)
+                except BaseException:
+                    self._segmenters = {}
+                    raise
+            return self._segmenters[key]
 
     def holds(self, model: Optional[str], device: str) -> bool:
         """Whether :meth:`get` returns at once (read without the lock: a load in progress does not count)."""
-        return self._segmenter is not None and self._key == model_key(model, device)
+        return model_key(model, device) in self._segmenters
 
     def clear(self) -> None:
         with self._lock:
-            self._segmenter = self._key = None
+            self._segmenters = {}
 
 
 def is_gpu_out_of_memory(exc: BaseException) -> bool:
@@ -184,14 +193,31 @@ def serve_request(models: ModelCache, request: Request, send: Callable[[Reply], 
         send(Reply(request.request_id, ReplyKind.CANCELLED, None))
         return
     try:
-        result, segmenter, fell_back = with_cpu_fallback(models, request.model, request.device, segment)
+        model = request.model
+        if model == AUTO_MODEL:
+            model = choose(models, request)
+        result, segmenter, fell_back = with_cpu_fallback(models, model, request.device, segment)
         reply = Reply(request.request_id, ReplyKind.DONE, RunResult(
-            result, mrml.segment_style(segmenter.config), device_name(segmenter.device), fell_back))
+            result, mrml.segment_style(segmenter.config), device_name(segmenter.device), fell_back,
+            model or segmenter.config.name))
     except SegmentationCancelled:
         reply = Reply(request.request_id, ReplyKind.CANCELLED, None)
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the front end, which reports it
         reply = Reply(request.request_id, ReplyKind.FAILED, exc)
     send(reply)
+
+
+def choose(models: ModelCache, request: Request) -> str:
+    """The installed model made for the request's image (``--model auto``), judged with the models of ``models``, which
+    keeps them loaded for the segmentation and the next choice; raises LgsegError listing what the models are for
+    when none fits."""
+    from .inference import choose_model
+
+    options = request.options
+    name, _ = choose_model(request.array, rgb=options.get("rgb", False), axis=options.get("axis", 2),
+                           slice_index=options.get("slice_index"), device=request.device,
+                           load=lambda name: models.get(name, request.device))
+    return name
 
 
 class ThreadRunner:

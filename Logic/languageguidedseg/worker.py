@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Optional
 
 from .errors import LgsegError
+from .options import AUTO_MODEL
 from .runner import ModelCache, Reply, ReplyKind, Request, model_key, serve_request
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ class ProcessWorker:
                 continue
             key = self._keys.pop(reply.request_id)
             if reply.kind is ReplyKind.DONE:
-                self._loaded = (key[0], "cpu") if reply.payload.fell_back_to_cpu else key
+                model = reply.payload.model if key[0] == AUTO_MODEL else key[0]  # "auto": the model it chose
+                self._loaded = (model, "cpu" if reply.payload.fell_back_to_cpu else key[1])
             elif key != self._loaded:  # it may have let the loaded model go before it failed or was cancelled
                 self._loaded = None
         if not replies and self._process.poll() is not None:

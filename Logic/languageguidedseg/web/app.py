@@ -33,10 +33,11 @@ from trame_vuetify.widgets import vuetify3 as v3
 from vtkmodules.vtkCommonCore import vtkCommand, vtkObject
 
 from .. import mrml
-from ..controller import LoopEvent, ReportLoopController, ReportStatus
+from ..controller import LoopEvent, ReportLoopController, ReportStatus, Warnings
 from ..errors import LgsegError
 from ..fileio import full_suffix
 from ..imageio import read_image, spatial_shape, write_mask
+from ..options import AUTO_MODEL
 from ..parameters import ReportLoopParameters
 from ..runner import ThreadRunner
 from .access import add_security_headers, same_origin_middleware, token_middleware
@@ -88,7 +89,9 @@ class WebApp(TrameApp):
             view.render_window().AddObserver(vtkCommand.WindowResizeEvent,
                                              lambda *_, view=view: self._fit_after_resize(view))
 
-        self.parameters = ReportLoopParameters(model=model or "", device=device, scope="slice", sliceView="Red")
+        # No --model: "auto", the installed model made for each image opened.
+        self.parameters = ReportLoopParameters(model=model or AUTO_MODEL, device=device, scope="slice",
+                                               sliceView="Red")
         self._runner = ThreadRunner()  # the event loop's thread idles without holding the GIL: a thread will do
         self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node, runner=self._runner,
                                                run_button="Segment")
@@ -98,6 +101,7 @@ class WebApp(TrameApp):
             LoopEvent.RUNNING: self._show_running, LoopEvent.PROGRESS: self._show_progress,
             LoopEvent.STATUS: self._show_status, LoopEvent.REPORT: self._show_report_status,
             LoopEvent.RESULT: self._show_result, LoopEvent.ERROR: lambda exc: self._show_error(_one_line(exc)),
+            LoopEvent.WARNINGS: self._show_warnings,
         }
         self.controller.add_observer(self._on_controller_event)
 
@@ -119,21 +123,20 @@ class WebApp(TrameApp):
     # State and page -----------------------------------------------------------------------------------------
 
     def _initial_state(self) -> None:
-        models = self.controller.available_models()
         selected = self.parameters.model or self.controller.default_model_name()
         self.state.update({
             "trame__title": "LanguageGuidedSeg",
             "lg_files": [{"title": path.name, "value": index} for index, path in enumerate(self._files)],
             "lg_file": None,
-            "lg_models": [{"title": m["name"], "value": m["name"]} for m in models] + (
-                # A model folder given with --model: offered under its folder name.
-                [{"title": f"{Path(selected).name} (folder)", "value": selected}]
-                if selected not in {m["name"] for m in models} else []),
+            "lg_models": self._model_items(selected),
             "lg_model": selected,
             "lg_model_info": self._model_info(selected),
             "lg_report": "",
             "lg_report_kind": "empty",
             "lg_report_message": self.controller.report_status().message,
+            "lg_domain_warning": "",
+            "lg_report_warnings": [],
+            "lg_segment_anyway": False,
             "lg_live": True,
             "lg_scope": "slice",
             "lg_sides": self.parameters.sides,
@@ -151,11 +154,31 @@ class WebApp(TrameApp):
             "lg_uploading": False,
         })
 
+    def _model_items(self, selected: str) -> list[dict]:
+        """The model selector's entries: "Automatic" (with the model it chose for the image shown), the installed
+        models, and a model folder given with --model under its folder name."""
+        models = self.controller.available_models()
+        items = [{"title": self.controller.model_title(AUTO_MODEL), "value": AUTO_MODEL}]
+        items += [{"title": m["name"], "value": m["name"]} for m in models]
+        if selected not in {item["value"] for item in items}:
+            items.append({"title": f"{Path(selected).name} (folder)", "value": selected})
+        return items
+
     def _model_info(self, name: str) -> str:
+        if name == AUTO_MODEL:
+            chosen = self.controller.model_choice()
+            if chosen is None:
+                return "Chooses the installed model whose training images the image looks like."
+            name = chosen
         info = {m["name"]: m for m in self.controller.available_models()}.get(name)
         if info is None:
             return ""
         return f"{info['task']} · licence: {info['licence'] or 'not stated'}"
+
+    def _show_model_choice(self) -> None:
+        """The selector's "Automatic (name)" and the model's description follow the choice made for the image."""
+        self.state.lg_models = self._model_items(self.state.lg_model)
+        self.state.lg_model_info = self._model_info(self.state.lg_model)
 
     def _build_ui(self) -> None:
         with SinglePageWithDrawerLayout(self.server, width=400) as layout:
@@ -198,6 +221,15 @@ class WebApp(TrameApp):
             html.Div("{{ lg_report_message }}", id="lg-report-status",
                      classes=("lg_report_kind === 'approximated' ? 'text-caption text-warning font-italic' "
                               ": 'text-caption text-medium-emphasis'",))
+            # Beside the report box, not a dialog: it stays until a result has nothing to warn about.
+            with v3.VAlert(v_if="lg_domain_warning || lg_report_warnings.length", id="lg-warnings", type="warning",
+                           variant="tonal", density="compact"):
+                html.Div("{{ lg_domain_warning }}", v_if="lg_domain_warning", id="lg-domain-warning",
+                         classes="text-body-2")
+                html.Div("{{ warning }}", v_for="warning in lg_report_warnings",
+                         classes="text-body-2 lg-report-warning")
+                v3.VBtn("Segment anyway", id="lg-segment-anyway", v_if="lg_segment_anyway", size="small",
+                        variant="outlined", classes="mt-2", click=self._on_segment_anyway, disabled=("lg_busy",))
             with html.Div(classes="d-flex align-center ga-2"):
                 with v3.VBtnToggle(v_model=("lg_sides",), id="lg-sides", mandatory=True, density="compact",
                                    variant="outlined", divided=True, disabled=("lg_busy",)):
@@ -252,8 +284,12 @@ class WebApp(TrameApp):
                 self.state.lg_file = 0  # opens it (see _on_file)
 
     def _load_model(self) -> None:
+        model = self.parameters.model
+        # "auto" judges the image with every installed model: load them all.
+        names = [m["name"] for m in self.controller.available_models()] if model == AUTO_MODEL else [model]
         try:
-            self._runner.models.get(self.parameters.model or None, self.parameters.device)
+            for name in names:
+                self._runner.models.get(name or None, self.parameters.device)
         except Exception:  # noqa: BLE001 - the first run loads it again and reports the error in the page
             logger.debug("model preload failed", exc_info=True)
 
@@ -333,6 +369,8 @@ class WebApp(TrameApp):
         self.controller.clear_report()
         self.controller.watch_slices()
         self._show_sides_label()  # from the new image's geometry
+        self._show_warnings(self.controller.warnings)  # those of the previous image go
+        self._show_model_choice()  # "auto" chooses again for this image
         self.state.update({
             "lg_loaded": True, "lg_is_volume": is_volume, "lg_has_segment": False, "lg_segment": {},
             "lg_error": "", "lg_scope": self.parameters.scope if is_volume else "slice",
@@ -364,7 +402,7 @@ class WebApp(TrameApp):
 
     def _on_model(self, lg_model: str = "", **_: Any) -> None:
         self.controller.select_model(lg_model or "")
-        self.state.lg_model_info = self._model_info(lg_model)
+        self._show_model_choice()
         self._show_sides_label()  # models differ in what left and right mean in their reports
 
     def _on_scope(self, lg_scope: str = "slice", **_: Any) -> None:
@@ -396,6 +434,13 @@ class WebApp(TrameApp):
         try:
             # A running live run is dropped and this run follows it; a live run that is only scheduled is replaced.
             self.controller.apply()
+        except LgsegError as exc:
+            self._show_error(str(exc))
+
+    def _on_segment_anyway(self) -> None:
+        """The "Segment anyway" button: the mask of an image outside the model's domain, without a report."""
+        try:
+            self.controller.segment_anyway()
         except LgsegError as exc:
             self._show_error(str(exc))
 
@@ -433,6 +478,12 @@ class WebApp(TrameApp):
     def _show_result(self, result: Any) -> None:
         self._show_segment(result)
         self._show_sides_label()
+        self._show_model_choice()
+
+    def _show_warnings(self, warnings: Warnings) -> None:
+        self.state.lg_domain_warning = warnings.domain
+        self.state.lg_report_warnings = list(warnings.report)
+        self.state.lg_segment_anyway = warnings.segment_anyway
 
     def _show_error(self, message: str) -> None:
         self.state.lg_error = message

@@ -25,7 +25,7 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="open images in a web page and segment them there (needs the [web] extra)")
     serve.add_argument("paths", nargs="*", metavar="IMAGE_OR_FOLDER",
                        help="images to offer in the page: 2D images, NIfTI/NRRD/MHA volumes, DICOM folders")
-    add_model_option(serve)
+    add_model_option(serve, auto=True)
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1; any other address requires an access token)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
@@ -52,9 +52,11 @@ def serve_command(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise LgsegError(f"the web page needs the web extra ({exc.name} is missing): "
                          "pip install \"languageguidedseg[web]\"") from exc
+    from ..options import AUTO_MODEL
     from ..package import find_model
 
-    find_model(args.model)  # an unknown model is an error now, not later in the page
+    if args.model != AUTO_MODEL:
+        find_model(args.model)  # an unknown model is an error now, not later in the page
 
     with _server_environment():
         return _run_server(args, paths, token, max_upload)
