@@ -18,14 +18,20 @@ PROTECTED_PACKAGES = ("torch", "numpy", "SimpleITK", "vtk", "PyQt5", "PyQt6", "P
 # Run in a fresh interpreter of Slicer's Python: every runtime requirement and everything it needs is installed at an
 # allowed version (importlib.metadata), and what a run imports imports. Prints the problems as a JSON list.
 READINESS_SCRIPT = r"""
-import importlib, json, sys
+import importlib, importlib.util, json, os, sys
 from importlib import metadata
 try:
     from packaging.requirements import Requirement
 except ImportError:
     from pip._vendor.packaging.requirements import Requirement
 engineFolder, requirementTexts, modules = json.loads(sys.argv[1])
-sys.path.insert(0, engineFolder)
+# The engine package alone, not its folder on sys.path: that folder can be a site-packages holding other packages
+# (an installed engine), which would make missing ones look installed.
+engine = os.path.join(engineFolder, "languageguidedseg")
+spec = importlib.util.spec_from_file_location("languageguidedseg", os.path.join(engine, "__init__.py"),
+                                              submodule_search_locations=[engine])
+sys.modules["languageguidedseg"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["languageguidedseg"])
 problems, seen, pending = [], set(), list(requirementTexts)
 while pending:
     requirement = Requirement(pending.pop(0))
