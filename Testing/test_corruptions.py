@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from languageguidedseg.cli import main
-from languageguidedseg.corruptions import CORRUPTIONS, Corruption, corrupt_image, parse_corruptions
+from languageguidedseg.corruptions import CORRUPTIONS, GEOMETRIC, Corruption, corrupt_pair, parse_corruptions
 from languageguidedseg.data import load_pair, load_split
 from languageguidedseg.errors import LgsegError
 
@@ -34,15 +34,24 @@ def test_parse_corruptions_reads_a_spec_in_order_and_rejects_bad_ones():
             parse_corruptions(spec)
 
 
+def corrupt_image(image: np.ndarray, corruptions: list[Corruption]) -> np.ndarray:
+    """The corrupted image alone (the appearance corruptions leave the mask as it is)."""
+    return corrupt_pair(image, None, corruptions)[0]
+
+
 def _mean(image: np.ndarray) -> np.ndarray:
     return image.reshape(-1, 3).astype(float).mean(axis=0)
 
 
 def test_each_corruption_changes_the_frame_as_named_and_deterministically(frame):
     for name, (_, _, severity) in CORRUPTIONS.items():
+        if name in GEOMETRIC:
+            continue
         corrupted = corrupt_image(frame, [Corruption(name, severity)])
         assert corrupted.shape == frame.shape and corrupted.dtype == np.uint8
-        assert np.abs(corrupted.astype(int) - frame).mean() > 1.0, name  # visibly changed
+        # Visibly changed (text, highlights and the round mask cover a small part of the frame).
+        least = 0.4 if name in ("overlay", "specular", "fov") else 1.0
+        assert np.abs(corrupted.astype(int) - frame).mean() > least, name
         assert np.array_equal(corrupted, corrupt_image(frame, [Corruption(name, severity)])), name
     # Neutral severities leave the frame as it was (up to rounding).
     for neutral in ("hue:0", "saturation:1", "colour:0", "gamma:1", "blur:0"):
@@ -59,6 +68,48 @@ def test_each_corruption_changes_the_frame_as_named_and_deterministically(frame)
     assert np.median(darker) < np.median(frame)
     blurred = corrupt_image(frame, parse_corruptions("blur:2")).astype(float)
     assert np.abs(np.diff(blurred, axis=1)).mean() < 0.7 * np.abs(np.diff(frame.astype(float), axis=1)).mean()
+
+
+def test_the_frames_geometry_changes_the_mask_with_it(kvasir):
+    image, mask = load_pair(load_split(kvasir, "val")[0])
+    height, width = mask.shape
+    bordered, bordered_mask = corrupt_pair(image, mask, parse_corruptions("border:0.25"))
+    pad = round(0.25 * width)
+    assert bordered.shape == (height, width + 2 * pad, 3)
+    assert not bordered[:, :pad].any() and not bordered[:, -pad:].any()
+    assert np.array_equal(bordered_mask[:, pad:-pad], mask) and not bordered_mask[:, :pad].any()
+    assert np.array_equal(bordered[:, pad:-pad], image)
+    for spec, shape in (("resize:0.5", (round(height / 2), round(width / 2))), ("resize:2", (2 * height, 2 * width)),
+                        ("aspect:1.33", (height, round(width * 1.33)))):
+        moved_image, moved_mask = corrupt_pair(image, mask, parse_corruptions(spec))
+        assert moved_image.shape[:2] == moved_mask.shape == shape and moved_mask.dtype == mask.dtype, spec
+        # The lesion keeps its place and its share of the frame.
+        assert abs(moved_mask.mean() - mask.mean()) < 0.01, spec
+        rows, columns = np.nonzero(moved_mask)
+        centre = np.array([rows.mean() / shape[0], columns.mean() / shape[1]])
+        rows, columns = np.nonzero(mask)
+        assert np.abs(centre - [rows.mean() / height, columns.mean() / width]).max() < 0.01, spec
+    # The others leave the mask, and the geometry, as they were.
+    for spec in ("overlay:6", "specular:30", "fov:0.7"):
+        corrupted, same = corrupt_pair(image, mask, parse_corruptions(spec))
+        assert corrupted.shape == image.shape and same is not None and np.array_equal(same, mask), spec
+
+
+def test_overlay_highlights_and_field_of_view_do_what_they_say(frame):
+    height, width = frame.shape[:2]
+    text = corrupt_image(frame, parse_corruptions("overlay:2")).astype(int)
+    changed = np.abs(text - frame).sum(axis=2) > 30
+    rows = np.flatnonzero(changed.any(axis=1))
+    assert changed[:, width // 2:].sum() < changed[:, :width // 2].sum()  # text on the left
+    assert rows.min() < height / 8 and rows.max() > height * 7 / 8  # in the top and the bottom corner
+    assert changed.mean() < 0.05
+    lit = corrupt_image(frame, parse_corruptions("specular:30")).astype(int)
+    assert (lit >= frame).all() and ((lit - frame).min(axis=2) > 60).sum() > 30  # white spots, nothing darker
+    assert np.array_equal(corrupt_image(frame, parse_corruptions("specular:0")), frame)
+    round_view = corrupt_image(frame, parse_corruptions("fov:0.5"))
+    assert not round_view[0, 0].any() and not round_view[-1, -1].any()  # corners black
+    assert np.array_equal(round_view[height // 2, width // 2], frame[height // 2, width // 2])
+    assert np.array_equal(corrupt_image(frame, parse_corruptions("fov:1")), frame)
 
 
 def test_blur_is_measured_in_network_input_pixels_whatever_the_image_size(frame):

@@ -15,7 +15,14 @@ from languageguidedseg.laterality import (
     report_laterality,
     side_presence,
 )
-from languageguidedseg.probes import LEFT_REPORT, RIGHT_REPORT, laterality_probe, steering_probe
+from languageguidedseg.probes import (
+    LEFT_REPORT,
+    RIGHT_REPORT,
+    laterality_probe,
+    steering_probe,
+    whole_sides,
+    zone_steering_probe,
+)
 from training.edits import kvasir_edits, qata_edits, report_edits
 
 
@@ -90,23 +97,49 @@ def test_qata_edit_names_one_side_and_keeps_its_half_of_the_mask():
     all_left = qata_edits("bilateral pulmonary infection, two infected areas, all left lung and lower right lung.",
                           mask)[0]
     assert all_left.report == "unilateral pulmonary infection, one infected area, all left lung."
-    # A unilateral case, a case without a report and other schemes have no edits.
+    # A unilateral case that names part of a side, a case without a report and other schemes have no edits.
     assert qata_edits(left.report, mask) == []
     assert report_edits(None, mask, "qata") == [] and report_edits(report, mask, None) == []
 
 
+def test_a_whole_side_trains_on_each_zone_with_the_target_cut_to_that_third():
+    mask = np.zeros((224, 224), dtype=bool)
+    mask[40:160, 20:90] = True  # all of the left lung: rows 40-159, thirds 40-79, 80-119, 120-159
+    mask[120:160, 130:200] = True  # lower right
+    report = "bilateral pulmonary infection, two infected areas, all left lung and lower right lung."
+    edits = {edit.report: edit.mask for edit in qata_edits(report, mask)}
+    zone = "unilateral pulmonary infection, one infected area, {} left lung."
+    assert set(edits) == {zone.format("all"), "unilateral pulmonary infection, one infected area, lower right lung.",
+                          *(zone.format(z) for z in ("upper", "middle", "lower", "upper middle", "middle lower"))}
+    rows = {name: np.flatnonzero(edits[zone.format(name)].any(axis=1)) for name in ("upper", "middle", "lower")}
+    assert (rows["upper"][[0, -1]].tolist(), rows["middle"][[0, -1]].tolist(), rows["lower"][[0, -1]].tolist()) == \
+        ([40, 79], [80, 119], [120, 159])
+    for name, target in edits.items():
+        if "left" in name:
+            assert left_share(target) == 1.0  # a zone edit of the left side keeps to the left half
+    upper, middle = edits[zone.format("upper")], edits[zone.format("middle")]
+    assert np.array_equal(edits[zone.format("upper middle")], upper | middle)
+    # A unilateral case that names the whole side has the zone edits alone.
+    left_only = mask & (np.arange(224) < 112)
+    unilateral = qata_edits("unilateral pulmonary infection, one infected area, all left lung.", left_only)
+    assert [e.report for e in unilateral] == [zone.format(z) for z in ("upper", "middle", "lower", "upper middle",
+                                                                        "middle lower")]
+
+
 def test_qata_edits_on_real_training_cases(qata):
     samples = [s for s in load_split(qata, "train", validate=False)[:60] if report_laterality(s.report)]
-    with_edits = 0
+    with_edits = zone_edits = 0
     for sample in samples:
         _, mask = load_pair(sample)
         edits = report_edits(sample.report, mask, "qata")
         with_edits += bool(edits)
-        assert bool(edits) == (report_laterality(sample.report) == "bilateral" and mask.any())
+        expected = report_laterality(sample.report) == "bilateral" or bool(whole_sides(sample.report))
+        assert bool(edits) == (expected and mask.any())
         for edit in edits:
-            assert edit.mask.shape == mask.shape and not (edit.mask & ~mask).any()
+            assert edit.mask.shape == mask.shape and edit.mask.any() and not (edit.mask & ~mask).any()
             assert left_share(edit.mask) == {"left": 1.0, "right": 0.0}[report_laterality(edit.report)]
-    assert with_edits > 20
+            zone_edits += "all" not in edit.report and edit.report not in sample.report
+    assert with_edits > 20 and zone_edits > 20
 
 
 def test_kvasir_edit_describes_one_polyp():
@@ -156,6 +189,36 @@ def test_steering_probe_is_one_when_the_mask_follows_the_text_and_zero_when_it_i
     assert followed.n == ignored.n == sum(report_laterality(s.report) == "bilateral" for s in samples) > 0
     assert followed.steering == 1.0 and ignored.steering == 0.0
     assert report_laterality(LEFT_REPORT) == "left" and report_laterality(RIGHT_REPORT) == "right"
+
+
+def _zone_predict(follow_text: bool):
+    """A predictor whose mask covers the image's top half for an "upper" report and the bottom half for a "lower"
+    one (or, ignoring the text, the whole image)."""
+    def predict(images, reports):
+        out = np.zeros(images.shape[:3], dtype=np.float32)
+        middle = images.shape[1] // 2
+        for i, report in enumerate(reports):
+            if not follow_text or "upper" in report:
+                out[i, :middle] = 1
+            if not follow_text or "lower" in report:
+                out[i, middle:] = 1
+        return out
+    return predict
+
+
+def test_zone_steering_probe_is_one_when_the_mask_follows_the_zone_and_zero_when_it_ignores_it(qata):
+    samples = load_split(qata, "val", validate=False)[:40]
+    followed = zone_steering_probe(_zone_predict(True), samples, batch_size=8)
+    ignored = zone_steering_probe(_zone_predict(False), samples, batch_size=8)
+    assert followed.n == ignored.n == sum(len(whole_sides(s.report)) for s in samples) > 0
+    assert ignored.zone_steering == 0.0
+    # The lesions' mid-heights lie near the image's: an upper-half mask lies mostly above them.
+    assert followed.zone_steering > 0.6
+    assert followed.to_dict() == {"zone_steering": round(followed.zone_steering, 4), "zone_steering_n": followed.n}
+    assert whole_sides("bilateral pulmonary infection, two infected areas, all left lung and lower right lung.") == \
+        ["left"]
+    assert whole_sides("unilateral pulmonary infection, one infected area, upper middle lower right lung.") == \
+        ["right"]
 
 
 def test_laterality_probe_is_balanced_accuracy(qata):

@@ -97,9 +97,16 @@ def _domain_summary(result: Any) -> dict[str, Any]:
 
 
 def _segment(args: argparse.Namespace) -> int:
+    from .batch import is_batch_input
     from .fileio import check_writable
     from .imageio import check_mask_path, image_array, image_geometry, is_rgb, read_image, spatial_shape, write_mask
 
+    if is_batch_input(args.image):
+        return _segment_batch(args)
+    batch_only = [f"--{name.replace('_', '-')}" for name in ("format", "workers", "cluster", "save_reports")
+                  if getattr(args, name) not in (None, False)]
+    if batch_only:
+        raise LgsegError(f"{batch_only[0]} is for a folder or manifest input, not a single image")
     # Everything that can be checked cheaply is checked before the model is loaded and the image segmented.
     report = _read_report(args)
     if args.axis is not None and args.slice is None:
@@ -151,6 +158,55 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _segment_batch(args: argparse.Namespace) -> int:
+    """``lgseg segment FOLDER|MANIFEST --output FOLDER``: see languageguidedseg.batch and docs/batch.md."""
+    from . import batch
+
+    for given, flag in ((args.report is not None or args.report_file is not None, "--report"),
+                        (args.slice is not None or args.axis is not None, "--slice")):
+        if given:
+            raise LgsegError(f"{flag} is for a single image; a manifest gives each image its report (column "
+                             "'report'), and a folder or manifest input segments whole images")
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise LgsegError(f"threshold must lie between 0 and 1, not {args.threshold}", option="threshold")
+    workers = args.workers or batch.default_workers()
+    if args.model != AUTO_MODEL:
+        from .package import find_model
+
+        find_model(args.model)  # a wrong name fails now, not once per input
+    settings = batch.BatchSettings(
+        source=str(Path(args.image).resolve()), output_dir=str(Path(args.output).resolve()),
+        model=batch.absolute_model(args.model), device=args.device, threshold=args.threshold, sides=args.sides,
+        format=args.format, save_reports=args.save_reports)
+    items = batch.collect_inputs(args.image, args.output, args.format)
+    batch.prepare_output(settings)
+    if args.cluster:
+        from .cluster import DaskEngine
+
+        def start() -> Any:
+            return DaskEngine(args.cluster, settings, workers)
+    else:
+        def start() -> Any:
+            return batch.LocalPool(settings, workers)
+    progress = batch.ProgressBar(enabled=not args.quiet)
+    try:
+        summary = batch.run_batch(settings, items, start, progress)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(f"{summary.done} segmented, {summary.skipped} done before, {summary.failed} failed of "
+              f"{summary.inputs} inputs in {summary.seconds:.1f} s; masks in {args.output}, rows in {summary.results}")
+    if summary.interrupted:
+        print("error: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    if summary.failed:
+        print(f"error: {summary.failed} input(s) failed; see the error column of {summary.results}", file=sys.stderr)
+        return 3
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from .package import installed_models_folder, list_models, user_models_folder
 
@@ -193,7 +249,7 @@ def _approximate(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
 
-    from .corruptions import corrupt_image, parse_corruptions
+    from .corruptions import corrupt_pair, parse_corruptions
     from .data import dataset_report_sides, load_pair, load_split
 
     if args.limit is not None and args.limit < 1:
@@ -228,7 +284,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     def load(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
         image, mask = load_pair(sample)
-        return corrupt_image(image, corruptions, segmenter.preprocess.size), mask
+        corrupted, moved = corrupt_pair(image, mask, corruptions, segmenter.preprocess.size)
+        return corrupted, moved if moved is not None else mask
 
     try:
         evaluation = evaluate(segmenter, samples, args.reports, sides=data_sides, progress=progress,
@@ -276,6 +333,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         if "steering" in probes:
             print(f"steering {probes['steering']:.4f} on {probes['steering_n']} bilateral images (1 = a left / right "
                   f"report puts the whole mask on that side, 0 = the report is ignored)")
+        if "zone_steering" in probes:
+            print(f"zone steering {probes['zone_steering']:.4f} on {probes['zone_steering_n']} whole-side lesions "
+                  "(1 = an upper / lower report puts the whole mask above / below the lesion's mid-height, 0 = the "
+                  "zone is ignored)")
         if "laterality_balanced_accuracy" in probes:
             recall = ", ".join(f"{k} {v:.2f}" for k, v in probes["laterality_recall"].items())
             print(f"approximated report laterality: balanced accuracy {probes['laterality_balanced_accuracy']:.4f} "
@@ -289,18 +350,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _probes(segmenter: Segmenter, samples: Sequence[Sample], args: argparse.Namespace) -> dict:
     """The steering and laterality probes and the report check (data sets whose reports name the image's sides)."""
-    from .probes import laterality_probe, report_check_probe, steering_probe
+    from .probes import laterality_probe, report_check_probe, steering_probe, zone_steering_probe
     from .sides import RADIOLOGICAL_DISPLAY, translate_report
 
     figures = {}
-    progress = _Progress("steering probe", enabled=not args.quiet, unit="image")
-    try:
-        steering = steering_probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], samples,
-                                  segmenter.config.card.threshold, segmenter.batch_size, progress=progress)
-    finally:
-        progress.close()
-    if steering.n:
-        figures.update(steering.to_dict())
+    for name, probe in (("steering probe", steering_probe), ("zone steering probe", zone_steering_probe)):
+        progress = _Progress(name, enabled=not args.quiet, unit="image")
+        try:
+            result = probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], samples,
+                           segmenter.config.card.threshold, segmenter.batch_size, progress=progress)
+        finally:
+            progress.close()
+        if result.n:
+            figures.update(result.to_dict())
     progress = _Progress("laterality probe", enabled=not args.quiet, unit="image")
     try:
         laterality = laterality_probe(segmenter.approximated_reports, samples, segmenter.batch_size,
@@ -352,14 +414,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(seg, auto=True)
     for add in (add_device_option, add_json_option, add_quiet_option):
         add(seg)
-    seg.add_argument("image", help="2D image (PNG, JPEG, BMP, TIFF) or volume (NIfTI, NRRD, MHA, DICOM folder)")
+    seg.add_argument("image", help="2D image (PNG, JPEG, BMP, TIFF) or volume (NIfTI, NRRD, MHA, DICOM folder); "
+                                   "or, for a batch, a folder of them or a manifest (.csv, .jsonl)")
     seg.add_argument("--report", help="the report text; leave out to use the prototype approximation")
     seg.add_argument("--report-file", help="read the report from a UTF-8 text file")
     seg.add_argument("--slice", type=int, help="segment only slice K of a volume")
     seg.add_argument("--axis", type=int, choices=(0, 1, 2), help="slicing axis in IJK order (default 2)")
     seg.add_argument("--threshold", type=float, help="probability threshold (default: the model's)")
-    seg.add_argument("--output", "-o", required=True, help="mask file: .png, .nii.gz, .nrrd, .mha or .seg.nrrd")
+    seg.add_argument("--output", "-o", required=True, help="mask file: .png, .nii.gz, .nrrd, .mha or .seg.nrrd; "
+                                                           "for a batch, the output folder")
     add_sides_option(seg)
+    batch = seg.add_argument_group("batch (a folder or manifest input; see docs/batch.md)")
+    from .batch import FORMATS  # no torch
+
+    batch.add_argument("--format", choices=FORMATS,
+                       help="mask format (default: png for 2D images, nii.gz for volumes)")
+    batch.add_argument("--workers", type=at_least(1),
+                       help="worker processes, each loading the model once (default: one per core, at most 8)")
+    batch.add_argument("--cluster", metavar="local|ADDRESS",
+                       help="run on a Dask cluster: 'local' starts one here, else a scheduler's address "
+                            "(needs pip install 'languageguidedseg[cluster]')")
+    batch.add_argument("--save-reports", action="store_true",
+                       help="also write each report used into results.csv (off: reports may identify a patient)")
     seg.set_defaults(func=_segment)
 
     models = sub.add_parser("models", help="list installed model packages")

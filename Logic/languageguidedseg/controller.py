@@ -51,6 +51,7 @@ What a front end calls (all from its GUI thread):
 
 * ``set_report(text)`` on every edit of the report box (stores it only when it differs; live: schedules a run),
   ``clear_report()``, ``report_status()`` (what the box holds), ``sides_label()`` (the line beside the box);
+* ``settings_changed()`` when the sides convention or the model changed (live: schedules a run, as an edit does);
 * ``apply()`` (the run button: run, or after a running live run, or cancel a running Apply: label the button by
   ``apply_cancels``), ``segment_anyway()`` (offered by ``warnings.segment_anyway``), ``run()``, ``cancel()``,
   ``can_run()``,
@@ -374,6 +375,12 @@ class ReportLoopController:
             return
         self._last_slice = where
         if self.live_enabled() and self.report_to_use() is None and self.last_result is not None:
+            self._schedule_live()
+
+    def settings_changed(self) -> None:
+        """A setting that changes the result (the sides convention, the model) changed: with live refine on and a
+        result shown, segment again after the same pause as an edit of the report."""
+        if self.live_enabled() and self.last_result is not None:
             self._schedule_live()
 
     def sides_label(self) -> str:

@@ -1,10 +1,12 @@
 """Image corruptions that another camera or clinic brings: colour (hue, saturation, colour balance), contrast
-(gamma), blur and JPEG compression.
+(gamma), blur and JPEG compression; the frame's geometry (black letterbox borders, resolution, aspect ratio);
+what the video system draws on it (on-screen text, the field-of-view mask) and specular highlights.
 
 One implementation serves both sides: ``lgseg evaluate --corrupt`` applies them at fixed severities to measure how a
-model carries to other sources, and the training's appearance augmentation (``Training/training/augment.py``) draws
-them at random. The operations work on float RGB images ``[3, H, W]`` in [0, 1]; MONAI's transforms do the blur
-and the gamma, PIL the JPEG round trip (MONAI has no hue, saturation or JPEG transform).
+model carries to other sources, and the training's augmentation (``Training/training/augment.py``) draws them at
+random. The operations work on float RGB images ``[3, H, W]`` in [0, 1]; MONAI's transforms do the blur
+and the gamma, PIL the JPEG round trip and the text (MONAI has no hue, saturation, JPEG or text transform). The
+geometric ones (``border``, ``resize``, ``aspect``) change the ground-truth mask with the image; the others leave it.
 
 A linear change of brightness or contrast is not among them: the preprocessing's percentile scaling undoes it.
 """
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -96,6 +99,85 @@ class Corruption:
         return f"{self.name}:{self.severity:g}"
 
 
+def add_borders(image: torch.Tensor, share: float) -> torch.Tensor:
+    """Black bars of ``share`` of the width added on the left and on the right (a letterboxed video frame)."""
+    import torch
+
+    pad = int(round(share * image.shape[-1]))
+    return torch.nn.functional.pad(image, (pad, pad))
+
+
+def resample(image: torch.Tensor, height: int, width: int, mask: bool = False) -> torch.Tensor:
+    """``image`` ``[C, H, W]`` on a ``height`` x ``width`` grid: bilinear with antialiasing (a camera of another
+    resolution), nearest for a mask."""
+    import torch
+
+    batch = image[None].float()
+    if mask:
+        return torch.nn.functional.interpolate(batch, size=(height, width), mode="nearest")[0].to(image.dtype)
+    return torch.nn.functional.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False,
+                                           antialias=True)[0].clamp(0.0, 1.0)
+
+
+# What a video processor writes over the frame: examination data in the corners, as the common systems do.
+_OVERLAY_TEXT = ("CV-190  GIF-HQ190", "Ex 2026-12-06  10:42:17", "ID 0000000000", "Eh: A5  Cr: N", "NBI  AE: A3",
+                 "Zoom x1.5  Fr: 25", "D.F.  Iris: Peak", "Comment:")
+
+
+def draw_overlay(image: torch.Tensor, lines: int) -> torch.Tensor:
+    """``lines`` lines of white on-screen text, alternately in the top-left and bottom-left corners, with a text
+    height of 1/28 of the frame's."""
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = image.shape[1:]
+    pixels = (image.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    frame = Image.fromarray(np.ascontiguousarray(pixels))
+    draw = ImageDraw.Draw(frame)
+    size = max(6, height // 28)
+    font = ImageFont.load_default(size=size)
+    for line in range(lines):
+        row = line // 2
+        y = size // 2 + row * int(size * 1.3) if line % 2 == 0 else height - (row + 1) * int(size * 1.3) - size // 2
+        draw.text((max(2, width // 60), y), _OVERLAY_TEXT[line % len(_OVERLAY_TEXT)], fill=(255, 255, 255),
+                  font=font)
+    return torch.from_numpy(np.asarray(frame).copy()).permute(2, 0, 1).to(image.dtype) / 255.0
+
+
+def add_highlights(image: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` specular highlights: saturated white spots with soft edges, of 0.4-1.5% of the shorter side in
+    radius, at places drawn from ``seed``."""
+    import torch
+
+    height, width = image.shape[1:]
+    rng = np.random.default_rng(seed)
+    light = torch.zeros(height, width, dtype=image.dtype)
+    for _ in range(count):
+        y, x = rng.uniform(0, height), rng.uniform(0, width)
+        radius = rng.uniform(0.004, 0.015) * min(height, width)
+        stretch = rng.uniform(1.0, 2.5)  # highlights on a curved wall are elongated
+        # Only the spot's neighbourhood: beyond twice its radius the light is below 1e-7.
+        top, bottom = max(0, int(y - 2 * radius)), min(height, int(y + 2 * radius) + 1)
+        left, right = max(0, int(x - 2 * radius * stretch)), min(width, int(x + 2 * radius * stretch) + 1)
+        rows = torch.arange(top, bottom, dtype=image.dtype)[:, None]
+        columns = torch.arange(left, right, dtype=image.dtype)[None, :]
+        distance = ((rows - y) / radius) ** 2 + ((columns - x) / (radius * stretch)) ** 2
+        light[top:bottom, left:right] = torch.maximum(light[top:bottom, left:right], torch.exp(-(distance ** 2)))
+    return image + (1.0 - image) * light[None]
+
+
+def mask_field_of_view(image: torch.Tensor, radius: float) -> torch.Tensor:
+    """Black outside a centred circle of ``radius`` times the half-diagonal (1 = nothing masked; an endoscope's
+    round field of view)."""
+    import torch
+
+    height, width = image.shape[1:]
+    rows = torch.arange(height, dtype=image.dtype)[:, None] + 0.5 - height / 2
+    columns = torch.arange(width, dtype=image.dtype)[None, :] + 0.5 - width / 2
+    inside = rows ** 2 + columns ** 2 <= (radius * math.hypot(height, width) / 2) ** 2
+    return image * inside[None]
+
+
 # name: (meaning of the severity, its valid range, the severity of the documented measurement)
 CORRUPTIONS = {
     "hue": ("hue turned by this many degrees", (-180.0, 180.0), 15.0),
@@ -104,7 +186,16 @@ CORRUPTIONS = {
     "gamma": ("contrast: intensities to the power G within the image's range", (0.1, 10.0), 1.5),
     "blur": ("Gaussian blur, sigma in pixels of the network's input (scaled to the image's size)", (0.0, 20.0), 2.0),
     "jpeg": ("JPEG compression at this quality (1-95)", (1.0, 95.0), 15.0),
+    "border": ("black bars of this share of the width added left and right (letterbox)", (0.0, 1.0), 0.25),
+    "resize": ("the frame scaled by this factor (another resolution)", (0.1, 4.0), 0.5),
+    "aspect": ("the frame's width scaled by this factor, the height kept (another aspect ratio)", (0.25, 4.0), 1.33),
+    "overlay": ("this many lines of on-screen text in the corners", (0.0, 16.0), 6.0),
+    "specular": ("this many added specular highlights", (0.0, 200.0), 30.0),
+    "fov": ("black outside a circle of this radius (1 = the half-diagonal; the field-of-view mask)", (0.3, 1.0),
+            0.7),
 }
+# The corruptions that change the frame's grid, and so the mask with it.
+GEOMETRIC = ("border", "resize", "aspect")
 
 
 def parse_corruptions(spec: str) -> list[Corruption]:
@@ -129,17 +220,21 @@ def parse_corruptions(spec: str) -> list[Corruption]:
     return corruptions
 
 
-def corrupt_image(image: np.ndarray, corruptions: Sequence[Corruption], input_size: int = 224) -> np.ndarray:
+def corrupt_pair(image: np.ndarray, mask: Optional[np.ndarray], corruptions: Sequence[Corruption],
+                 input_size: int = 224) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """An 8-bit image (``[H, W]`` or ``[H, W, 3]``, uint8) with the corruptions applied in order, as uint8 RGB
-    (a grey image becomes RGB). ``input_size`` is the network's input size, the unit of the blur's sigma."""
+    (a grey image becomes RGB), and its ``mask`` on the corrupted frame's grid (None stays None). ``input_size``
+    is the network's input size, the unit of the blur's sigma. Deterministic: the highlights' places are drawn
+    from the image's bytes."""
     import torch
 
     if image.dtype != np.uint8:
         raise LgsegError(f"corruptions apply to 8-bit images (colonoscopy frames, photographs), not {image.dtype}")
     pixels = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
     x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255.0
-    height, width = x.shape[1:]
+    target = None if mask is None else torch.from_numpy(np.ascontiguousarray(mask))[None]
     for c in corruptions:
+        height, width = x.shape[1:]
         if c.name == "hue":
             x = rotate_hue(x, c.severity)
         elif c.name == "saturation":
@@ -153,4 +248,19 @@ def corrupt_image(image: np.ndarray, corruptions: Sequence[Corruption], input_si
                 x = gaussian_blur(x, (c.severity * height / input_size, c.severity * width / input_size))
         elif c.name == "jpeg":
             x = jpeg_roundtrip(x, int(round(c.severity)))
-    return (x.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+        elif c.name == "border":
+            x = add_borders(x, c.severity)
+            target = None if target is None else add_borders(target, c.severity)
+        elif c.name in ("resize", "aspect"):
+            size = (max(1, round(height * c.severity)) if c.name == "resize" else height,
+                    max(1, round(width * c.severity)))
+            x = resample(x, *size)
+            target = None if target is None else resample(target, *size, mask=True)
+        elif c.name == "overlay":
+            x = draw_overlay(x, int(round(c.severity)))
+        elif c.name == "specular":
+            x = add_highlights(x, int(round(c.severity)), zlib.crc32(pixels.tobytes()))
+        elif c.name == "fov":
+            x = mask_field_of_view(x, c.severity)
+    corrupted = (x.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return corrupted, None if target is None else target[0].numpy()

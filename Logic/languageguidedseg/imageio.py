@@ -11,6 +11,7 @@ import re
 import struct
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -28,17 +29,74 @@ MASK_SUFFIXES = (".png", ".nii", ".nii.gz", ".nrrd", ".mha", ".seg.nrrd")
 _VOLUME_SUFFIXES = ".nii.gz, .nrrd, .mha or .seg.nrrd"
 
 
-def read_image(path: PathLike) -> sitk.Image:
+def read_image(path: PathLike, *, max_voxels: Optional[int] = None, confined: bool = False) -> sitk.Image:
     """Read a 2D image, a 3D volume, or the first DICOM series of a folder, keeping its geometry.
 
     RGB(A) images come back as 3-component vector images (alpha is dropped); grayscale images stay scalar.
     Raises LgsegError with a one-line message for anything that cannot be used.
+
+    ``max_voxels``: refuse, from the header and before any voxel is read, an image of more voxels, or one whose
+    voxels would need more memory than that many float32 voxels. ``confined`` (a file someone else sent, e.g. an
+    upload): only the formats of :data:`CONFINED_FORMATS`, found from the file's first bytes and read by that
+    format's reader alone, and a header may name data files only beside it, in its own folder.
     """
     source = Path(path)
     if not source.exists():
         raise LgsegError(f"input '{source}' does not exist; check the path")
-    image = _read_dicom_series(source) if source.is_dir() else _read_file(source)
-    return _checked(image, source)
+    if source.is_dir():
+        return _checked(_read_dicom_series(source, max_voxels), source)
+    image_io = _confined_format(source) if confined else ""
+    if max_voxels is not None:
+        _check_voxels(source, _header(source, image_io), max_voxels)
+    return _checked(_read_file(source, image_io), source)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header declares, read without its voxels."""
+
+    size: tuple[int, ...]  # SimpleITK order: (x, y[, z])
+    components: int
+    pixel_type: str  # e.g. "16-bit signed integer"
+    bytes_per_pixel: int
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.size, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.voxels * self.bytes_per_pixel
+
+
+def _header(source: Path, image_io: str = "") -> ImageHeader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(source))
+    if image_io:
+        reader.SetImageIO(image_io)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise LgsegError(f"cannot read '{source}' as an image ({_reason(exc)}); use {_READABLE}") from exc
+    pixel_id, components = reader.GetPixelID(), reader.GetNumberOfComponents()
+    # The size of one voxel of that type, asked of SimpleITK itself rather than tabulated here.
+    one = sitk.Image([1] * reader.GetDimension(), pixel_id, components) if components > 1 else \
+        sitk.Image([1] * reader.GetDimension(), pixel_id)
+    return ImageHeader(size=tuple(int(s) for s in reader.GetSize()), components=components,
+                       pixel_type=sitk.GetPixelIDValueAsString(pixel_id),
+                       bytes_per_pixel=one.GetSizeOfPixelComponent() * one.GetNumberOfComponentsPerPixel())
+
+
+def _check_voxels(source: Path, header: ImageHeader, max_voxels: int) -> None:
+    """Refuse an image larger than ``max_voxels`` voxels, or needing more memory than that many float32 voxels."""
+    size = " x ".join(str(s) for s in header.size)
+    if header.voxels > max_voxels:
+        raise LgsegError(f"'{source}' is {size} = {header.voxels:,} voxels, more than the limit of {max_voxels:,} "
+                         "(--max-voxels); crop or downsample it first")
+    if header.nbytes > 4 * max_voxels:
+        raise LgsegError(f"'{source}' ({size}, {header.pixel_type}) would need {header.nbytes / 1e9:.3g} GB of "
+                         f"memory, more than the {4 * max_voxels / 1e9:.3g} GB that --max-voxels allows; convert it "
+                         "to a smaller voxel type or crop it first")
 
 
 def image_array(image: sitk.Image) -> np.ndarray:
@@ -157,10 +215,10 @@ def read_mask(path: PathLike, segment_name: Optional[str] = None) -> np.ndarray:
         raise LgsegError(f"cannot read segmentation '{source}' ({_reason(exc)}); choose a valid .seg.nrrd") from exc
 
 
-def _read_file(source: Path) -> sitk.Image:
+def _read_file(source: Path, image_io: str = "") -> sitk.Image:
     _check_complete(source)
     try:
-        return sitk.ReadImage(str(source))
+        return sitk.ReadImage(str(source), imageIO=image_io)
     except RuntimeError as exc:
         with open(source, "rb") as file:
             header = file.read(26)
@@ -188,11 +246,17 @@ def _check_complete(source: Path) -> None:
                 header = file.read(352)
                 if len(header) < 348:
                     raise LgsegError(cut)
-                size = len(header) + sum(len(chunk) for chunk in iter(lambda: file.read(1 << 22), b""))
+                needed = _nifti_bytes(header)
+                size = len(header)
+                # Decompressed only as far as the header says the voxels go: never the whole of a gzip bomb.
+                while needed is not None and size < needed:
+                    chunk = file.read(1 << 22)
+                    if not chunk:
+                        break
+                    size += len(chunk)
         except (EOFError, OSError, zlib.error) as exc:
             raise LgsegError(cut if isinstance(exc, EOFError) else
                              f"cannot read '{source}' as an image ({_reason(exc)}); use {_READABLE}") from exc
-        needed = _nifti_bytes(header)
         if needed is not None and size < needed:
             raise LgsegError(cut)
 
@@ -214,7 +278,134 @@ def _nifti_bytes(header: bytes) -> Optional[int]:
     return offset + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]], dtype=np.int64)) * bitpix // 8
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+# The file types a confined read accepts, by their first bytes, and the one ITK reader each is read with. ITK's
+# other readers are never asked: several follow references to other files (Stimulate .spr, Bruker 2dseq, HDF5 and
+# MINC external data) or are rarely used and little tested against hostile input.
+CONFINED_FORMATS = {
+    "PNGImageIO": "PNG", "JPEGImageIO": "JPEG", "BMPImageIO": "BMP", "TIFFImageIO": "TIFF",
+    "NiftiImageIO": "NIfTI or Analyze (.nii, .nii.gz, .hdr with its .img)", "NrrdImageIO": "NRRD (.nrrd, .nhdr)",
+    "MetaImageIO": "MetaImage (.mha, .mhd)", "GDCMImageIO": "DICOM",
+}
+_CONFINED_READABLE = ("a PNG, JPEG, BMP, TIFF, NIfTI, Analyze, NRRD, MetaImage or DICOM file, or a folder with a "
+                      "DICOM series")
+_HEADER_BYTES = 1 << 20  # a text header longer than this is refused rather than searched
+_DATA_FILE_LINE = {
+    "MetaImageIO": re.compile(r"^\s*ElementDataFile\s*[=:]\s*(.*?)\s*$", re.IGNORECASE),
+    "NrrdImageIO": re.compile(r"^\s*data\s*file\s*:=?\s*(.*?)\s*$", re.IGNORECASE),
+}
+_NUMBERED = re.compile(r"%0?\d*[diu]")
+
+
+def _confined_format(source: Path) -> str:
+    """The ITK reader for a file someone else sent, from its first bytes; refuses other file types, and headers
+    whose data files are not beside them (a header naming e.g. ``/etc/passwd`` as its data would show that file)."""
+    with open(source, "rb") as file:
+        head = file.read(544)
+    if head[:2] == b"\x1f\x8b":  # gzip: only a compressed NIfTI
+        try:
+            with gzip.open(source, "rb") as file:
+                head = file.read(544)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise LgsegError(f"'{source}' is not a valid gzip file ({_reason(exc)}); use {_CONFINED_READABLE}") \
+                from exc
+        if _nifti_magic(head) is None:
+            raise LgsegError(f"'{source}' is a compressed file but not a compressed NIfTI image; upload images "
+                             f"uncompressed, as {_CONFINED_READABLE} (archives are not opened)")
+        return "NiftiImageIO"
+    image_io = _sniff(head, source)
+    if image_io is None:
+        raise LgsegError(f"cannot read '{source}': it is not a file type the page opens; use {_CONFINED_READABLE}")
+    if image_io in _DATA_FILE_LINE:
+        for name in _data_files(source, image_io):
+            if not _beside(source, name):
+                shown = name if len(name) <= 60 else name[:57] + "..."
+                raise LgsegError(f"'{source}' names the data file '{shown}', which is not in the same upload; only "
+                                 "files uploaded together with a header are read: upload the header and its data "
+                                 "files as one folder")
+    return image_io
+
+
+def _sniff(head: bytes, source: Path) -> Optional[str]:
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNGImageIO"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEGImageIO"
+    if head.startswith(b"BM"):
+        return "BMPImageIO"
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        return "TIFFImageIO"
+    if head[128:132] == b"DICM":
+        return "GDCMImageIO"
+    if head.startswith(b"NRRD000"):
+        return "NrrdImageIO"
+    magic = _nifti_magic(head)
+    # A .hdr reads its voxels from the .img of the same name: beside it by construction.
+    if magic in (b"n+1", b"n+2") or (magic is not None and full_suffix(source) == ".hdr"):
+        return "NiftiImageIO"
+    if full_suffix(source) in (".mha", ".mhd") and re.match(rb"\s*\w+\s*=", head):
+        return "MetaImageIO"
+    return None
+
+
+def _nifti_magic(head: bytes) -> Optional[bytes]:
+    """b"n+1"/b"ni1" (NIfTI-1), b"n+2"/b"ni2" (NIfTI-2), b"" (Analyze 7.5), or None when not such a header."""
+    if len(head) >= 348 and (head[:4] == b"\x5c\x01\0\0" or head[:4] == b"\0\0\x01\x5c"):  # 348
+        return head[344:347] if head[344:347] in (b"n+1", b"ni1") else b""
+    if len(head) >= 540 and (head[:4] == b"\x1c\x02\0\0" or head[:4] == b"\0\0\x02\x1c"):  # 540
+        return head[4:7] if head[4:7] in (b"n+2", b"ni2") else None
+    return None
+
+
+def _data_files(source: Path, image_io: str) -> list[str]:
+    """The data files a MetaImage or NRRD header names, in all three forms: one name, ``LIST`` (one name a line
+    after it) and a numbered pattern (``slice%03d.raw first last step``); ``LOCAL`` (MetaImage): none."""
+    with open(source, "rb") as file:
+        text = file.read(_HEADER_BYTES + 1)
+    lines = text.decode("latin-1").splitlines()
+    if image_io == "NrrdImageIO" and "" in lines:
+        lines = lines[:lines.index("")]  # the header ends at the first empty line; the voxels follow
+    for index, line in enumerate(lines):
+        match = _DATA_FILE_LINE[image_io].match(line)
+        if match is None:
+            continue
+        value = match.group(1)
+        word = value.split()[0] if value.split() else ""
+        if image_io == "MetaImageIO" and word == "LOCAL":
+            return []
+        if word == "LIST":
+            return [name for rest in lines[index + 1:] for name in rest.split()]
+        if "%" in value:
+            return _numbered_names(source, value)
+        return [value]
+    if image_io == "MetaImageIO" or len(text) > _HEADER_BYTES:
+        raise LgsegError(f"cannot read '{source}' as an image (no data file within its first "
+                         f"{_HEADER_BYTES >> 20} MB); use {_CONFINED_READABLE}")
+    return []
+
+
+def _numbered_names(source: Path, value: str) -> list[str]:
+    words = value.split()
+    try:
+        pattern, first, last, step = words[0], int(words[1]), int(words[2]), int(words[3])
+    except (IndexError, ValueError):
+        pattern, first, last, step = "", 0, 0, 0
+    count = (last - first) // step + 1 if step else 0
+    if len(_NUMBERED.findall(pattern)) != 1 or pattern.count("%") != 1 or not 0 < count <= 100_000:
+        raise LgsegError(f"'{source}' names its data files with a pattern that is not one numbered file name "
+                         "(e.g. 'slice%03d.raw 1 40 1'); name each data file instead")
+    return [pattern % number for number in range(first, last + (1 if step > 0 else -1), step)]
+
+
+def _beside(header: Path, name: str) -> bool:
+    """Whether ``name`` is a plain file name of a regular file in the header's own folder (no other folder, no
+    link)."""
+    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0") or ":" in name:
+        return False
+    target = header.parent / name
+    return target.is_file() and not target.is_symlink()
+
+
+def _read_dicom_series(folder: Path, max_voxels: Optional[int] = None) -> sitk.Image:
     # Checked here first: GDCM would print a warning for a folder without DICOM files, and silencing it means
     # switching ITK's process-wide warning display, which belongs to the whole program (e.g. 3D Slicer).
     if not _holds_dicom_file(folder):
@@ -225,6 +416,9 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
         if not series_ids:
             raise LgsegError(f"folder '{folder}' contains no DICOM series; choose {_READABLE}")
         files = reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
+        if max_voxels is not None:
+            first = _header(Path(files[0]), "GDCMImageIO")
+            _check_voxels(folder, replace(first, size=(*first.size[:2], len(files))), max_voxels)
         _check_slice_spacing(folder, files)
         reader.SetFileNames(files)
         return reader.Execute()

@@ -4,6 +4,12 @@
   is segmented once with :data:`LEFT_REPORT` and once with :data:`RIGHT_REPORT`; the figure is the mean over images
   of the left report's mask share in the left image half minus the right report's (1 = the mask follows the
   report completely, 0 = the text is ignored). An empty mask has no side and counts as a share of 0.5.
+- **Zone steering** (:func:`zone_steering_probe`): does naming a zone move the mask within a side? On the cases
+  whose true report names a side's whole extent ("all left lung"), each image is segmented with "unilateral
+  pulmonary infection, one infected area, upper <side> lung." and with the same report naming "lower"; the figure
+  is the mean over (image, side) pairs of the upper report's mask share above the true lesion's mid-height on that
+  side minus the lower report's (1 = the mask moves completely to the named zone, 0 = the zone is ignored). An
+  empty mask counts as a share of 0.5.
 - **Laterality** (:func:`laterality_probe`): does the approximated report (no report given) name the sides that
   the true report names? Balanced accuracy over bilateral / left / right (chance 1/3); an approximated report that
   names no side counts as wrong.
@@ -27,10 +33,12 @@ import numpy as np
 
 from .data import Sample, load_pair
 from .laterality import LATERALITIES, left_share, report_laterality
+from .reports import ZONES, parse_qata_report
 from .sides import swap_sides
 
 LEFT_REPORT = "unilateral pulmonary infection, one infected area, middle lower left lung."
 RIGHT_REPORT = "unilateral pulmonary infection, one infected area, middle lower right lung."
+ZONE_REPORT = "unilateral pulmonary infection, one infected area, {zone} {side} lung."
 
 Predict = Callable[[np.ndarray, Sequence[Optional[str]]], np.ndarray]
 Approximate = Callable[[np.ndarray], Sequence[str]]
@@ -47,6 +55,17 @@ class SteeringResult:
 
     def to_dict(self) -> dict:
         return {"steering": round(self.steering, 4), "steering_n": self.n}
+
+
+@dataclass
+class ZoneSteeringResult:
+    """Mean upper-report minus lower-report share above the lesion's mid-height over ``n`` (image, side) pairs."""
+
+    zone_steering: float
+    n: int
+
+    def to_dict(self) -> dict:
+        return {"zone_steering": round(self.zone_steering, 4), "zone_steering_n": self.n}
 
 
 @dataclass
@@ -99,6 +118,42 @@ def steering_probe(predict: Predict, samples: Sequence[Sample], threshold: float
     return SteeringResult(float(np.mean(differences)) if differences else float("nan"), len(differences))
 
 
+def whole_sides(report: Optional[str]) -> list[str]:
+    """The sides ("left", "right") whose whole extent (upper, middle and lower zones) a QaTa-scheme report names."""
+    if not report:
+        return []
+    zones = dict(zip(ZONES, parse_qata_report(report).zones))
+    levels = ("upper", "middle", "lower")
+    return [side for side in ("left", "right") if all(zones[f"{side} {level}"] for level in levels)]
+
+
+def zone_steering_probe(predict: Predict, samples: Sequence[Sample], threshold: float = 0.5, batch_size: int = 16,
+                        progress: Optional[ProgressCallback] = None) -> ZoneSteeringResult:
+    """The zone-steering figure on the cases among ``samples`` whose report names a side's whole extent (see the
+    module docstring); a side whose image half holds no true lesion is left out."""
+    cases = [s for s in samples if whole_sides(s.report)]
+    differences: list[float] = []
+    done = 0
+    for chunk, images in _image_batches(cases, batch_size):
+        masks = [load_pair(sample)[1] > 0 for sample in chunk]
+        for side in ("left", "right"):
+            pairs = [(i, _mid_height(mask, side)) for i, (sample, mask) in enumerate(zip(chunk, masks))
+                     if side in whole_sides(sample.report)]
+            pairs = [(i, middle) for i, middle in pairs if middle is not None]
+            if not pairs:
+                continue
+            indices = [i for i, _ in pairs]
+            shares = []
+            for zone in ("upper", "lower"):
+                probabilities = predict(images[indices], [ZONE_REPORT.format(zone=zone, side=side)] * len(indices))
+                shares.append([_share_above(p > threshold, middle) for p, (_, middle) in zip(probabilities, pairs)])
+            differences += [upper - lower for upper, lower in zip(*shares)]
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(cases))
+    return ZoneSteeringResult(float(np.mean(differences)) if differences else float("nan"), len(differences))
+
+
 def laterality_probe(approximate: Approximate, samples: Sequence[Sample], batch_size: int = 16,
                      progress: Optional[ProgressCallback] = None) -> LateralityResult:
     """Balanced accuracy of the approximated reports' laterality against the true reports' (samples whose true
@@ -143,6 +198,24 @@ def report_check_probe(check: Check, samples: Sequence[Sample], batch_size: int 
 def _side_share(mask: np.ndarray) -> float:
     share = left_share(mask)
     return 0.5 if np.isnan(share) else share
+
+
+def _mid_height(mask: np.ndarray, side: str) -> Optional[float]:
+    """The middle row of the true lesion's vertical extent in the image half of ``side`` (None: no lesion there)."""
+    half = mask.shape[1] / 2
+    columns = np.arange(mask.shape[1]) + 0.5
+    in_half = columns < half if side == "left" else columns >= half
+    rows = np.flatnonzero((mask & in_half[None, :]).any(axis=1))
+    return None if not len(rows) else (rows[0] + rows[-1] + 1) / 2
+
+
+def _share_above(mask: np.ndarray, middle: float) -> float:
+    """The share of a mask's pixels above row ``middle`` (0.5 for an empty mask)."""
+    total = mask.sum()
+    if not total:
+        return 0.5
+    rows = np.arange(mask.shape[0]) + 0.5
+    return float(mask[rows < middle].sum() / total)
 
 
 def _image_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[tuple[list[Sample], np.ndarray]]:

@@ -5,7 +5,10 @@ derived from the data ask it to segment *part* of what it sees because the text 
 
 - ``qata``: a bilateral case gives one edit per side, "unilateral pulmonary infection, one infected area, lower
   left lung." (the zones the report names on that side), with the target restricted to that image half. QaTa
-  reports name the image's sides as displayed (99% of a unilateral report's mask area lies in that half).
+  reports name the image's sides as displayed (99% of a unilateral report's mask area lies in that half). A side
+  whose report names its whole extent ("all left lung", "upper middle lower left lung") also gives one edit per
+  zone of :data:`ZONE_EDITS` ("upper left lung", ..., "middle lower left lung"), with the target cut to that zone:
+  thirds of the vertical extent of the side's lesion (:func:`zone_rows`; Training/README.md has the figures).
 - ``kvasir``: a case with several polyps gives one edit per polyp, when the mask has as many connected components
   as the report counts polyps: "one small white round polyp, located in top left of the image" (size from the
   component's area, colour and shape copied from the report, location from the component's centre on a 3 x 3
@@ -26,6 +29,9 @@ from languageguidedseg.laterality import report_laterality
 from languageguidedseg.reports import ZONES, parse_qata_report
 
 _LEVELS = ("upper", "middle", "lower")
+# The zones a whole-side case is also trained on, as QaTa's reports name them (QaTa's combinations of neighbouring
+# zones included; "upper lower" names two areas, not one zone, and is left out).
+ZONE_EDITS = (("upper",), ("middle",), ("lower",), ("upper", "middle"), ("middle", "lower"))
 _KVASIR_SIZES = ("small", "medium", "large")
 _KVASIR_GRID = (("top left", "top", "top right"), ("left", "center", "right"),
                 ("bottom left", "bottom", "bottom right"))
@@ -65,9 +71,11 @@ def qata_side_report(side: str, levels: tuple[str, ...]) -> str:
 
 
 def qata_edits(report: str, mask: np.ndarray) -> list[ReportEdit]:
-    """One edit per side of a bilateral QaTa case, each with the mask restricted to that image half (a side
-    whose half holds no mask gives none)."""
-    if report_laterality(report) != "bilateral":
+    """The edits of a QaTa case: one per side of a bilateral case, with the mask restricted to that image half (a
+    side whose half holds no mask gives none), and one per zone of :data:`ZONE_EDITS` of each side whose whole
+    extent the report names, with the mask cut to that zone of the side (an empty cut gives none)."""
+    laterality = report_laterality(report)
+    if laterality is None:
         return []
     zones = parse_qata_report(report).zones
     mask = np.asarray(mask, dtype=bool)
@@ -79,8 +87,30 @@ def qata_edits(report: str, mask: np.ndarray) -> list[ReportEdit]:
         if not restricted.any():
             continue
         levels = tuple(name.split()[1] for z, name in zip(zones, ZONES) if z and name.startswith(side))
-        edits.append(ReportEdit(qata_side_report(side, levels), restricted))
+        if laterality == "bilateral":
+            edits.append(ReportEdit(qata_side_report(side, levels), restricted))
+        if set(levels) == set(_LEVELS):
+            for zone in ZONE_EDITS:
+                rows = zone_rows(restricted, zone)
+                cut = restricted & rows[:, None]
+                if cut.any():
+                    edits.append(ReportEdit(qata_side_report(side, zone), cut))
     return edits
+
+
+def zone_rows(mask: np.ndarray, levels: tuple[str, ...]) -> np.ndarray:
+    """The rows of ``levels`` (e.g. ``("upper",)``) of a one-sided lesion that covers its side's whole extent:
+    thirds of the lesion's vertical extent, top to bottom (in QaTa's training masks, such lesions span rows 0.12 to
+    0.73 of the image (medians), and lesions reported in one zone lie in its third: upper 0.12-0.33, lower
+    0.46-0.72)."""
+    filled = np.flatnonzero(np.asarray(mask, dtype=bool).any(axis=1))
+    top, bottom = int(filled[0]), int(filled[-1]) + 1
+    cuts = np.round(top + (bottom - top) * np.arange(4) / 3).astype(int)
+    rows = np.zeros(mask.shape[0], dtype=bool)
+    for level in levels:
+        index = _LEVELS.index(level)
+        rows[cuts[index]:cuts[index + 1]] = True
+    return rows
 
 
 def kvasir_edits(report: str, mask: np.ndarray) -> list[ReportEdit]:

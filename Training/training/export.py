@@ -77,7 +77,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss", yscale="log")
     ax_loss.legend(fontsize=8)
     for key, label in (("val_report_dice", "with report"), ("val_prototype_dice", "without report (bank)"),
-                       ("val_steering", "steering probe"), ("val_laterality", "laterality (balanced accuracy)")):
+                       ("val_steering", "steering probe"), ("val_zone_steering", "zone steering probe"),
+                       ("val_laterality", "laterality (balanced accuracy)")):
         if any(key in row for row in history):
             ax_dice.plot(epochs, [row.get(key, np.nan) for row in history], marker="o", label=label)
     ax_dice.set(xlabel="epoch", ylabel="micro Dice / probe", title="validation")

@@ -20,7 +20,7 @@ from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import Segmenter
 from languageguidedseg.network import LanguageGuidedSegNet
 from languageguidedseg.package import CONFIG_FILE, load_package
-from languageguidedseg.probes import laterality_probe, steering_probe
+from languageguidedseg.probes import laterality_probe, steering_probe, zone_steering_probe
 from languageguidedseg.reports import get_parser
 from languageguidedseg.text import TextEncoder
 
@@ -213,12 +213,16 @@ class Trainer:
         return results, kept
 
     def run_probes(self, segmenter: Segmenter) -> dict[str, float]:
-        """The steering probe and the approximated report's laterality on the validation split (probes.py)."""
+        """The steering probes (sides, zones) and the approximated report's laterality on the val split (probes.py)."""
         results = {}
         steering = steering_probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], self.val,
                                   segmenter.config.card.threshold, segmenter.batch_size)
         if steering.n:
             results["val_steering"] = steering.steering
+        zones = zone_steering_probe(lambda images, reports: segmenter.predict_slices(images, reports)[0], self.val,
+                                    segmenter.config.card.threshold, segmenter.batch_size)
+        if zones.n:
+            results["val_zone_steering"] = zones.zone_steering
         laterality = laterality_probe(segmenter.approximated_reports, self.val, segmenter.batch_size)
         if laterality.n:
             results["val_laterality"] = laterality.balanced_accuracy

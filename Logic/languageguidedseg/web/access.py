@@ -1,14 +1,19 @@
-"""Who may talk to the web server: bind address, access token, upload size.
+"""Who may talk to the web server: bind address, access token, Host and Origin, proxies, upload size.
 
-The server binds to 127.0.0.1 unless told otherwise. On any other address it requires an access token; a request
-without it, for the page, a static file, the websocket or an upload, gets an empty 403. The token is given once in
-the address the server prints (``?token=...``); the server answers that request with a cookie for the page's later
-requests (static files, websocket, uploads) and a redirect to the same address without the token, so the token does
-not stay in the browser's address bar or history.
+The server binds to 127.0.0.1 unless told otherwise, and requires an access token on every address, loopback
+included (other users and processes of the same machine can reach loopback too); ``--no-token`` switches it off,
+on loopback only. A request without the token, for the page, a static file, the websocket or an upload, gets an
+empty 403. The token is given once in the address the server prints (``?token=...``); the server answers that
+request with a cookie for the page's later requests (static files, websocket, uploads) and a redirect to the same
+address without the token, so the token does not stay in the browser's address bar or history. The cookie's name
+holds the server's port: two servers on one host keep their own cookies.
 
 Other web sites open in the same browser must not drive the page either (browsers let any site open a websocket to
 127.0.0.1 or post a form to it): a request whose ``Origin`` is not the page's own host is refused, and a server on
 loopback without a token answers only to loopback host names (no DNS rebinding of another name onto 127.0.0.1).
+The page's host is the request's ``Host``; a reverse proxy's ``Forwarded`` / ``X-Forwarded-Host`` count only
+from the address given with ``--trusted-proxy`` (from anyone else they would let a client choose the host the
+Origin is compared with).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from urllib.parse import urlencode, urlsplit
 from ..errors import LgsegError
 
 COOKIE = "lgseg_token"
+MIN_TOKEN_CHARS = 32
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
 
@@ -38,13 +44,45 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def resolve_token(host: str, token: Optional[str]) -> Optional[str]:
-    """The token the server requires: the one given, a new one off loopback, or None (loopback, none given)."""
+def resolve_token(host: str, token: Optional[str], no_token: bool = False) -> Optional[str]:
+    """The token the server requires: the one given, else a new one; None only with ``no_token`` on loopback."""
+    if no_token:
+        if token is not None:
+            raise LgsegError("give either --token or --no-token, not both")
+        if not is_loopback(host):
+            raise LgsegError(f"--no-token is for loopback addresses only (127.0.0.1, ::1, localhost), not '{host}'; "
+                             "on other addresses the server needs its token")
+        return None
     if token is not None:
-        if len(token) < 8 or not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
-            raise LgsegError("--token must be at least 8 characters of letters, digits and . _ ~ -")
+        if len(token) < MIN_TOKEN_CHARS or not re.fullmatch(r"[A-Za-z0-9._~-]+", token):
+            raise LgsegError(f"--token must be at least {MIN_TOKEN_CHARS} characters of letters, digits and . _ ~ -; "
+                             "leave it out and the server makes one")
         return token
-    return None if is_loopback(host) else secrets.token_urlsafe(24)
+    return secrets.token_urlsafe(32)
+
+
+def trusted_proxy_address(text: Optional[str]) -> Optional[str]:
+    """The ``--trusted-proxy`` address, normalised (``::ffff:`` forms of IPv4 addresses included), or None."""
+    if text is None:
+        return None
+    try:
+        address = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError as exc:
+        raise LgsegError(f"--trusted-proxy '{text}' is not an IP address; give the address the proxy connects "
+                         "from, e.g. 127.0.0.1") from exc
+    return str(getattr(address, "ipv4_mapped", None) or address)
+
+
+def _address(text: Optional[str]) -> Optional[str]:
+    try:
+        return trusted_proxy_address(text)
+    except LgsegError:
+        return None  # not an IP address (a Unix socket): never the proxy
+
+
+def cookie_name(port: int) -> str:
+    """The token cookie of the server on ``port``: browsers send a host's cookies to all its ports."""
+    return f"{COOKIE}_{port}"
 
 
 def parse_size(text: str) -> int:
@@ -75,6 +113,10 @@ def token_middleware(token: str) -> Callable:
     @web.middleware
     async def check_token(request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        socket_name = request.transport.get_extra_info("sockname") if request.transport is not None else None
+        if not socket_name:
+            return web.Response(status=403)
+        cookie = cookie_name(socket_name[1])  # the port this server listens on, whatever the proxy's
         websocket = request.headers.get("Upgrade", "").lower() == "websocket"
         if matches(request.query.get("token")) and (websocket or request.method != "GET"):
             return await handler(request)
@@ -85,19 +127,20 @@ def token_middleware(token: str) -> Callable:
             query = [(key, value) for key, value in request.query.items() if key != "token"]
             location = (request.path.rsplit("/", 1)[-1] or "./") + (f"?{urlencode(query)}" if query else "")
             return web.Response(status=302, headers={
-                "Location": location, "Set-Cookie": f"{COOKIE}={token}; HttpOnly; SameSite=Strict"})
-        if not matches(request.cookies.get(COOKIE)):
+                "Location": location, "Set-Cookie": f"{cookie}={token}; HttpOnly; SameSite=Strict"})
+        if not matches(request.cookies.get(cookie)):
             return web.Response(status=403)  # nothing: no page, no hint
         return await handler(request)
 
     return check_token
 
 
-def same_origin_middleware(loopback_names_only: bool) -> Callable:
+def same_origin_middleware(loopback_names_only: bool, trusted_proxy: Optional[str] = None) -> Callable:
     """aiohttp middleware: refuse cross-site requests (``Origin`` of another host) and, with
     ``loopback_names_only``, any ``Host`` that is not a loopback name or address.
 
-    Behind a reverse proxy the page's host is what the proxy puts in ``X-Forwarded-Host`` (else ``Host``).
+    The page's host is ``Host``; from the ``trusted_proxy`` address only, the host a reverse proxy forwards
+    (``Forwarded: host=``, else ``X-Forwarded-Host``).
     """
     from aiohttp import web
 
@@ -108,7 +151,10 @@ def same_origin_middleware(loopback_names_only: bool) -> Callable:
         if loopback_names_only and not is_loopback(urlsplit(f"//{host}").hostname or ""):
             return web.Response(status=403)
         origin = request.headers.get("Origin")
-        page_host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+        page_host = host
+        if trusted_proxy is not None and _address(request.remote) == trusted_proxy:
+            forwarded = request.forwarded[0].get("host") if request.forwarded else None
+            page_host = forwarded or request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
         if origin is not None and urlsplit(origin).netloc.lower() != page_host.lower():
             return web.Response(status=403)
         return await handler(request)

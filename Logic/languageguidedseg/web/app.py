@@ -36,16 +36,25 @@ from .. import mrml
 from ..controller import LoopEvent, ReportLoopController, ReportStatus, Warnings
 from ..errors import LgsegError
 from ..fileio import full_suffix
-from ..imageio import read_image, spatial_shape, write_mask
+from ..imageio import spatial_shape, write_mask
 from ..options import AUTO_MODEL
 from ..parameters import ReportLoopParameters
 from ..runner import ThreadRunner
 from .access import add_security_headers, same_origin_middleware, token_middleware
 from .uploads import UploadFolder, upload_handler
+from .viewer import WINDOW_PRESETS, looks_like_ct, orientation_letters, segment_size
 
 logger = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.05
+# The live loop's latency budget (docs/web.md, "How live it is"): the controller is polled often enough that a
+# finished run or a due live update waits at most 20 ms, and a pause in typing of 0.15 s (a quick typist's keystrokes
+# come 0.1 s apart) starts the update; a stale run is dropped anyway.
+POLL_SECONDS = 0.02
+LIVE_DEBOUNCE_SECONDS = 0.15
+# One JPEG per view update, at the quality trame-rca uses for its "still" frame: with a lower interactive quality it
+# renders every update twice (the second time 5 frame periods later), and software rendering takes ~0.1 s a frame on a
+# 2-core CPU, during which the server's event loop does nothing else.
+FRAME_QUALITY = 90
 STATIC = Path(__file__).resolve().parent / "static"
 DOWNLOADS = {"seg.nrrd": ".seg.nrrd", "nii.gz": ".nii.gz", "png": ".png"}
 
@@ -54,18 +63,29 @@ class WebApp(TrameApp):
     """One page, one scene: the image or volume being read, its segmentation, the report loop."""
 
     def __init__(self, paths: Sequence[Path], *, model: Optional[str] = None, device: str = "auto",
-                 uploads: UploadFolder, token: Optional[str] = None, server: Any = None):
+                 uploads: UploadFolder, token: Optional[str] = None, trusted_proxy: Optional[str] = None,
+                 server: Any = None):
         super().__init__(server)
         self._uploads = uploads
         self._token = token
+        self._trusted_proxy = trusted_proxy
+        # The Image list: the files given on the command line, then the uploads (path, title), in that order.
         self._files = [Path(path) for path in paths]
+        self._titles = [path.name for path in self._files]
+        self._shown: Optional[Path] = None  # the file of the image shown
+        self._window_observer: Optional[tuple[Any, int]] = None  # (display node, observer tag)
+        self._previous_mask: Optional[np.ndarray] = None  # the segment before the last run (Undo), None: none
+        self._mask: Optional[np.ndarray] = None  # the segment as shown
         self._image: Any = None  # the SimpleITK image shown: the reference grid for downloads
         self._image_name = ""
         self._tasks: set = set()  # running asyncio tasks: referenced, so that none is garbage-collected mid-way
         self._preloading = False
 
         self.slicer = SlicerApp()
-        register_rca_factories(self.slicer.view_manager, self.server)
+        # The views' own overlay (name, slice k of N, orientation letters, slider for volumes); views update at the full
+        # frame rate whether or not the mouse is over them (a reader types in the report box while the mask changes).
+        register_rca_factories(self.slicer.view_manager, self.server, slice_view_ui_f=self._view_ui,
+                               interactive_quality=FRAME_QUALITY, blur_fps=None)
         self.layouts = LayoutManager(self.slicer.scene, self.slicer.view_manager, self.server)
         axial, coronal, sagittal = (ViewLayoutDefinition.axial_view(), ViewLayoutDefinition.coronal_view(),
                                     ViewLayoutDefinition.sagittal_view())
@@ -94,7 +114,7 @@ class WebApp(TrameApp):
                                                sliceView="Red")
         self._runner = ThreadRunner()  # the event loop's thread idles without holding the GIL: a thread will do
         self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node, runner=self._runner,
-                                               run_button="Segment")
+                                               run_button="Segment", debounce_s=LIVE_DEBOUNCE_SECONDS)
         if model:
             self.controller.select_model(model)
         self._event_handlers: dict[LoopEvent, Callable[[Any], None]] = {
@@ -105,7 +125,9 @@ class WebApp(TrameApp):
         }
         self.controller.add_observer(self._on_controller_event)
 
-        self.server.enable_module({"serve": {"__lgseg": str(STATIC)}, "scripts": ["__lgseg/upload.js"]})
+        self.server.enable_module({"serve": {"__lgseg": str(STATIC)},
+                                   "scripts": ["__lgseg/upload.js", "__lgseg/keyboard.js"]})
+        self.server.trigger("lg_cancel")(self._on_cancel)  # Escape (keyboard.js)
         self._initial_state()
         self._build_ui()
         ctrl = self.server.controller
@@ -119,6 +141,9 @@ class WebApp(TrameApp):
         self.state.change("lg_sides")(self._on_sides)
         self.state.change("lg_opacity")(self._on_opacity)
         self.state.change("lg_file")(self._on_file)
+        self.state.change("lg_window_preset")(self._on_window_preset)
+        for view in self.slicer.view_manager.get_slice_views():
+            view.modified.connect(lambda *_: self._show_views())
 
     # State and page -----------------------------------------------------------------------------------------
 
@@ -126,7 +151,7 @@ class WebApp(TrameApp):
         selected = self.parameters.model or self.controller.default_model_name()
         self.state.update({
             "trame__title": "LanguageGuidedSeg",
-            "lg_files": [{"title": path.name, "value": index} for index, path in enumerate(self._files)],
+            "lg_files": self._file_items(),
             "lg_file": None,
             "lg_models": self._model_items(selected),
             "lg_model": selected,
@@ -152,7 +177,16 @@ class WebApp(TrameApp):
             "lg_has_segment": False,
             "lg_segment": {},
             "lg_uploading": False,
+            "lg_views": {},
+            "lg_can_window": False,
+            "lg_is_ct": False,
+            "lg_window": "",
+            "lg_window_preset": None,
+            "lg_can_undo": False,
         })
+
+    def _file_items(self) -> list[dict]:
+        return [{"title": title, "value": index} for index, title in enumerate(self._titles)]
 
     def _model_items(self, selected: str) -> list[dict]:
         """The model selector's entries: "Automatic" (with the model it chose for the image shown), the installed
@@ -272,10 +306,11 @@ class WebApp(TrameApp):
         """Same-origin and token checks on every request, and the upload route (before wslink's static routes)."""
         app = web_server.app
         add_security_headers(app)
-        app.middlewares.append(same_origin_middleware(loopback_names_only=self._token is None))
+        app.middlewares.append(same_origin_middleware(loopback_names_only=self._token is None,
+                                                      trusted_proxy=self._trusted_proxy))
         if self._token is not None:
             app.middlewares.append(token_middleware(self._token))
-        app.router.add_post("/upload", upload_handler(self._uploads, self._open_upload, self._report_error))
+        app.router.add_post("/upload", upload_handler(self._uploads, self.open_path, self._report_error))
 
     def _on_ready(self, **_: Any) -> None:
         self._start(self._poll())
@@ -322,11 +357,6 @@ class WebApp(TrameApp):
         path = self._files[lg_file]
         self._start(self.open_path(path, path.name))  # shows its own errors
 
-    async def _open_upload(self, files: list) -> Optional[str]:
-        # One file, or the files of one DICOM folder (read as the series in their folder).
-        target = files[0] if len(files) == 1 else files[0].parent
-        return await self.open_path(target, files[0].name if len(files) == 1 else "DICOM series")
-
     async def open_path(self, path: Path, name: str) -> Optional[str]:
         """Read ``path`` with the engine's reader (in a worker thread) and show it; the error message, or None."""
         if self.controller.running:
@@ -338,7 +368,7 @@ class WebApp(TrameApp):
         with self.state:
             self.state.lg_status = f"Reading {name}..."
         try:
-            image = await asyncio.get_event_loop().run_in_executor(None, read_image, path)
+            image = await asyncio.get_event_loop().run_in_executor(None, self._uploads.read, path)
         except LgsegError as exc:
             with self.state:
                 self._show_error(str(exc))
@@ -360,6 +390,7 @@ class WebApp(TrameApp):
         if volume.GetDisplayNode() is None:
             volume.CreateDefaultDisplayNodes()  # RGB volumes: shown as colour, as Slicer shows them
         self._image, self._image_name = image, stem or "image"
+        self._uploads.show(path)  # the upload of the image replaced is deleted
         is_volume = len(spatial_shape(image)) == 3 and spatial_shape(image)[0] > 1
         self.layouts.set_layout("volume" if is_volume else "image")
         self.slicer.display_manager.show_volume_in_slice_background(volume)

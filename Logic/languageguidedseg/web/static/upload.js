@@ -21,3 +21,9 @@ window.lgsegUpload = async function lgsegUpload(files) {
     window.trame.state.set("lg_uploading", false);
   }
 };
+
+// The page's Upload image and DICOM folder buttons open the browser's file chooser of their hidden input (Vue
+// templates see `window`, not `document`).
+window.lgsegChoose = function lgsegChoose(inputId) {
+  window.document.getElementById(inputId).click();
+};
