@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "Training" / "configs").glob("*.yaml"))
 # The appearance augmentation of the kvasir-polyp config
 APPEARANCE = dict(colour_balance=0.15, hue_degrees=10, saturation=0.4, gamma=0.4, blur_sigma=1.5, jpeg_quality=20)
+# The image-only changes of another video system's frame
+FRAME = dict(resolution=0.5, overlay_lines=6, specular=30, fov_radius=0.7)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -148,7 +150,8 @@ def test_augmentation_moves_image_and_mask_together_and_never_flips():
 @pytest.mark.parametrize("config", [
     AugmentationConfig(rotate_degrees=10, scale=0.1, translate=0.05, intensity=0.1),
     AugmentationConfig(rotate_degrees=10, intensity=0.1, **APPEARANCE),
-], ids=["geometry", "geometry+appearance"])
+    AugmentationConfig(rotate_degrees=10, border=0.3, **FRAME),
+], ids=["geometry", "geometry+appearance", "geometry+frame"])
 def test_augmentation_is_reproducible_for_a_seed_and_epoch(config):
     data = _blob_set()
     transform = augmenter(config, PreprocessConfig(size=64))
@@ -179,12 +182,12 @@ def _colour_set(count: int = 8, size: int = 64) -> Preloaded:
     return Preloaded([None] * count, ((unit - mean) / std).half(), masks, torch.arange(count))
 
 
-@pytest.mark.parametrize("key", sorted(APPEARANCE))
+@pytest.mark.parametrize("key", sorted(APPEARANCE) + sorted(FRAME))
 def test_appearance_augmentation_changes_the_image_never_the_mask(key):
     """Each appearance change alters the image (within its range) and leaves the mask exactly as it was: no flip,
     no shift."""
     data = _colour_set()
-    transform = augmenter(AugmentationConfig(appearance_probability=1.0, **{key: APPEARANCE[key]}),
+    transform = augmenter(AugmentationConfig(appearance_probability=1.0, **{key: {**APPEARANCE, **FRAME}[key]}),
                           PreprocessConfig(size=64))
     changed = 0
     for epoch in range(2):
@@ -194,8 +197,30 @@ def test_appearance_augmentation_changes_the_image_never_the_mask(key):
                 assert image.shape == data.images[i].shape and torch.isfinite(image).all()
                 difference = (image - data.images[i].float()).abs().mean()
                 assert difference < 1.0  # a plausible frame, not noise
-                changed += int(difference > 0.01)
+                # A few highlights of a pixel or two change a 64 x 64 frame a little.
+                changed += int(difference > (0.002 if key == "specular" else 0.01))
     assert changed >= 14  # almost every one of the 16 draws changes the image
+
+
+def test_letterbox_borders_squeeze_image_and_mask_together():
+    data = _colour_set()
+    transform = augmenter(AugmentationConfig(appearance_probability=1.0, border=0.4), PreprocessConfig(size=64))
+    squeezed = 0
+    for batch in epoch_loader(data, 0, 0, 4, 0.0, transform, True, _runtime()):
+        for image, masks, i in zip(batch["image"], batch["mask"], batch["report_index"]):
+            mask, before = masks[0], data.masks[i, 0]
+            assert mask.shape == before.shape and set(mask.unique().tolist()) <= {0.0, 1.0}
+            assert mask.sum() <= before.sum()  # narrower, as tall
+            assert mask.any(dim=1).sum() == before.any(dim=1).sum()
+            # The blob (brighter) and its mask stay together; the bars are black.
+            unit = image * torch.tensor(PreprocessConfig().std).view(3, 1, 1) + torch.tensor(
+                PreprocessConfig().mean).view(3, 1, 1)
+            bright = unit[0] > 0.85
+            assert (bright & (mask > 0)).sum() / (bright | (mask > 0)).sum() > 0.7
+            squeezed += int(mask.sum() < before.sum())
+            if mask.sum() < before.sum() - 10:
+                assert unit[:, :, 0].abs().max() < 0.05  # the left column is a black bar
+    assert squeezed >= 4
 
 
 def test_appearance_off_keeps_the_geometry_augmentation_draws():

@@ -209,6 +209,25 @@ def warnings_shown(page) -> str:
     return page.inner_text("#lg-warnings") if page.locator("#lg-warnings").count() else ""
 
 
+def choose_files(page, button: str, files) -> None:
+    """Click a visible upload button and answer the browser's file chooser with ``files`` (a file, or a folder for
+    the folder button), as a person does."""
+    with page.expect_file_chooser(timeout=30000) as chooser:
+        page.click(button)
+    chooser.value.set_files(files)
+
+
+def view_text(page, view: str, part: str) -> str:
+    """Text of the overlay of slice view ``view`` ("Red" = axial or the 2D image): ``name``, ``slice``,
+    ``letter-left`` ... ``letter-bottom``, or "" when that part is not shown."""
+    element = page.locator(f".lg-overlay-{view} .lg-{'view-' if not part.startswith('letter') else ''}{part}")
+    return element.inner_text().strip() if element.count() else ""
+
+
+def letters(page, view: str) -> tuple[str, ...]:
+    return tuple(view_text(page, view, f"letter-{edge}") for edge in ("left", "right", "top", "bottom"))
+
+
 def mask_digest(mask: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(mask != 0, dtype=np.uint8).tobytes()).hexdigest()
 
@@ -288,33 +307,95 @@ def _overlay_side(page, tmp_path: Path) -> Optional[float]:
     return float((columns < tinted.shape[1] / 2).mean())
 
 
-def test_report_side_moves_the_mask_live(serve, page, tmp_path):
-    """Issue test 2: the side a report names is where the mask lies; editing the report moves it (live refine)."""
+def _summary_changed(page, old: str) -> None:
+    page.wait_for_function("(old) => document.querySelector('#lg-segment-summary')?.dataset.sha256 !== old",
+                           arg=old, timeout=RUN_TIMEOUT)
+
+
+def _settled_segment(page, server: WebServer, quiet: float = 1.5) -> str:
+    """The segment's SHA-256 once no run has changed it for ``quiet`` seconds and the page is not busy (a live
+    update may still follow the keystroke that made the last change)."""
+    seen = {"sha": None, "since": time.monotonic()}
+
+    def settled() -> Optional[str]:
+        sha = segment_summary(page)["sha256"]
+        if sha != seen["sha"] or page.locator("#lg-segment").is_disabled():
+            seen.update(sha=sha, since=time.monotonic())
+            return None
+        return sha if time.monotonic() - seen["since"] >= quiet else None
+    return wait_until(settled, 120, "the segment to settle", server)
+
+
+def _overlay_in(page, tmp_path: Path, server: WebServer, half: str) -> float:
+    """Wait until more than 90% of the overlay lies in the image's ``half`` ("left" or "right"); that share."""
+    def share() -> Optional[float]:
+        left = _overlay_side(page, tmp_path)
+        if left is None:
+            return None
+        value = left if half == "left" else 1 - left
+        return value if value > 0.9 else None
+    return wait_until(share, 60, f"the overlay in the image's {half} half", server)
+
+
+def test_keyboard_and_mouse_walk_the_report_loop(serve, page, tmp_path):
+    """Issue 27: the whole loop by keyboard and mouse only. A report typed and Enter; an edit by keys moves the mask
+    (live); the sides switch and the model selector re-run it as typing does; Undo restores the segment before.
+    Also issue test 2: the side a report names is where the mask lies."""
     server = serve(_qata_image(SIDES_IMAGE))
     started = time.perf_counter()
     open_page(page, server, "224 x 224 image")
+    # A 2D image: one view named "Image", the sides assumed for a PNG at its edges, no slice number, no slider.
+    assert view_text(page, "Red", "name") == "Image" and view_text(page, "Red", "slice") == ""
+    assert letters(page, "Red") == ("R", "L", "", "")
+    assert page.locator(".lg-slice-slider").count() == 0
     # The reports below are in the data set's convention: the sides of the image as displayed.
     page.click("#lg-sides-image")
     page.wait_for_function("document.querySelector('#lg-sides-label').innerText.includes('image')")
 
-    page.fill("#lg-report", LEFT)
-    page.click("#lg-segment")
+    page.click("#lg-report")
+    page.keyboard.insert_text(LEFT)  # as a paste
+    page.keyboard.press("Enter")  # segments; no new line in the box
     page.wait_for_selector("#lg-segment-summary", timeout=RUN_TIMEOUT)
-    first = segment_summary(page)["sha256"]
-    left = wait_until(lambda: _overlay_side(page, tmp_path), 60, "the overlay", server)
-    assert left > 0.9, f"only {left:.0%} of the 'lower left lung' mask lies in the image's left half"
-    assert page.inner_text("#lg-report-status") == "Segment uses this report as written."
+    assert page.input_value("#lg-report") == LEFT
+    _overlay_in(page, tmp_path, server, "left")
+    page.wait_for_function("document.querySelector('#lg-report-status').innerText === "
+                           "'Segment uses this report as written.'", timeout=RUN_TIMEOUT)
+    # A 2D PNG has no pixel spacing: the size is in pixels, with the share of the image.
+    assert re.fullmatch(r"Segment 'Infection': \d+ pixels \(\d+\.\d% of the image; the file gives no pixel "
+                        r"spacing\)", page.inner_text("#lg-segment-summary"))
+    left = _settled_segment(page, server)
 
-    # Edit the report: no button press, the page's live refine re-segments after the pause in typing.
-    page.fill("#lg-report", RIGHT)
-    page.wait_for_function("(old) => document.querySelector('#lg-segment-summary')?.dataset.sha256 !== old",
-                           arg=first, timeout=RUN_TIMEOUT)
-    right = wait_until(lambda: (lambda f: f is not None and f < 0.1 and 1 - f)(_overlay_side(page, tmp_path)), 60,
-                       "the overlay in the image's right half", server)
-    assert right > 0.9
+    # Edit with the keys, no button: "left" deleted, "right" typed; the live update moves the mask.
+    page.keyboard.press("End")
+    for _ in range(len(" lung.")):
+        page.keyboard.press("ArrowLeft")
+    for _ in range(len("left")):
+        page.keyboard.press("Backspace")
+    page.keyboard.type("right", delay=50)
+    _summary_changed(page, left)
+    _overlay_in(page, tmp_path, server, "right")
+    right = _settled_segment(page, server)
+
+    # The sides switch re-runs as typing does: in the patient's sides, "lower right lung" of a PNG (radiological
+    # display assumed) is the lung on the image's left.
+    page.click("#lg-sides-patient")
+    _summary_changed(page, right)
+    _overlay_in(page, tmp_path, server, "left")
+
+    # Undo: the segment as it was before the last segmentation, the right half; only once.
+    page.click("#lg-undo")
+    page.wait_for_function("(sha) => document.querySelector('#lg-segment-summary')?.dataset.sha256 === sha",
+                           arg=right, timeout=RUN_TIMEOUT)
+    _overlay_in(page, tmp_path, server, "right")
+    assert page.locator("#lg-undo").is_disabled()
+
+    # The model selector re-runs too: the polyp model, given a chest X-ray, warns beside the box at once.
+    page.click(".v-select:has(#lg-model)")
+    page.click(".v-overlay .v-list-item:has-text('kvasir-polyp')")
+    wait_until(lambda: "kvasir-polyp was trained on" in warnings_shown(page), 120, "the polyp model's warning", server)
     log = server.log.read_text(errors="replace")
     assert "lower left lung" not in log and "lower right lung" not in log, "the server logged a report"
-    print(f"sides and live refine: {time.perf_counter() - started:.1f} s")
+    print(f"keyboard and mouse walk: {time.perf_counter() - started:.1f} s")
 
 
 def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
@@ -335,6 +416,30 @@ def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
     assert page.inner_text("#lg-sides-label") == "Left/right: patient (image orientation from the volume)"
     assert model_selection(page) == "qata-cxr"
 
+    # The viewer: each view's name, its slice out of the total and the patient directions at its edges.
+    assert [view_text(page, view, "name") for view in ("Red", "Green", "Yellow")] == ["Axial", "Coronal", "Sagittal"]
+    assert re.fullmatch(r"slice \d+ / 240", view_text(page, "Red", "slice"))
+    assert re.fullmatch(r"slice \d+ / 101", view_text(page, "Green", "slice"))  # the CT's 101 rows
+    assert letters(page, "Red") == ("R", "L", "A", "P")
+    assert letters(page, "Green") == ("R", "L", "S", "I")
+    assert letters(page, "Yellow") == ("A", "P", "S", "I")
+    # Window/level: a CT gets the CT presets; a preset, a drag in the view and Reset each change what is shown.
+    window = page.locator(".lg-overlay-Red .lg-view-window")
+    opened = window.inner_text()
+    assert re.fullmatch(r"W \d+ L -?\d+", opened)
+    page.click("#lg-window-lung")
+    wait_until(lambda: window.inner_text() == "W 1400 L -500", 30, "the lung window", server)
+    before_drag = views(page, tmp_path)
+    box = page.locator("#lg-views img").first.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2 + 80, box["y"] + box["height"] / 2 + 60, steps=8)
+    page.mouse.up()
+    wait_until(lambda: window.inner_text() != "W 1400 L -500", 30, "the window dragged", server)
+    wait_until(lambda: np.abs(views(page, tmp_path) - before_drag).mean() > 1, 30, "the views redrawn", server)
+    page.click("#lg-window-reset")
+    wait_until(lambda: window.inner_text() == opened, 30, "the window it opened with", server)
+
     # A CT slice is not a chest X-ray: no report approximated, nothing segmented, the warning beside the report box.
     page.click("#lg-scope-slice")
     page.click("#lg-segment")
@@ -350,21 +455,25 @@ def test_cancel_on_a_volume_leaves_the_scene_unchanged(serve, page, tmp_path):
     assert page.input_value("#lg-report") == "" and page.locator("#lg-segment-anyway").count() == 0
     assert "does not look like a frontal chest X-ray" in warnings_shown(page)
     assert re.search(r"^Done .* guided by the image alone: .* of slice \d+ ", status(page))
+    # Its size in a clinician's units: mm² and share of the slice segmented, ml and share of the volume.
+    assert re.fullmatch(r"Segment 'Infection': slice \d+: \d+ mm² \(\d+\.\d% of the slice\); whole segment: "
+                        r"\d+\.\d ml \(\d+\.\d\d% of the volume\)", page.inner_text("#lg-segment-summary"))
     before = segment_summary(page)
     # Scrolling the axial view runs again for the new slice: held back again (no report), the segment kept.
-    box = page.locator("#lg-views img").first.bounding_box()
+    shown_slice = view_text(page, "Red", "slice")
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     for _ in range(3):
         page.mouse.wheel(0, 120)
     page.wait_for_selector("#lg-segment-anyway", timeout=RUN_TIMEOUT)
     assert status(page).startswith("Nothing was segmented") and segment_summary(page) == before
+    assert view_text(page, "Red", "slice") != shown_slice
 
     page.click("#lg-scope-volume")
     page.click("#lg-segment")
     page.wait_for_selector("#lg-cancel", timeout=RUN_TIMEOUT)
     page.wait_for_function("document.querySelector('#lg-status').innerText.includes('Segmenting slice')",
                            timeout=RUN_TIMEOUT)
-    page.click("#lg-cancel")
+    page.keyboard.press("Escape")  # as the Cancel button shown beside Segment
     page.wait_for_function("document.querySelector('#lg-status').innerText.includes('Cancelled')",
                            timeout=RUN_TIMEOUT)
     assert "the scene was not changed" in status(page)
@@ -421,7 +530,7 @@ def test_bad_uploads_give_one_message_and_a_good_one_works(serve, page, tmp_path
     assert list(server.uploads.iterdir()) == []
 
     for upload, message in ((not_an_image, "cannot read"), (four_d, "4D images are not supported")):
-        page.set_input_files("#lg-upload", str(upload))
+        choose_files(page, "#lg-upload-button", str(upload))
         page.wait_for_selector("#lg-error", timeout=60000)
         assert page.locator("#lg-error").count() == 1
         assert message in page.inner_text("#lg-error")
@@ -429,14 +538,17 @@ def test_bad_uploads_give_one_message_and_a_good_one_works(serve, page, tmp_path
         assert list(server.uploads.iterdir()) == []  # nothing of a failed upload is kept
         page.click("#lg-error button")  # dismiss
 
-    page.set_input_files("#lg-upload", str(_qata_image(APPROXIMATION_IMAGE)))
+    choose_files(page, "#lg-upload-button", str(_qata_image(APPROXIMATION_IMAGE)))
     page.wait_for_function("document.querySelector('#lg-status').innerText.includes('224 x 224 image')",
                            timeout=60000)
     assert page.locator("#lg-error").count() == 0
     wait_until(lambda: views(page, tmp_path).std() > 20, 60, "the uploaded X-ray in the view", server)
+    # The upload is in the Image list, shown as the image open.
+    assert page.inner_text(".v-select:has(#lg-file) .v-select__selection-text") == \
+        f"{APPROXIMATION_IMAGE}.png (uploaded)"
 
     # A DICOM folder (a 512 x 512 x 20 CT series), read as the series in it: three slice views.
-    page.set_input_files("#lg-upload-folder", str(_need(DICOM)))
+    choose_files(page, "#lg-upload-folder-button", str(_need(DICOM)))
     page.wait_for_function("document.querySelector('#lg-status').innerText.includes('512 x 512 x 20 volume')",
                            timeout=60000)
     wait_until(lambda: page.locator("#lg-views img").count() == 3, 60, "three slice views", server)
@@ -489,10 +601,11 @@ def _post(url: str, data: bytes, headers: Optional[dict] = None) -> tuple[int, b
 
 def test_token_guards_page_websocket_and_uploads(serve, page, tmp_path):
     """Issue test 6: with a token required, requests without it get nothing; with it, the page works."""
-    token = "T0ken-for-the-test"
+    token = "T0ken-for-the-test-of-the-web-page"
     server = serve("--token", token, "--max-upload", "1kB")
     assert server.url == f"{server.base}?token={token}"
     base, ws = server.base, server.base.replace("http://", "ws://") + "ws"
+    cookie = f"lgseg_token_{base.rstrip('/').rsplit(':', 1)[1]}={token}"  # the cookie of this server's port
     for path in ("", "index.html", "__lgseg/upload.js"):
         assert _get(base + path) == (403, b""), path
     assert _get(f"{base}?token=wrong-token") == (403, b"")
@@ -501,16 +614,16 @@ def test_token_guards_page_websocket_and_uploads(serve, page, tmp_path):
     assert _post(base + "upload", b"x" * 10)[0] == 403
 
     assert _websocket(f"{ws}?token={token}") == 101
-    assert _websocket(ws, cookie=f"lgseg_token={token}") == 101
+    assert _websocket(ws, cookie=cookie) == 101
     # Another web site open in the same browser cannot use the cookie: its Origin is refused.
-    assert _websocket(ws, cookie=f"lgseg_token={token}", origin="http://elsewhere.example") == 403
-    assert _websocket(ws, cookie=f"lgseg_token={token}", origin=base.rstrip("/")) == 101
+    assert _websocket(ws, cookie=cookie, origin="http://elsewhere.example") == 403
+    assert _websocket(ws, cookie=cookie, origin=base.rstrip("/")) == 101
     code, body = _post(f"{base}upload?token={token}", b"x" * 4096)  # over --max-upload 1kB
     assert code == 413 and "larger than this server's limit of 1 kB" in json.loads(body)["error"]
     assert list(server.uploads.iterdir()) == []
 
     with urllib.request.urlopen(urllib.request.Request(base + "index.html",
-                                                       headers={"Cookie": f"lgseg_token={token}"})) as served:
+                                                       headers={"Cookie": cookie})) as served:
         assert served.status == 200 and served.headers["X-Frame-Options"] == "DENY"  # no framing by other sites
         assert served.headers["Referrer-Policy"] == "no-referrer"
 
@@ -531,11 +644,11 @@ def test_token_guards_page_websocket_and_uploads(serve, page, tmp_path):
 def test_access_rules():
     assert is_loopback("127.0.0.1") and is_loopback("127.3.2.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
-    assert resolve_token("127.0.0.1", None) is None
-    generated = resolve_token("0.0.0.0", None)
-    assert generated and len(generated) >= 24 and generated != resolve_token("0.0.0.0", None)
-    assert resolve_token("127.0.0.1", "given-token") == "given-token"
-    for bad in ("short", "has space 123", "semi;colon12"):
+    assert resolve_token("127.0.0.1", None, no_token=True) is None  # the explicit opt-out, loopback only
+    generated = resolve_token("127.0.0.1", None)  # a token on loopback too
+    assert generated and len(generated) >= 43 and generated != resolve_token("0.0.0.0", None)
+    assert resolve_token("127.0.0.1", "given-token-" + "x" * 20) == "given-token-" + "x" * 20
+    for bad in ("short", "x" * 31, "has space " + "1" * 30, "semi;colon" + "1" * 30):
         with pytest.raises(Exception, match="--token"):
             resolve_token("127.0.0.1", bad)
     assert parse_size("2GB") == 2 * 1024 ** 3 and parse_size("500MB") == 500 * 1024 ** 2
@@ -546,6 +659,32 @@ def test_access_rules():
     assert safe_name("scan/series/IM0001", 0) == "IM0001"
     assert safe_name("../../etc/passwd", 3) == "passwd"
     assert safe_name("..", 4) == "file-4" and safe_name(".hidden", 5) == "file-5"
+
+
+def test_viewer_letters_presets_and_sizes():
+    from languageguidedseg.web.viewer import looks_like_ct, orientation_letters, segment_size
+
+    # Slicer's default axial, coronal and sagittal SliceToRAS: (left, right, top, bottom) edges.
+    axial = np.array([[-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    coronal = np.array([[-1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    sagittal = np.array([[0, 0, 1, 0], [-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]])
+    for matrix, expected in ((axial, "RLAP"), (coronal, "RLSI"), (sagittal, "APSI")):
+        got = orientation_letters(matrix)
+        assert "".join(got[edge] for edge in ("left", "right", "top", "bottom")) == expected
+    assert looks_like_ct(-1024.0) and not looks_like_ct(0.0)
+
+    image = np.zeros((10, 10), np.uint8)
+    image[:1, :5] = 1
+    assert segment_size(image, (2.0, 2.0), axis=2, slice_index=0, is_volume=False, has_spacing=True) == \
+        "20 mm² (5.0% of the image)"
+    assert segment_size(image, (1.0, 1.0), axis=2, slice_index=0, is_volume=False, has_spacing=False) == \
+        "5 pixels (5.0% of the image; the file gives no pixel spacing)"
+    volume = np.zeros((2, 10, 10), np.uint8)
+    volume[1, :1, :] = 1  # k = 1: 10 voxels of 10 x 10 x 10 mm
+    assert segment_size(volume, (10.0, 10.0, 10.0), axis=2, slice_index=1, is_volume=True, has_spacing=True) == \
+        "slice 2: 1000 mm² (10.0% of the slice); whole segment: 10.0 ml (5.00% of the volume)"
+    assert segment_size(volume, (10.0, 10.0, 10.0), axis=None, slice_index=None, is_volume=True,
+                        has_spacing=True) == "whole segment: 10.0 ml (5.00% of the volume)"
 
 
 def test_serve_refuses_bad_arguments_in_one_line(tmp_path):

@@ -70,7 +70,7 @@ document.addEventListener('load', (event) => {
 
 def start_server(image: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """``lgseg serve`` on a free port; its process and the address it printed."""
-    process = subprocess.Popen([*os.environ.get("LGSEG_SERVE_CMD", f"{sys.executable} -m languageguidedseg.cli").split(), "serve", str(image), "--model",
+    process = subprocess.Popen([sys.executable, "-m", "languageguidedseg.cli", "serve", str(image), "--model",
                                 "qata-cxr", "--port", "0"], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines: queue.Queue[str] = queue.Queue()

@@ -20,10 +20,9 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -179,7 +178,7 @@ def manifest_inputs(manifest: Path) -> list[BatchItem]:
     the manifest's folder), and optionally ``report`` (empty: none, the prototype bank guides), ``model`` (empty: the
     command's) and ``output`` (the mask's path relative to the output folder, with a mask suffix; empty: the
     image's path relative to the manifest's folder, or to the images' common folder when they are not all under
-    it). The whole manifest is checked before any image is segmented."""
+    it: those without an output). The whole manifest is checked before any image is segmented."""
     suffix = full_suffix(manifest)
     if suffix not in MANIFEST_SUFFIXES:
         raise LgsegError(f"'{manifest}' is neither a folder nor a manifest; give a folder of images, a .csv or a "
@@ -194,7 +193,7 @@ def manifest_inputs(manifest: Path) -> list[BatchItem]:
         raise LgsegError(f"manifest '{manifest}' lists no images; add one row per image")
     base = manifest.resolve().parent
     paths = [Path(os.path.normpath(base / row["image"])) for _, row in rows]  # an absolute image stays as it is
-    elsewhere = [str(p.parent) for p in paths if not _is_under(p, base)]
+    elsewhere = [str(p.parent) for p, (_, row) in zip(paths, rows) if not row.get("output") and not _is_under(p, base)]
     common = Path(os.path.commonpath(elsewhere)) if elsewhere else base  # images elsewhere: from the folder they share
     items = []
     for (line, row), path in zip(rows, paths):
@@ -500,20 +499,12 @@ class Engine(Protocol):
         """Stop the workers (what they run is lost; masks are written atomically)."""
 
 
-@contextlib.contextmanager
-def interrupts_held() -> Iterator[None]:
-    """Ctrl+C (SIGINT) blocked in this thread while worker processes start, so that they inherit it blocked: the
-    terminal's Ctrl+C then reaches only this process, which stops the batch after the images being segmented,
-    instead of killing the workers in the middle of one. The thread's own mask is restored at once (a Ctrl+C in
-    between arrives then); a no-op where there are no signal masks (Windows) or off the main thread."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+def ignore_interrupts() -> None:
+    """In a worker process the batch started: ignore Ctrl+C (SIGINT). The terminal sends it to every process of the
+    command; the batch's own process then stops handing out inputs and waits for the images being segmented, which
+    the workers finish instead of dying in the middle of one. A no-op off the main thread."""
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers() -> int:
@@ -535,9 +526,8 @@ class LocalPool:
         self._workers: list[tuple[Any, Connection]] = []
         self._busy: dict[int, tuple[int, BatchItem]] = {}  # worker slot -> the input it segments
         try:
-            with interrupts_held():
-                for _ in range(workers):
-                    self._workers.append(self._start())
+            for _ in range(workers):
+                self._workers.append(self._start())
         except BaseException:
             self.close()
             raise
@@ -572,8 +562,7 @@ class LocalPool:
                 process.join(5)
                 row = failure_row(item, f"the worker process segmenting it stopped (exit code {process.exitcode}; "
                                         "out of memory?); check the input, or use fewer workers")
-                with interrupts_held():
-                    self._workers[slot] = self._start()
+                self._workers[slot] = self._start()
             del self._busy[slot]
             rows.append((index, row))
         return rows
@@ -593,7 +582,8 @@ class LocalPool:
 
 def serve_items(connection: Connection, settings: BatchSettings, workers: int) -> None:
     """A worker process of :class:`LocalPool`: segment the inputs it is sent until it is sent None. This process is
-    the batch's own, so it sets its thread count: the cores shared out among the workers."""
+    the batch's own, so it sets its thread count (the cores shared out among the workers) and ignores Ctrl+C."""
+    ignore_interrupts()
     import torch
 
     from .inference import available_cores

@@ -247,3 +247,60 @@ def _reference_slice_ms(device: torch.device, repeats: int) -> float:
         return torch.sigmoid(network(images, tokens, batch["attention_mask"].bool()))
 
     return _median_ms(step, repeats)
+
+
+def run_batch_benchmark(data_dir: str, images: int = 200, per_process_images: int = 20, device: str = "cpu",
+                        workers: int | None = None) -> dict[str, float | int | str | None]:
+    """Throughput of batch segmentation against one ``lgseg segment`` process per image, in the same run.
+
+    The first ``images`` images of the val split of ``data_dir`` (QaTa-COV19) with their reports (in the data set's
+    sides) go into a manifest, segmented by one whole ``lgseg segment MANIFEST --output FOLDER`` command:
+    ``batch_images_per_s`` is ``images`` over its wall time (start-up, model loads and writing results.csv
+    included). ``per_process_images_per_s``: the first ``per_process_images`` of them, each by its own ``lgseg segment
+    IMAGE --report ...`` process, one after the other (a smaller sample: each costs a whole start-up).
+    """
+    import csv
+    import json
+
+    from .data import load_split
+    from .errors import LgsegError
+
+    samples = load_split(data_dir, "val", validate=False)[:images]
+    if len(samples) < images:
+        raise LgsegError(f"the val split of '{data_dir}' has {len(samples)} images, fewer than {images}")
+    # The model named, as a researcher segmenting a data set would: --model auto also judges each image with every
+    # installed model, and refuses the few that no model's domain covers.
+    command = [sys.executable, "-m", "languageguidedseg.cli", "segment", "--model", "qata-cxr", "--device", device,
+               "--sides", "image", "--quiet"]
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        manifest = tmp / "manifest.csv"
+        with open(manifest, "w", newline="", encoding="utf-8") as file:
+            writer = csv.writer(file)
+            writer.writerow(["image", "report"])
+            writer.writerows([str(s.image_path.resolve()), s.report or ""] for s in samples)
+        start = time.perf_counter()
+        done = subprocess.run([*command, str(manifest), "--output", str(tmp / "masks"), "--json",
+                               *(["--workers", str(workers)] if workers else [])], capture_output=True, text=True)
+        batch_s = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"the batch failed (exit code {done.returncode}): {done.stderr[-500:]}")
+        if json.loads(done.stdout.splitlines()[-1])["done"] != images:
+            raise RuntimeError(f"the batch did not segment all {images} images")
+        start = time.perf_counter()
+        for index, sample in enumerate(samples[:per_process_images]):
+            subprocess.run([*command, str(sample.image_path), "--report", sample.report or "",
+                            "--output", str(tmp / f"single-{index}.png")], check=True, capture_output=True)
+        per_process_s = time.perf_counter() - start
+    batch_rate = images / batch_s
+    per_process_rate = min(per_process_images, len(samples)) / per_process_s
+    return {
+        "batch_images_per_s": round(batch_rate, 2),
+        "per_process_images_per_s": round(per_process_rate, 3),
+        "batch_speedup": round(batch_rate / per_process_rate, 1),
+        "batch_images": images,
+        "per_process_images": min(per_process_images, len(samples)),
+        "batch_s": round(batch_s, 2),
+        "workers": workers,
+        "device": device,
+    }

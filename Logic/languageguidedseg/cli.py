@@ -179,15 +179,15 @@ def _segment_batch(args: argparse.Namespace) -> int:
         model=batch.absolute_model(args.model), device=args.device, threshold=args.threshold, sides=args.sides,
         format=args.format, save_reports=args.save_reports)
     items = batch.collect_inputs(args.image, args.output, args.format)
-    batch.prepare_output(settings)
     if args.cluster:
-        from .cluster import DaskEngine
+        from .cluster import DaskEngine  # the [cluster] extra: a missing one says so before anything is written
 
         def start() -> Any:
             return DaskEngine(args.cluster, settings, workers)
     else:
         def start() -> Any:
             return batch.LocalPool(settings, workers)
+    batch.prepare_output(settings)
     progress = batch.ProgressBar(enabled=not args.quiet)
     try:
         summary = batch.run_batch(settings, items, start, progress)
@@ -387,9 +387,13 @@ def _probes(segmenter: Segmenter, samples: Sequence[Sample], args: argparse.Name
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import run_benchmark
+    from .benchmark import run_batch_benchmark, run_benchmark
 
-    figures = run_benchmark(device=args.device, volume_slices=args.volume_slices, repeats=args.repeats)
+    if args.batch:
+        figures = run_batch_benchmark(args.data, images=args.batch_images, per_process_images=args.per_process_images,
+                                      device=args.device, workers=args.workers)
+    else:
+        figures = run_benchmark(device=args.device, volume_slices=args.volume_slices, repeats=args.repeats)
     if args.json:
         print(json.dumps(figures))
     else:
@@ -479,6 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_json_option(bench)
     bench.add_argument("--volume-slices", type=at_least(1), default=100)
     bench.add_argument("--repeats", type=at_least(1), default=10)
+    bench.add_argument("--batch", action="store_true",
+                       help="instead: batch segmentation's images/s against one lgseg segment process per image")
+    bench.add_argument("--data", default="../shared/data/qata-cov19", help="--batch: the data set (val split)")
+    bench.add_argument("--batch-images", type=at_least(1), default=200, help="--batch: images in the batch")
+    bench.add_argument("--per-process-images", type=at_least(1), default=20,
+                       help="--batch: images segmented by one process each")
+    bench.add_argument("--workers", type=at_least(1), help="--batch: the batch's workers (default: its own)")
     bench.set_defaults(func=_benchmark)
 
     from .web.command import add_serve_command  # the web page: needs the [web] extra only when it runs

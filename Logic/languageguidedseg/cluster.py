@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from distributed import Client, Future, LocalCluster, WorkerPlugin, get_worker
 
-from .batch import BatchItem, BatchSettings, Row, failure_row, interrupts_held, segment_item
+from .batch import BatchItem, BatchSettings, Row, failure_row, ignore_interrupts, segment_item
 from .errors import LgsegError
 from .runner import ModelCache
 
@@ -29,8 +29,9 @@ class ModelsPlugin(WorkerPlugin):
     """Lives in each worker: the batch's settings and the models loaded there, one cache per worker thread.
 
     ``threads``: the torch thread count to set in each worker, only for workers that the batch started itself
-    (``--cluster local``); a cluster's own workers keep what it configures (Dask sets ``OMP_NUM_THREADS=1`` and runs
-    one task per worker thread).
+    (``--cluster local``), which also ignore Ctrl+C (see :func:`languageguidedseg.batch.ignore_interrupts`); a
+    cluster's own workers keep what it configures (Dask sets ``OMP_NUM_THREADS=1`` and runs one task per worker
+    thread).
     """
 
     def __init__(self, settings: BatchSettings, threads: Optional[int] = None):
@@ -41,6 +42,7 @@ class ModelsPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         self._local = threading.local()  # the plugin arrives pickled; a thread-local object does not pickle
         if self.threads is not None:
+            ignore_interrupts()  # setup runs in the worker's main thread
             import torch
 
             torch.set_num_threads(self.threads)
@@ -60,7 +62,7 @@ class ModelsPlugin(WorkerPlugin):
 
 def _segment_on_worker(item: BatchItem, plugin: str) -> Row:
     """The task: one input, with the models held by this worker's plugin."""
-    return get_worker().plugins[plugin].segment(item)  # type: ignore[attr-defined, no-any-return]
+    return get_worker().plugins[plugin].segment(item)  # type: ignore[attr-defined]
 
 
 class DaskEngine:
@@ -79,9 +81,8 @@ class DaskEngine:
             if address == LOCAL:
                 from .inference import available_cores
 
-                with interrupts_held():  # the worker processes never get the terminal's Ctrl+C
-                    self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                 host="127.0.0.1", dashboard_address=None)
+                self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                             host="127.0.0.1", dashboard_address=None)
                 self._client = Client(self._cluster, set_as_default=False)
                 plugin = ModelsPlugin(settings, threads=max(1, available_cores() // workers))
             else:

@@ -79,9 +79,10 @@ def _header(source: Path, image_io: str = "") -> ImageHeader:
     except RuntimeError as exc:
         raise LgsegError(f"cannot read '{source}' as an image ({_reason(exc)}); use {_READABLE}") from exc
     pixel_id, components = reader.GetPixelID(), reader.GetNumberOfComponents()
-    # The size of one voxel of that type, asked of SimpleITK itself rather than tabulated here.
-    one = sitk.Image([1] * reader.GetDimension(), pixel_id, components) if components > 1 else \
-        sitk.Image([1] * reader.GetDimension(), pixel_id)
+    # The size of one voxel of that type, asked of SimpleITK itself rather than tabulated here (a complex voxel is
+    # one component of two numbers).
+    vector = sitk.GetPixelIDValueAsString(pixel_id).startswith("vector")
+    one = sitk.Image([1, 1], pixel_id, components) if vector else sitk.Image([1, 1], pixel_id)
     return ImageHeader(size=tuple(int(s) for s in reader.GetSize()), components=components,
                        pixel_type=sitk.GetPixelIDValueAsString(pixel_id),
                        bytes_per_pixel=one.GetSizeOfPixelComponent() * one.GetNumberOfComponentsPerPixel())
@@ -216,7 +217,7 @@ def read_mask(path: PathLike, segment_name: Optional[str] = None) -> np.ndarray:
 
 
 def _read_file(source: Path, image_io: str = "") -> sitk.Image:
-    _check_complete(source)
+    _check_complete(source, image_io)
     try:
         return sitk.ReadImage(str(source), imageIO=image_io)
     except RuntimeError as exc:
@@ -229,12 +230,16 @@ def _read_file(source: Path, image_io: str = "") -> sitk.Image:
         raise LgsegError(f"cannot read '{source}' as an image ({_reason(exc)}); use {_READABLE}") from exc
 
 
-def _check_complete(source: Path) -> None:
+def _check_complete(source: Path, image_io: str = "") -> None:
     """Refuse a cut-off JPEG or NIfTI file (an interrupted copy or download): their readers fill the missing part
-    with grey or zeros and only print a warning, if anything."""
+    with grey or zeros and only print a warning, if anything. The format is the suffix's, or ``image_io``'s where
+    the reader was chosen from the file's first bytes."""
     suffix = full_suffix(source)
+    if image_io == "NiftiImageIO" and suffix not in (".nii", ".nii.gz"):
+        with open(source, "rb") as file:
+            suffix = ".nii.gz" if file.read(2) == b"\x1f\x8b" else ".nii"
     cut = f"'{source}' is incomplete (cut off, e.g. by an interrupted copy); copy the whole file again"
-    if suffix in (".jpg", ".jpeg"):
+    if suffix in (".jpg", ".jpeg") or image_io == "JPEGImageIO":
         data = source.read_bytes()
         # The main image's scan data (after its last start-of-scan marker) ends with the end-of-image marker.
         if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
@@ -315,13 +320,17 @@ def _confined_format(source: Path) -> str:
     image_io = _sniff(head, source)
     if image_io is None:
         raise LgsegError(f"cannot read '{source}': it is not a file type the page opens; use {_CONFINED_READABLE}")
-    if image_io in _DATA_FILE_LINE:
-        for name in _data_files(source, image_io):
-            if not _beside(source, name):
-                shown = name if len(name) <= 60 else name[:57] + "..."
-                raise LgsegError(f"'{source}' names the data file '{shown}', which is not in the same upload; only "
-                                 "files uploaded together with a header are read: upload the header and its data "
-                                 "files as one folder")
+    names = _data_files(source, image_io) if image_io in _DATA_FILE_LINE else []
+    if image_io == "NiftiImageIO" and full_suffix(source) == ".hdr":  # the voxels are in the .img beside it
+        names = [source.stem + (".img.gz" if source.with_suffix(".img.gz").is_file() else ".img")]
+    for name in names:
+        if not _plain_name(name):
+            raise LgsegError(f"'{source}' names a data file outside the upload; only files uploaded together with "
+                             "a header are read: upload the header and its data files as one folder")
+        if not _beside(source, name):
+            shown = name if len(name) <= 60 else name[:57] + "..."
+            raise LgsegError(f"'{source}' names the data file '{shown}', which is not in the same upload; upload the "
+                             "header and its data files together, as one folder")
     return image_io
 
 
@@ -396,11 +405,13 @@ def _numbered_names(source: Path, value: str) -> list[str]:
     return [pattern % number for number in range(first, last + (1 if step > 0 else -1), step)]
 
 
+def _plain_name(name: str) -> bool:
+    """A file name with no folder in it (relative or absolute), so that it can only name a file beside its header."""
+    return bool(name) and name not in (".", "..") and not any(ch in name for ch in "/\\\0:")
+
+
 def _beside(header: Path, name: str) -> bool:
-    """Whether ``name`` is a plain file name of a regular file in the header's own folder (no other folder, no
-    link)."""
-    if not name or name in (".", "..") or any(ch in name for ch in "/\\\0") or ":" in name:
-        return False
+    """Whether the plain file name ``name`` is a regular file in the header's own folder (not a link)."""
     target = header.parent / name
     return target.is_file() and not target.is_symlink()
 

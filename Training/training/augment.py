@@ -19,7 +19,16 @@ from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_tensor
 
 from languageguidedseg.config import PreprocessConfig
-from languageguidedseg.corruptions import jpeg_roundtrip, rotate_hue, scale_saturation
+from languageguidedseg.corruptions import (
+    add_borders,
+    add_highlights,
+    draw_overlay,
+    jpeg_roundtrip,
+    mask_field_of_view,
+    resample,
+    rotate_hue,
+    scale_saturation,
+)
 
 from .config import AugmentationConfig
 
@@ -67,6 +76,53 @@ class RandImageOpd(RandomizableTransform, MapTransform):
         return d
 
 
+class RandHighlightsd(RandomizableTransform, MapTransform):
+    """With probability ``prob``, from 1 to ``count`` specular highlights at places drawn from the transform's
+    random state."""
+
+    def __init__(self, count: int, prob: float):
+        MapTransform.__init__(self, "image")
+        RandomizableTransform.__init__(self, prob)
+        self.count, self.value, self.seed = count, 1, 0
+
+    def randomize(self, data: Optional[Any] = None) -> None:
+        super().randomize(None)
+        self.value = int(self.R.randint(1, self.count + 1))
+        self.seed = int(self.R.randint(0, 2 ** 31 - 1))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                d[key] = add_highlights(convert_to_tensor(d[key], track_meta=False, dtype=torch.float32),
+                                        self.value, self.seed)
+        return d
+
+
+class RandBorderd(RandomizableTransform, MapTransform):
+    """With probability ``prob``, black bars of a share of the width drawn from [0, ``share``] added left and right,
+    and the frame resampled back to its size: a letterboxed frame as the network sees it (``mask`` keeps up)."""
+
+    def __init__(self, share: float, prob: float):
+        MapTransform.__init__(self, ("image", "mask"))
+        RandomizableTransform.__init__(self, prob)
+        self.share, self.value = share, 0.0
+
+    def randomize(self, data: Optional[Any] = None) -> None:
+        super().randomize(None)
+        self.value = float(self.R.uniform(0.0, self.share))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if self._do_transform:
+            for key in self.key_iterator(d):
+                x = convert_to_tensor(d[key], track_meta=False)
+                d[key] = resample(add_borders(x, self.value), *x.shape[1:], mask=key == "mask")
+        return d
+
+
 def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig) -> Optional[Any]:
     """MONAI dictionary transforms for ``{"image", "mask"}`` (``preprocess`` says how images were normalised);
     None when every augmentation is off."""
@@ -79,6 +135,7 @@ def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig) -> Optio
         RandGaussianSmoothd,
         RandScaleIntensityd,
         RandShiftIntensityd,
+        RandSimulateLowResolutiond,
     )
 
     size = preprocess.size
@@ -109,8 +166,20 @@ def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig) -> Optio
         if config.blur_sigma:
             sigma = (0.25, max(0.25, config.blur_sigma))
             appearance.append(RandGaussianSmoothd(keys="image", sigma_x=sigma, sigma_y=sigma, prob=p))
+        if config.resolution:
+            appearance.append(RandSimulateLowResolutiond(keys="image", prob=p, downsample_mode="area",
+                                                         upsample_mode="bilinear",
+                                                         zoom_range=(1.0 - config.resolution, 1.0)))
+        if config.specular:
+            appearance.append(RandHighlightsd(config.specular, p))
+        if config.fov_radius:
+            appearance.append(RandImageOpd("image", mask_field_of_view, config.fov_radius, 1.0, p))
+        if config.overlay_lines:
+            appearance.append(RandImageOpd("image", draw_overlay, 1, config.overlay_lines, p, integer=True))
         if config.jpeg_quality:  # last, as a camera's encoder would be
             appearance.append(RandImageOpd("image", jpeg_roundtrip, config.jpeg_quality, 95, p, integer=True))
+        if config.border:  # squeezes the mask too; the letterbox bars stay black
+            appearance.append(RandBorderd(config.border, p))
         transforms += [UnitRanged("image", preprocess.mean, preprocess.std), *appearance,
                        UnitRanged("image", preprocess.mean, preprocess.std, inverse=True)]
     return Compose(transforms)

@@ -127,11 +127,21 @@ class AugmentationConfig(Config):
     gamma: float = 0.0  # contrast: intensities to the power 1 +- gamma
     blur_sigma: float = 0.0  # Gaussian blur, sigma from 0.25 to blur_sigma pixels of the network's input
     jpeg_quality: int = 0  # JPEG round trip at a quality from jpeg_quality to 95; 0 = off
+    # The frame of another video system (lgseg evaluate --corrupt border, resize, overlay, specular, fov).
+    border: float = 0.0  # black bars of up to this share of the width left and right, image and mask squeezed
+    resolution: float = 0.0  # down-sampled to a factor from 1 - resolution to 1 and back (a coarser camera)
+    overlay_lines: int = 0  # up to this many lines of on-screen text
+    specular: int = 0  # up to this many added specular highlights
+    fov_radius: float = 0.0  # black outside a circle of radius drawn from fov_radius to 1 (of the half-diagonal)
     appearance_probability: float = 0.25
 
     def __post_init__(self) -> None:
         if not 0 <= self.jpeg_quality <= 95:
             raise LgsegError(f"augmentation jpeg_quality must lie in 1-95 (0 = off), not {self.jpeg_quality}")
+        if not (0.0 <= self.border <= 1.0 and 0.0 <= self.resolution < 1.0 and self.overlay_lines >= 0
+                and self.specular >= 0 and (self.fov_radius == 0.0 or 0.3 <= self.fov_radius <= 1.0)):
+            raise LgsegError("augmentation: border must lie in [0, 1], resolution in [0, 1), overlay_lines and "
+                             "specular 0 or more, fov_radius in [0.3, 1] (0 = off)")
         if not 0.0 <= self.appearance_probability <= 1.0:
             raise LgsegError(f"augmentation appearance_probability must lie in [0, 1], not "
                              f"{self.appearance_probability}")
@@ -143,7 +153,8 @@ class AugmentationConfig(Config):
     @property
     def appearance_enabled(self) -> bool:
         return any((self.colour_balance, self.hue_degrees, self.saturation, self.gamma, self.blur_sigma,
-                    self.jpeg_quality))
+                    self.jpeg_quality, self.border, self.resolution, self.overlay_lines, self.specular,
+                    self.fov_radius))
 
 
 @dataclass

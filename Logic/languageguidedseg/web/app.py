@@ -74,14 +74,24 @@ class WebApp(TrameApp):
         self._titles = [path.name for path in self._files]
         self._shown: Optional[Path] = None  # the file of the image shown
         self._window_observer: Optional[tuple[Any, int]] = None  # (display node, observer tag)
-        self._previous_mask: Optional[np.ndarray] = None  # the segment before the last run (Undo), None: none
-        self._mask: Optional[np.ndarray] = None  # the segment as shown
+        # The segment as shown and the one before the last run (for Undo; None: none), bit-packed: a CT's mask
+        # costs an eighth of a byte per voxel.
+        self._previous_mask: Optional[np.ndarray] = None
+        self._mask: Optional[np.ndarray] = None
         self._image: Any = None  # the SimpleITK image shown: the reference grid for downloads
         self._image_name = ""
         self._tasks: set = set()  # running asyncio tasks: referenced, so that none is garbage-collected mid-way
         self._preloading = False
 
+        # No --model: "auto", the installed model made for each image opened.
+        self.parameters = ReportLoopParameters(model=model or AUTO_MODEL, device=device, scope="slice",
+                                               sliceView="Red")
         self.slicer = SlicerApp()
+        # Left-drag in a slice view adjusts window/level, as Slicer's "Adjust window/level" mouse mode does (the
+        # wheel still scrolls slices, right-drag zooms, middle-drag pans): this page has no other use for left-drag.
+        interaction = self.slicer.scene.GetNodeByID("vtkMRMLInteractionNodeSingleton")
+        if interaction is not None:
+            interaction.SetCurrentInteractionMode(interaction.AdjustWindowLevel)
         # The views' own overlay (name, slice k of N, orientation letters, slider for volumes); views update at the full
         # frame rate whether or not the mouse is over them (a reader types in the report box while the mask changes).
         register_rca_factories(self.slicer.view_manager, self.server, slice_view_ui_f=self._view_ui,
@@ -109,9 +119,6 @@ class WebApp(TrameApp):
             view.render_window().AddObserver(vtkCommand.WindowResizeEvent,
                                              lambda *_, view=view: self._fit_after_resize(view))
 
-        # No --model: "auto", the installed model made for each image opened.
-        self.parameters = ReportLoopParameters(model=model or AUTO_MODEL, device=device, scope="slice",
-                                               sliceView="Red")
         self._runner = ThreadRunner()  # the event loop's thread idles without holding the GIL: a thread will do
         self.controller = ReportLoopController(self.parameters, slice_node_for=self._slice_node, runner=self._runner,
                                                run_button="Segment", debounce_s=LIVE_DEBOUNCE_SECONDS)
@@ -141,9 +148,6 @@ class WebApp(TrameApp):
         self.state.change("lg_sides")(self._on_sides)
         self.state.change("lg_opacity")(self._on_opacity)
         self.state.change("lg_file")(self._on_file)
-        self.state.change("lg_window_preset")(self._on_window_preset)
-        for view in self.slicer.view_manager.get_slice_views():
-            view.modified.connect(lambda *_: self._show_views())
 
     # State and page -----------------------------------------------------------------------------------------
 
@@ -181,7 +185,6 @@ class WebApp(TrameApp):
             "lg_can_window": False,
             "lg_is_ct": False,
             "lg_window": "",
-            "lg_window_preset": None,
             "lg_can_undo": False,
         })
 
@@ -242,16 +245,18 @@ class WebApp(TrameApp):
                 html.Input(type="file", id="lg-upload-folder", style="display: none", raw_attrs=["webkitdirectory"],
                            change="window.lgsegUpload($event.target.files); $event.target.value = ''")
                 v3.VBtn("Upload image", prepend_icon="mdi-file-upload", size="small", variant="tonal",
-                        click="document.getElementById('lg-upload').click()", loading=("lg_uploading",),
+                        id="lg-upload-button", click="window.lgsegChoose('lg-upload')", loading=("lg_uploading",),
                         disabled=("lg_busy",))
                 v3.VBtn("DICOM folder", prepend_icon="mdi-folder-upload", size="small", variant="tonal",
-                        click="document.getElementById('lg-upload-folder').click()", disabled=("lg_busy",))
+                        id="lg-upload-folder-button", click="window.lgsegChoose('lg-upload-folder')",
+                        disabled=("lg_busy",))
             v3.VSelect(label="Model", items=("lg_models",), v_model=("lg_model",), id="lg-model",
                        density="compact", hide_details=True, disabled=("lg_busy",))
             html.Div("{{ lg_model_info }}", id="lg-model-info", classes="text-caption text-medium-emphasis")
             v3.VTextarea(label="Report", v_model=("lg_report",), id="lg-report", rows=4, auto_grow=True,
-                         hide_details=True, classes="lg-report", disabled=("lg_long_run",),
-                         placeholder="Type or paste the report; leave empty to approximate it from the image")
+                         hide_details="auto", classes="lg-report", disabled=("lg_long_run",),
+                         placeholder="Type or paste the report; leave empty to approximate it from the image",
+                         hint="Enter segments, Shift+Enter starts a new line, Escape cancels", persistent_hint=False)
             html.Div("{{ lg_report_message }}", id="lg-report-status",
                      classes=("lg_report_kind === 'approximated' ? 'text-caption text-warning font-italic' "
                               ": 'text-caption text-medium-emphasis'",))
@@ -283,8 +288,17 @@ class WebApp(TrameApp):
                         disabled=("!lg_loaded || lg_busy",))
                 v3.VBtn("Cancel", id="lg-cancel", v_if="lg_long_run", color="error", variant="tonal",
                         click=self._on_cancel)
+                v3.VBtn("Undo", id="lg-undo", prepend_icon="mdi-undo", variant="tonal",
+                        click=self._undo, disabled=("!lg_can_undo || lg_busy",))
             v3.VProgressLinear(v_if="lg_long_run", model_value=("lg_progress",), id="lg-progress", height=8,
                                color="primary", rounded=True)
+            with html.Div(v_if="lg_can_window", id="lg-window-presets", classes="d-flex flex-wrap align-center ga-1"):
+                html.Span("Window", classes="text-body-2 mr-1")
+                for preset, label in (("auto", "Auto"), *((name, name.capitalize()) for name in WINDOW_PRESETS),
+                                      ("reset", "Reset")):
+                    v3.VBtn(label, id=f"lg-window-{preset.replace(' ', '-')}", size="small", variant="tonal",
+                            v_if="lg_is_ct" if preset in WINDOW_PRESETS else None,
+                            click=(self._set_window, f"['{preset}']"))
             v3.VSlider(label="Segment opacity", v_model=("lg_opacity",), min=0, max=1, step=0.05, id="lg-opacity",
                        density="compact", hide_details=True, disabled=("!lg_has_segment",))
             html.Div("{{ lg_segment.text }}", v_if="lg_has_segment", id="lg-segment-summary",
@@ -352,7 +366,7 @@ class WebApp(TrameApp):
     # Opening images -------------------------------------------------------------------------------------------
 
     def _on_file(self, lg_file: Optional[int] = None, **_: Any) -> None:
-        if lg_file is None or not 0 <= lg_file < len(self._files):
+        if lg_file is None or not 0 <= lg_file < len(self._files) or self._files[lg_file] == self._shown:
             return
         path = self._files[lg_file]
         self._start(self.open_path(path, path.name))  # shows its own errors
@@ -391,12 +405,15 @@ class WebApp(TrameApp):
             volume.CreateDefaultDisplayNodes()  # RGB volumes: shown as colour, as Slicer shows them
         self._image, self._image_name = image, stem or "image"
         self._uploads.show(path)  # the upload of the image replaced is deleted
+        self._list_file(path, name)
         is_volume = len(spatial_shape(image)) == 3 and spatial_shape(image)[0] > 1
         self.layouts.set_layout("volume" if is_volume else "image")
         self.slicer.display_manager.show_volume_in_slice_background(volume)
         self.slicer.display_manager.reset_views()
         self._fit_pending = {view.get_singleton_tag() for view in self.slicer.view_manager.get_slice_views()}
         self.parameters.inputVolume = volume
+        self._previous_mask = self._mask = None
+        self._watch_window(volume, image)
         self.controller.clear_report()
         self.controller.watch_slices()
         self._show_sides_label()  # from the new image's geometry
@@ -405,16 +422,147 @@ class WebApp(TrameApp):
         self.state.update({
             "lg_loaded": True, "lg_is_volume": is_volume, "lg_has_segment": False, "lg_segment": {},
             "lg_error": "", "lg_scope": self.parameters.scope if is_volume else "slice",
-            "lg_file": self._files.index(path) if path in self._files else None,  # an upload is not in the list
+            "lg_file": self._files.index(path), "lg_can_undo": False,
             "lg_status": f"{name}: {' x '.join(str(s) for s in reversed(spatial_shape(image)))} "
                          f"{'volume' if is_volume else 'image'}. Type a report or press Segment.",
         })
+        self._show_views()
         self._render_all()
         if not self._preloading:
             # Load the model while the user reads the image, so that the first Segment does not wait for it; into
             # the controller's own cache. A failure here is reported by the first run, which loads it again.
             self._preloading = True
             threading.Thread(target=self._load_model, name="LanguageGuidedSeg model", daemon=True).start()
+
+    def _list_file(self, path: Path, name: str) -> None:
+        """Put an upload in the Image list, and take out uploads the server has deleted since (an upload is deleted
+        when another image replaces it, see UploadFolder.show)."""
+        self._shown = path
+        if path not in self._files:
+            self._files.append(path)
+            self._titles.append(f"{name} (uploaded)")
+        kept = [index for index, file in enumerate(self._files) if file.exists()]
+        self._files = [self._files[index] for index in kept]
+        self._titles = [self._titles[index] for index in kept]
+        self.state.lg_files = self._file_items()
+
+    # The views: names, slices, orientation, window/level ---------------------------------------------------------
+
+    def _view_ui(self, server: Any, view_id: str, view: Any) -> None:
+        """The overlay of one slice view (trame-slicer calls this as it creates the view): its name, the slice
+        number out of the total, the orientation letters at its edges, the window/level, a button that fits the image
+        again, and a slice slider for volumes only. Text on the image has a shadow so it reads on white too."""
+        from trame_slicer.app.logic.slice_view_logic import connect_slice_view_slider_to_state
+        from trame_slicer.app.ui import Slider
+
+        tag = view.get_singleton_tag()
+        info = f"lg_views['{tag}']"
+        view.modified.connect(lambda *_: self._show_views())  # a scrolled, moved or refitted view
+        # No multisampling (VTK's default is 8 samples a pixel): a slice view shows an image, whose pixels gain nothing
+        # from it, and software rendering (Mesa, no GPU) takes several times longer with it.
+        view.render_window().SetMultiSamples(0)
+        text = "position: absolute; color: #fff; text-shadow: 0 0 3px #000, 0 0 2px #000; pointer-events: none;"
+        with html.Div(v_if=info, classes=f"text-body-2 lg-overlay-{tag}",
+                      style="position: absolute; inset: 0; pointer-events: none;"):
+            with html.Div(style=f"{text} top: 6px; left: 10px;", classes=f"lg-view-info lg-view-{tag}"):
+                html.Div(f"{{{{ {info}.name }}}}", classes="font-weight-bold lg-view-name")
+                html.Div(f"{{{{ {info}.slice }}}}", v_if=f"{info}.slice", classes="lg-view-slice")
+            html.Div("{{ lg_window }}", v_if="lg_window", style=f"{text} top: 6px; right: 44px;",
+                     classes="lg-view-window")
+            for edge, where in (("left", "left: 6px; top: 50%;"), ("right", "right: 8px; top: 50%;"),
+                                ("top", "top: 6px; left: 50%;"), ("bottom", "bottom: 34px; left: 50%;")):
+                html.Div(f"{{{{ {info}.letters.{edge} }}}}", style=f"{text} {where} font-size: 1.1rem;",
+                         classes=f"font-weight-bold lg-letter lg-letter-{edge}",
+                         title=(f"{info}.assumed ? 'orientation assumed: radiological display (the file gives none)' "
+                                ": 'patient direction'",))
+        with v3.VBtn(size="small", variant="text", density="comfortable", icon=True,
+                     style="position: absolute; top: 2px; right: 4px;", classes="lg-fit",
+                     click=lambda: self._fit(view)):
+            v3.VIcon("mdi-fit-to-screen-outline", color="white")
+            v3.VTooltip("Fit the image to the view", activator="parent", location="left")
+        with html.Div(v_if="lg_is_volume", style="position: absolute; bottom: 0; left: 0; width: 100%;",
+                      classes="px-2"):
+            Slider(classes="lg-slice-slider", typed_state=connect_slice_view_slider_to_state(server, view),
+                   theme="dark", density="compact")
+
+    def _fit(self, view: Any) -> None:
+        view.reset_view()
+        view.schedule_render()
+
+    def _show_views(self) -> None:
+        """Each slice view's name, slice k of N and orientation letters, from the scene (after any view change)."""
+        volume = self.parameters.inputVolume
+        if volume is None:
+            return
+        assumed = mrml.volume_geometry(volume) is None  # a PNG or JPEG: radiological display assumed
+        dims = mrml.volume_dimensions(volume)
+        views = {}
+        for view in self.slicer.view_manager.get_slice_views():
+            node = self._slice_node(view.get_singleton_tag())
+            if node is None:
+                continue
+            matrix = np.array([[node.GetSliceToRAS().GetElement(r, c) for c in range(4)] for r in range(4)])
+            letters = orientation_letters(matrix)
+            name, where = "Image", ""
+            if self.state.lg_is_volume:
+                name = view.get_orientation()
+                try:
+                    axis, index = mrml.slice_axis_and_index(node, volume)
+                    where = f"slice {index + 1} / {dims[axis]}"
+                except LgsegError:  # a volume with a zero spacing: no slice number to give
+                    pass
+            if assumed:
+                # A 2D image without orientation: only left and right, as the engine assumes them for reports.
+                letters = {"left": letters["left"], "right": letters["right"], "top": "", "bottom": ""}
+            views[view.get_singleton_tag()] = {"name": name, "slice": where, "letters": letters, "assumed": assumed}
+        if views != self.state.lg_views:
+            with self.state:
+                self.state.lg_views = views
+
+    def _watch_window(self, volume: Any, image: Any) -> None:
+        """Follow the shown volume's window/level (dragged in a view, or a preset) in the views' corner."""
+        if self._window_observer is not None:  # the image replaced
+            self._window_observer[0].RemoveObserver(self._window_observer[1])
+            self._window_observer = None
+        display = volume.GetDisplayNode()
+        scalar = image.GetNumberOfComponentsPerPixel() == 1 and hasattr(display, "GetWindow")
+        is_ct = False
+        if scalar:
+            import SimpleITK as sitk
+
+            statistics = sitk.MinimumMaximumImageFilter()
+            statistics.Execute(image)
+            is_ct = looks_like_ct(statistics.GetMinimum())
+            self._window_observer = (display, display.AddObserver(vtkCommand.ModifiedEvent,
+                                                                  lambda *_: self._show_window()))
+        self.state.update({"lg_can_window": scalar, "lg_is_ct": is_ct})
+        self._show_window()
+
+    def _show_window(self) -> None:
+        volume = self.parameters.inputVolume
+        display = volume.GetDisplayNode() if volume is not None else None
+        text = ""
+        if self.state.lg_can_window and display is not None:
+            text = f"W {display.GetWindow():.0f} L {display.GetLevel():.0f}"
+        if text != self.state.lg_window:
+            with self.state:
+                self.state.lg_window = text
+
+    def _set_window(self, preset: str) -> None:
+        """The window/level buttons: Auto (the histogram's window, as Slicer's Auto), a CT preset, or Reset (the
+        window the image opened with, and every view fitted to the image again)."""
+        volume = self.parameters.inputVolume
+        display = volume.GetDisplayNode() if volume is not None else None
+        if display is None or not self.state.lg_can_window:
+            return
+        if preset in WINDOW_PRESETS:
+            display.AutoWindowLevelOff()
+            display.SetWindowLevel(*WINDOW_PRESETS[preset])
+        else:  # "auto" and "reset"
+            display.AutoWindowLevelOn()
+        if preset == "reset":
+            for view in self.slicer.view_manager.get_slice_views():
+                self._fit(view)
 
     def _fit_after_resize(self, view: Any) -> None:
         if view.get_singleton_tag() in self._fit_pending:
@@ -435,6 +583,7 @@ class WebApp(TrameApp):
         self.controller.select_model(lg_model or "")
         self._show_model_choice()
         self._show_sides_label()  # models differ in what left and right mean in their reports
+        self.controller.settings_changed()  # live: the mask follows, as it follows an edit of the report
 
     def _on_scope(self, lg_scope: str = "slice", **_: Any) -> None:
         self.parameters.scope = lg_scope
@@ -443,8 +592,11 @@ class WebApp(TrameApp):
         self.parameters.liveUpdate = bool(lg_live)
 
     def _on_sides(self, lg_sides: str = "patient", **_: Any) -> None:
+        if lg_sides == self.parameters.sides:
+            return
         self.parameters.sides = lg_sides
         self._show_sides_label()
+        self.controller.settings_changed()  # live: the same words now name the other sides
 
     def _on_opacity(self, lg_opacity: float = 0.5, **_: Any) -> None:
         node = self.parameters.outputSegmentation
@@ -477,6 +629,30 @@ class WebApp(TrameApp):
 
     def _on_cancel(self) -> None:
         self.controller.cancel()
+
+    def _undo(self) -> None:
+        """The Undo button: the segment as it was before the last segmentation (none, if there was none)."""
+        node, result = self.parameters.outputSegmentation, self.controller.last_result
+        if not self.state.lg_can_undo or self.controller.running or node is None or result is None:
+            return
+        self.controller.cancel()  # a pending live update would redo what is undone
+        segment = node.GetSegmentation().GetSegment(result.segment_id)
+        previous = self._previous_mask
+        if previous is None:
+            # No segment before the last run: the segmentation goes (a later run makes a new one).
+            self.parameters.outputSegmentation = None
+            mrml.remove_node(node)
+            self._mask = None
+            self.state.update({"lg_has_segment": False, "lg_segment": {}})
+        else:
+            shape = spatial_shape(self._image)
+            mask = np.unpackbits(previous, count=int(np.prod(shape))).reshape(shape)
+            mrml.write_mask(mask, self.parameters.inputVolume, node, segment_name=segment.GetName(),
+                            color=segment.GetColor())
+            self._show_segment(result, undone=True)
+        self._previous_mask = None
+        self.state.update({"lg_can_undo": False, "lg_status": "Undone: the segment is as it was before the last "
+                                                               "segmentation."})
 
     # Controller -> widgets ------------------------------------------------------------------------------------
 
@@ -527,8 +703,9 @@ class WebApp(TrameApp):
     def _show_sides_label(self) -> None:
         self.state.lg_sides_label = self.controller.sides_label()
 
-    def _show_segment(self, result: Any) -> None:
-        """Summarise the segment as the scene holds it (read back from the node, not from the run's mask)."""
+    def _show_segment(self, result: Any, undone: bool = False) -> None:
+        """Summarise the segment as the scene holds it (read back from the node, not from the run's mask), and keep
+        the one before for Undo (``undone``: this is that one, restored)."""
         node, segment_id = result.segmentation_node, result.segment_id
         display = node.GetDisplayNode()
         if display is not None:
@@ -537,11 +714,21 @@ class WebApp(TrameApp):
         segment = node.GetSegmentation().GetSegment(segment_id)
         color = "#" + "".join(f"{round(255 * c):02x}" for c in segment.GetColor())
         voxels = int(np.count_nonzero(mask))
+        binary = np.ascontiguousarray(mask != 0, dtype=np.uint8)
+        if not undone:
+            self._previous_mask = self._mask
+            self.state.lg_can_undo = True
+        self._mask = np.packbits(binary)
+        volume = self.parameters.inputVolume
+        size = segment_size(binary.reshape(spatial_shape(self._image)), self._image.GetSpacing(),
+                            axis=result.axis if result.slice_index is not None else None,
+                            slice_index=result.slice_index, is_volume=bool(self.state.lg_is_volume),
+                            has_spacing=mrml.volume_geometry(volume) is not None)
         self.state.lg_has_segment = True
         self.state.lg_segment = {
             "name": segment.GetName(), "color": color, "voxels": voxels,
-            "sha256": hashlib.sha256(np.ascontiguousarray(mask != 0, dtype=np.uint8).tobytes()).hexdigest(),
-            "text": f"Segment '{segment.GetName()}': {voxels} voxels ({voxels / max(mask.size, 1):.1%})",
+            "sha256": hashlib.sha256(binary.tobytes()).hexdigest(),
+            "text": f"Segment '{segment.GetName()}': {size}",
             "stem": f"{self._image_name}-{segment.GetName()}".replace(" ", "_"),
         }
 

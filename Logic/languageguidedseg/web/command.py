@@ -151,7 +151,8 @@ def _run_server(args: argparse.Namespace, paths: list[Path], token: Optional[str
                     address = f"http://{host}:{app.server.port}/"
                     if token is not None:
                         address += f"?token={token}"
-                    note = ("" if is_loopback(args.host) else
+                    note = (" (no access token: every user and process of this machine can open it)"
+                            if token is None else "" if is_loopback(args.host) else
                             " (reachable from other machines: keep the token private)")
                     print(f"LanguageGuidedSeg web page: open {address}{note}", flush=True)
                     print(f"uploads up to {format_size(max_upload)}, images up to {max_voxels:,} voxels, kept in "

@@ -4,7 +4,7 @@ files), in one place that goes when the server goes.
 It is ``lgseg-serve-XXXXXXXX`` in the system's temporary folder, mode 0700, with a ``pid`` file naming the process
 that owns it. The owner removes it when it stops, on Ctrl+C and on every signal that would end it and that a process
 can catch (SIGHUP from a closed terminal included); a server killed outright (SIGKILL, a power cut) cannot, so the
-next ``lgseg serve`` of the same user removes every such folder whose process is gone.
+next ``lgseg serve`` of the same user removes every such folder whose process is gone (on Linux and macOS).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ class ServerDirectory:
 def remove_stale(parent: Optional[Path] = None) -> list[Path]:
     """Remove this user's server folders whose process has ended (killed before it could remove them); the removed
     folders."""
+    if os.name == "nt":
+        return []  # Windows: os.kill(pid, 0) would send Ctrl+C; its temporary folder is the user's own anyway
     removed = []
     for folder in Path(parent or tempfile.gettempdir()).glob(PREFIX + "*"):
         try:

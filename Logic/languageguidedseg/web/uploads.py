@@ -24,7 +24,7 @@ from ..fileio import full_suffix
 from ..imageio import read_image
 from .access import format_size
 
-_CHUNK = 1 << 20
+_CHUNK = 1 << 16  # small enough that the limits are checked as the bytes arrive
 _NAME_BYTES = 200  # file systems allow 255 bytes; room is left for the prefix that separates equal names
 _SHOWN_CHARS = 80
 # A folder upload holding exactly one of these is that image (a header with its data files); otherwise the folder

@@ -7,7 +7,7 @@ Pure functions of the scene's geometry and of numpy arrays, so that the page (``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
@@ -25,7 +25,7 @@ CT_AIR_BELOW = -500.0
 _LETTERS = (("R", "L"), ("A", "P"), ("S", "I"))
 
 
-def direction_letter(direction: Sequence[float]) -> str:
+def direction_letter(direction: Union[Sequence[float], np.ndarray]) -> str:
     """The patient direction a RAS vector points to most: "R", "L", "A", "P", "S" or "I" ("" for a zero vector)."""
     vector = np.asarray(direction, dtype=float)[:3]
     if not np.any(vector):
