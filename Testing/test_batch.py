@@ -26,7 +26,7 @@ COLUMNS = ["image", "output", "model", "report_source", "similarity", "in_domain
 
 
 def _command(*args: object) -> tuple[list[str], dict[str, str]]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")  # one thread per worker: fast on a busy machine
     env.pop("LGSEG_DEBUG", None)
     if PACKAGE_PARENT.name not in ("site-packages", "dist-packages"):  # testing the checkout, not an installation
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))

@@ -314,14 +314,12 @@ def test_headers_with_their_data_files_open_as_one_folder(server, secret, tmp_pa
 def test_size_and_voxel_type_are_checked_before_the_page_shows_an_image(server, tmp_path):
     """Issue defect 3 (a 1 MB .nii.gz declaring 1024 x 1024 x 512 voxels took 3.2 GB) and uint64 images."""
     before = rss_mb(server)
-    started = time.perf_counter()
     message = refused(server, ("big.nii.gz", gzip.compress(nifti_with_dims((1024, 1024, 512)) + b"\0" * (1 << 20))))
     assert message.startswith("'big.nii.gz' is 1024 x 1024 x 512 = 536,870,912 voxels, more than the limit of "
                               "524,288,000 (--max-voxels)")
     # Under the voxel limit, over the memory it allows (complex doubles: 16 bytes a voxel).
     assert "GB of memory" in refused(server, ("complex.nii", nifti_with_dims((800, 800, 300), datatype=1792)))
-    seconds = time.perf_counter() - started
-    assert rss_mb(server) - before < 100 and seconds < 30  # refused from the header: no voxel read
+    assert rss_mb(server) - before < 100  # refused from the header: no voxel read (they would need 1 and 3 GB)
 
     wide = np.zeros((4, 8, 8), np.uint64)
     wide[0, 0, 0] = 2 ** 40
@@ -395,6 +393,9 @@ def test_trusted_proxy_no_token_and_the_server_folder_after_sigkill_and_sighup(t
         proxied = {"Origin": "https://proxy.example", "X-Forwarded-Host": "proxy.example"}
         assert _request(first, "GET", "/index.html", headers=proxied, source="127.0.0.2")[0] == 200
         assert _request(first, "GET", "/index.html", headers=proxied, source="127.0.0.1")[0] == 403
+        standard = {"Origin": "https://proxy.example", "Forwarded": "for=10.0.0.7;host=proxy.example;proto=https"}
+        assert _request(first, "GET", "/index.html", headers=standard, source="127.0.0.2")[0] == 200
+        assert _request(first, "GET", "/index.html", headers=standard, source="127.0.0.1")[0] == 403
         # An image in the page, and trame-slicer's scene cache, both inside the server's folder.
         opened(first, ("chest.png", _qata_image(APPROXIMATION_IMAGE).read_bytes()))
         assert kept(first) and any((killed_folder / "tmp").iterdir())

@@ -16,27 +16,31 @@ import contextlib
 import csv
 import io
 import json
-import multiprocessing
+import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from multiprocessing.connection import Connection, wait
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from .errors import LgsegError
 from .fileio import PathLike, atomic_path, check_writable, full_suffix
 from .options import AUTO_MODEL
-from .runner import ModelCache
+
+if TYPE_CHECKING:  # annotations only: the single-image command imports this module to tell a batch from an image
+    from multiprocessing.connection import Connection
+
+    from .runner import ModelCache
 
 Row = dict[str, str]
 
 RESULTS_FILE = "results.csv"
-SETTINGS_FILE = ".lgseg-batch.json"  # the settings that made the masks of an output folder (see check_settings)
+SETTINGS_FILE = ".lgseg-batch.json"  # the input and settings that made an output folder's masks (prepare_output)
 COLUMNS = ("image", "output", "model", "report_source", "similarity", "in_domain", "report_warnings",
            "foreground_fraction", "volume_ml", "seconds", "error")
 REPORT_COLUMN = "report"  # after report_source, with save_reports only
@@ -67,7 +71,7 @@ class BatchItem:
 class BatchSettings:
     """What every input of a batch is segmented with. ``source`` (the input folder or manifest) and the settings
     that change the masks or results.csv are recorded in the output folder: a rerun resumes only with the same ones
-    (:func:`check_settings`)."""
+    (:func:`prepare_output`)."""
 
     source: str
     output_dir: str
@@ -96,11 +100,9 @@ class BatchSummary:
     interrupted: bool = False
     seconds: float = 0.0
     results: str = ""
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (image, error) of this run's failed inputs
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
-        del values["failures"]
         values["images_per_s"] = round(self.done / self.seconds, 3) if self.seconds > 0 else None
         return values
 
@@ -135,11 +137,7 @@ def collect_inputs(source: PathLike, output_dir: PathLike, fmt: Optional[str] = 
         raise LgsegError(f"input '{source}' does not exist; check the path")
     items = (folder_inputs(path, Path(output_dir)) if path.is_dir() else manifest_inputs(path))
     suffix = None if fmt is None else "." + fmt
-    return _unique_outputs([item if item.suffix else _with_suffix(item, suffix) for item in items])
-
-
-def _with_suffix(item: BatchItem, suffix: Optional[str]) -> BatchItem:
-    return BatchItem(item.image, item.path, item.stem, suffix, item.report, item.model, item.error)
+    return _unique_outputs([item if item.suffix else replace(item, suffix=suffix) for item in items])
 
 
 def _strip_image_suffix(relative: str) -> str:
@@ -223,8 +221,8 @@ def _check_manifest_output(manifest: Path, line: int, output: str) -> None:
     where = f"manifest '{manifest}' line {line}"
     if Path(output).is_absolute() or ".." in Path(output).parts:
         raise LgsegError(f"{where}: output '{output}' must be a path inside the output folder, relative to it")
-    if full_suffix(output) not in MASK_SUFFIXES or full_suffix(output) == ".nii":
-        raise LgsegError(f"{where}: output '{output}' needs a mask suffix: {', '.join(FORMATS)}")
+    if full_suffix(output) not in MASK_SUFFIXES:
+        raise LgsegError(f"{where}: output '{output}' needs a mask suffix: {', '.join(MASK_SUFFIXES)}")
 
 
 def _csv_rows(manifest: Path, text: str) -> list[tuple[int, dict[str, str]]]:
@@ -294,9 +292,8 @@ def _unique_outputs(items: list[BatchItem]) -> list[BatchItem]:
     for item in items:
         key = item.stem.lower()  # case-insensitive file systems would clash too
         if key in first and not item.error:
-            item = BatchItem(item.image, item.path, item.stem, item.suffix, item.report, item.model,
-                             error=f"its mask would overwrite the mask of '{first[key]}'; give them different "
-                                   "names, or list them in a manifest with different outputs")
+            item = replace(item, error=f"its mask would overwrite the mask of '{first[key]}'; give them different "
+                                       "names, or list them in a manifest with different outputs")
         first.setdefault(key, item.image)
         checked.append(item)
     return checked
@@ -344,7 +341,7 @@ def segment_item(item: BatchItem, settings: BatchSettings, models: ModelCache) -
         card = segmenter.config.card
         write_mask(result.mask, image, output, segment_name=card.segment_name, color=card.segment_color)
         volume = image.GetDimension() == 3
-        voxel_ml = float(_product(image.GetSpacing())) / 1000.0  # spacing in mm
+        voxel_ml = math.prod(image.GetSpacing()) / 1000.0  # spacing in mm
         row.update(
             output=(item.stem + suffix), model=segmenter.config.name, report_source=result.report_source,
             similarity="" if result.similarity is None else f"{result.similarity:.4f}",
@@ -360,13 +357,6 @@ def segment_item(item: BatchItem, settings: BatchSettings, models: ModelCache) -
         row["error"] = _one_line(f"unexpected {exc.__class__.__name__}: {exc}")
     row["seconds"] = f"{time.perf_counter() - started - loading[0]:.3f}"
     return row
-
-
-def _product(values: Sequence[float]) -> float:
-    total = 1.0
-    for value in values:
-        total *= value
-    return total
 
 
 def absolute_model(model: str) -> str:
@@ -507,21 +497,35 @@ def ignore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _cores() -> int:
+    """The cores this process may use (as inference.available_cores, which imports torch)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """One worker per core, at most 8 (each holds its models: a few hundred MB)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, 8))
+    return max(1, min(_cores(), 8))
+
+
+def worker_threads(workers: int) -> int:
+    """The PyTorch threads of each of ``workers`` workers on this machine: the cores shared out among them, at most
+    ``OMP_NUM_THREADS`` where it is set (on a machine busy with other work, fewer threads than cores are faster)."""
+    threads = max(1, _cores() // workers)
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(threads, int(cap)) if cap.isdigit() and int(cap) >= 1 else threads
 
 
 class LocalPool:
     """Worker processes on this machine (an :class:`Engine`), each loading a model once (:class:`ModelCache`) and
-    using cores / workers threads, so that the workers together use every core once. A worker that dies (e.g. killed
-    for memory) fails its input, and another one takes its place."""
+    using cores / workers threads (:func:`worker_threads`), so that the workers together use every core once. A
+    worker that dies (e.g. killed for memory) fails its input, and another one takes its place."""
 
     def __init__(self, settings: BatchSettings, workers: int):
         if workers < 1:
             raise LgsegError(f"the number of workers must be at least 1, not {workers}", option="workers")
-        self._settings, self._count = settings, workers
+        import multiprocessing
+
+        self._settings, self._count, self._threads = settings, workers, worker_threads(workers)
         self._context = multiprocessing.get_context("spawn")  # fork would copy the caller's threads and locks
         self._workers: list[tuple[Any, Connection]] = []
         self._busy: dict[int, tuple[int, BatchItem]] = {}  # worker slot -> the input it segments
@@ -534,7 +538,7 @@ class LocalPool:
 
     def _start(self) -> tuple[Any, Connection]:
         ours, theirs = self._context.Pipe()
-        process = self._context.Process(target=serve_items, args=(theirs, self._settings, self._count),
+        process = self._context.Process(target=serve_items, args=(theirs, self._settings, self._threads),
                                         name="lgseg batch worker", daemon=True)
         process.start()
         theirs.close()  # the worker's end: when the worker dies, reading ours gives EOFError
@@ -550,6 +554,8 @@ class LocalPool:
         self._workers[slot][1].send((index, item))
 
     def finished(self, timeout: float) -> list[tuple[int, Row]]:
+        from multiprocessing.connection import wait
+
         ready = wait([self._workers[slot][1] for slot in self._busy], timeout) if self._busy else []
         rows = []
         for slot, (process, connection) in enumerate(self._workers):
@@ -580,15 +586,15 @@ class LocalPool:
         self._workers = []
 
 
-def serve_items(connection: Connection, settings: BatchSettings, workers: int) -> None:
+def serve_items(connection: Connection, settings: BatchSettings, threads: int) -> None:
     """A worker process of :class:`LocalPool`: segment the inputs it is sent until it is sent None. This process is
-    the batch's own, so it sets its thread count (the cores shared out among the workers) and ignores Ctrl+C."""
+    the batch's own, so it sets its thread count (:func:`worker_threads`) and ignores Ctrl+C."""
     ignore_interrupts()
     import torch
 
-    from .inference import available_cores
+    from .runner import ModelCache
 
-    torch.set_num_threads(max(1, available_cores() // workers))
+    torch.set_num_threads(threads)
     models = ModelCache()
     while True:
         try:
@@ -653,12 +659,41 @@ class ProgressBar:
             self.bar.close()
 
 
+class Interrupts:
+    """Ctrl+C (SIGINT) while a batch runs: the first one asks it to stop once the images being segmented are done
+    (:attr:`requested`), a second one stops it at once (KeyboardInterrupt). Catching the signal, instead of a
+    KeyboardInterrupt that may land between receiving an image's row and recording it, loses no row. The handler is
+    installed only from the main thread and only for the batch's duration (:meth:`installed` puts the previous one
+    back), and not where Ctrl+C is ignored (a job started in the background)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def run_batch(settings: BatchSettings, items: Sequence[BatchItem], start_engine: Callable[[], Engine],
               progress: Optional[Progress] = None) -> BatchSummary:
     """Segment the inputs not done by an earlier run into ``settings.output_dir`` and keep results.csv complete.
 
-    The first Ctrl+C (KeyboardInterrupt) stops handing out inputs and waits for those being segmented
-    (``summary.interrupted``); a second one stops at once (raised). The engine is started only when there is work.
+    The first Ctrl+C stops handing out inputs and waits for those being segmented (``summary.interrupted``); a
+    second one stops at once (KeyboardInterrupt, raised; see :class:`Interrupts`). The engine is started only when
+    there is work.
     """
     started = time.perf_counter()
     summary = BatchSummary(inputs=len(items), results=str(Path(settings.output_dir) / RESULTS_FILE))
@@ -666,53 +701,51 @@ def run_batch(settings: BatchSettings, items: Sequence[BatchItem], start_engine:
     rows: list[Optional[Row]] = [earlier.get(item_key(item)) for item in items]
     pending = deque(i for i, row in enumerate(rows) if row is None)
     summary.skipped = len(items) - len(pending)
-    last_saved = time.monotonic()
 
     def save() -> None:
         write_results(settings, [row for row in rows if row is not None])
+
+    def record(index: int, row: Row) -> None:
+        rows[index] = row
+        if row["error"]:
+            summary.failed += 1
+            if progress is not None:
+                progress.failure(row["image"], row["error"])
+        else:
+            summary.done += 1
 
     def report() -> None:
         if progress is not None:
             progress(summary.skipped + summary.done + summary.failed, summary.inputs, summary.failed)
 
     report()
-    if not pending:
-        save()
-        summary.seconds = time.perf_counter() - started
-        return summary
-    engine = start_engine()
-    running = 0
+    interrupts = Interrupts()
+    engine: Optional[Engine] = None
     try:
-        while pending or running:
-            try:
+        with interrupts.installed():
+            engine = start_engine() if pending else None
+            running, last_saved = 0, time.monotonic()
+            while engine is not None and (pending or running):
+                if interrupts.requested and not summary.interrupted:
+                    summary.interrupted = True
+                    if progress is not None:
+                        progress.note(f"stopping after the {running} image(s) being segmented (Ctrl+C again: at once)")
+                if summary.interrupted and not running:
+                    break
                 while pending and not summary.interrupted and running < engine.capacity:
                     index = pending.popleft()
                     engine.submit(index, items[index])
                     running += 1
-                if summary.interrupted and not running:
-                    break
                 for index, row in engine.finished(0.5):
                     running -= 1
-                    rows[index] = row
-                    if row["error"]:
-                        summary.failed += 1
-                        summary.failures.append((row["image"], row["error"]))
-                        if progress is not None:
-                            progress.failure(row["image"], row["error"])
-                    else:
-                        summary.done += 1
+                    record(index, row)
                     report()
                 if time.monotonic() - last_saved > SAVE_EVERY_S:
                     save()
                     last_saved = time.monotonic()
-            except KeyboardInterrupt:
-                if summary.interrupted:
-                    raise
-                summary.interrupted = True
-                if progress is not None:
-                    progress.note(f"stopping after the {running} image(s) being segmented (Ctrl+C again: at once)")
     finally:
         save()
-        engine.close()
+        if engine is not None:
+            engine.close()
         summary.seconds = time.perf_counter() - started
     return summary

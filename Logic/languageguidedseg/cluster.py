@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from distributed import Client, Future, LocalCluster, WorkerPlugin, get_worker
 
-from .batch import BatchItem, BatchSettings, Row, failure_row, ignore_interrupts, segment_item
+from .batch import BatchItem, BatchSettings, Row, failure_row, ignore_interrupts, segment_item, worker_threads
 from .errors import LgsegError
 from .runner import ModelCache
 
@@ -40,18 +40,18 @@ class ModelsPlugin(WorkerPlugin):
         self._local = threading.local()
 
     def setup(self, worker: Any) -> None:
-        self._local = threading.local()  # the plugin arrives pickled; a thread-local object does not pickle
         if self.threads is not None:
             ignore_interrupts()  # setup runs in the worker's main thread
             import torch
 
             torch.set_num_threads(self.threads)
 
+    # The plugin travels pickled to the workers; its thread-local caches do not (each worker starts empty).
     def __getstate__(self) -> dict[str, Any]:
         return {"settings": self.settings, "threads": self.threads}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["settings"], state["threads"])  # type: ignore[misc]
+        self.settings, self.threads, self._local = state["settings"], state["threads"], threading.local()
 
     def segment(self, item: BatchItem) -> Row:
         models = getattr(self._local, "models", None)
@@ -79,12 +79,10 @@ class DaskEngine:
         self._capacity, self._capacity_at = 1, 0.0
         try:
             if address == LOCAL:
-                from .inference import available_cores
-
                 self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                              host="127.0.0.1", dashboard_address=None)
                 self._client = Client(self._cluster, set_as_default=False)
-                plugin = ModelsPlugin(settings, threads=max(1, available_cores() // workers))
+                plugin = ModelsPlugin(settings, threads=worker_threads(workers))
             else:
                 try:
                     self._client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)

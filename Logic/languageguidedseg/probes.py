@@ -137,9 +137,11 @@ def zone_steering_probe(predict: Predict, samples: Sequence[Sample], threshold: 
     for chunk, images in _image_batches(cases, batch_size):
         masks = [load_pair(sample)[1] > 0 for sample in chunk]
         for side in ("left", "right"):
-            pairs = [(i, _mid_height(mask, side)) for i, (sample, mask) in enumerate(zip(chunk, masks))
-                     if side in whole_sides(sample.report)]
-            pairs = [(i, middle) for i, middle in pairs if middle is not None]
+            pairs: list[tuple[int, float]] = []
+            for i, (sample, mask) in enumerate(zip(chunk, masks)):
+                middle = _mid_height(mask, side) if side in whole_sides(sample.report) else None
+                if middle is not None:
+                    pairs.append((i, middle))
             if not pairs:
                 continue
             indices = [i for i, _ in pairs]

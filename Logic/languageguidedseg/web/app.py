@@ -256,7 +256,8 @@ class WebApp(TrameApp):
             v3.VTextarea(label="Report", v_model=("lg_report",), id="lg-report", rows=4, auto_grow=True,
                          hide_details="auto", classes="lg-report", disabled=("lg_long_run",),
                          placeholder="Type or paste the report; leave empty to approximate it from the image",
-                         hint="Enter segments, Shift+Enter starts a new line, Escape cancels", persistent_hint=False)
+                         hint="Enter segments, Shift+Enter starts a new line, Escape cancels",
+                         persistent_hint=True)  # always there: a hint that comes and goes moves the buttons below
             html.Div("{{ lg_report_message }}", id="lg-report-status",
                      classes=("lg_report_kind === 'approximated' ? 'text-caption text-warning font-italic' "
                               ": 'text-caption text-medium-emphasis'",))
@@ -372,7 +373,8 @@ class WebApp(TrameApp):
         self._start(self.open_path(path, path.name))  # shows its own errors
 
     async def open_path(self, path: Path, name: str) -> Optional[str]:
-        """Read ``path`` with the engine's reader (in a worker thread) and show it; the error message, or None."""
+        """Read ``path`` with the server's limits (:meth:`UploadFolder.read`, in a worker thread) and show it; the
+        error message, or None."""
         if self.controller.running:
             message = "a segmentation is running; cancel it or wait for it, then open the image again"
             with self.state:
@@ -495,6 +497,8 @@ class WebApp(TrameApp):
         if volume is None:
             return
         assumed = mrml.volume_geometry(volume) is None  # a PNG or JPEG: radiological display assumed
+        image_data = volume.GetImageData()
+        colour = image_data is not None and image_data.GetNumberOfScalarComponents() > 1
         dims = mrml.volume_dimensions(volume)
         views = {}
         for view in self.slicer.view_manager.get_slice_views():
@@ -511,8 +515,11 @@ class WebApp(TrameApp):
                     where = f"slice {index + 1} / {dims[axis]}"
                 except LgsegError:  # a volume with a zero spacing: no slice number to give
                     pass
-            if assumed:
-                # A 2D image without orientation: only left and right, as the engine assumes them for reports.
+            if assumed and colour:
+                # A colour photograph (a colonoscopy frame) has no patient directions.
+                letters = {"left": "", "right": "", "top": "", "bottom": ""}
+            elif assumed:
+                # A grey 2D image without orientation: only left and right, as the engine assumes them for reports.
                 letters = {"left": letters["left"], "right": letters["right"], "top": "", "bottom": ""}
             views[view.get_singleton_tag()] = {"name": name, "slice": where, "letters": letters, "assumed": assumed}
         if views != self.state.lg_views:

@@ -106,7 +106,7 @@ class UploadFolder:
     def public(self, message: str) -> str:
         """``message`` with each upload's server path replaced by the name the user chose."""
         replacements = []
-        for upload in self._uploads.values():
+        for upload in list(self._uploads.values()):  # a copy: read() runs in a worker thread
             replacements += [(str(stored), name) for stored, name in upload.names.items()]
             replacements.append((str(upload.folder), upload.name))
         replacements.append((str(self.path), "the upload"))
@@ -119,7 +119,7 @@ class UploadFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def _upload_of(self, path: Path) -> Optional[Upload]:
-        for folder, upload in self._uploads.items():
+        for folder, upload in list(self._uploads.items()):  # a copy: read() runs in a worker thread
             if path == folder or folder in path.parents:
                 return upload
         return None
