@@ -163,7 +163,7 @@ def test_csv_manifest_reports_outputs_and_save_reports(tmp_path):
         writer.writerow(["data/missing.png", "", ""])
         writer.writerow([ct, "", "ct.png"])  # a volume cannot be a PNG
     done = lgseg("segment", manifest, "--output", tmp_path / "out", "--model", "qata-cxr", "--workers", 1,
-                 "--sides", "image", "--save-reports", "--json", cwd=tmp_path)
+                 "--sides", "image", "--format", "nrrd", "--save-reports", "--json", cwd=tmp_path)
     assert done.returncode == 3, done.stderr
     summary = json.loads(done.stdout)
     assert (summary["inputs"], summary["done"], summary["failed"], summary["skipped"]) == (4, 2, 2, 0)
@@ -174,7 +174,8 @@ def test_csv_manifest_reports_outputs_and_save_reports(tmp_path):
     assert given["output"] == "masks/a.seg.nrrd" and given["report_source"] == "given"
     assert given["report"] == QATA_REPORT  # --save-reports: the report used, given or approximated
     assert read_mask(tmp_path / "out" / "masks" / "a.seg.nrrd").shape == (1, 224, 224)
-    assert elsewhere["output"] == second.name
+    assert elsewhere["output"] == second.with_suffix(".nrrd").name  # --format, where the row names no output
+    assert read_mask(tmp_path / "out" / elsewhere["output"]).shape == (224, 224)
     assert elsewhere["report_source"] == "prototype" and "infection" in elsewhere["report"]
     assert "does not exist" in missing["error"]
     assert "as PNG" in volume["error"] and not (tmp_path / "out" / "ct.png").exists()

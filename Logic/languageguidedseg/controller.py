@@ -661,7 +661,9 @@ class ReportLoopController:
             region = [slice(None)] * 3
             region[2 - result.axis] = result.slice_index
             fraction = float(result.mask[tuple(region)].mean())
-            where = f"slice {result.slice_index}"
+            # Counted from 1, as the views count slices; a 2D image is one slice.
+            count = result.mask.shape[2 - result.axis]
+            where = "the image" if count == 1 else f"slice {result.slice_index + 1} of {count}"
         else:
             where = "the volume"
         if result.report_source == "given":
