@@ -69,6 +69,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._updatingModels = False
         self._eventHandlers = {}
         self._shownWarnings = None
+        self._shownSides = None  # the sides convention shown last: a change re-runs the live update
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -160,7 +161,7 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.controller.abandon()  # its scene is going away: drop the run and its result
             self._pollTimer.stop()
             self._showRunning(False)
-        self._parameterNode, self.controller = parameterNode, None
+        self._parameterNode, self.controller, self._shownSides = parameterNode, None, None
         if not parameterNode:
             return
         # Live refine runs only once the dependencies are there (else the first Apply installs them, after asking).
@@ -191,6 +192,9 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         self.ui.sliceViewComboBox.enabled = self._parameterNode.scope == "slice"
         self.ui.liveUpdateCheckBox.enabled = self._parameterNode.scope == "slice"
+        if self._shownSides is not None and self._parameterNode.sides != self._shownSides:
+            self._settingsChanged()  # the same words now name the other sides: the mask follows, as after an edit
+        self._shownSides = self._parameterNode.sides
         self._showSidesLabel()
         self._showApplyButton()
         if self.controller.warnings != self._shownWarnings:  # e.g. another input volume: its own warnings, or none
@@ -336,7 +340,12 @@ class LanguageGuidedSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         name = self.ui.modelComboBox.itemData(index)
         if self._parameterNode.model != name:
             self.controller.select_model(name)
+            self._settingsChanged()
         self._showModelInfo()
+
+    def _settingsChanged(self):
+        self.controller.settings_changed()
+        self._startPolling()
 
     def _showModelInfo(self):
         name = self._parameterNode.model

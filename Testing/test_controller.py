@@ -374,6 +374,29 @@ def test_live_refine_waits_for_a_pause_and_drops_stale_runs(scene, segmenter):
     assert not controller.poll() and not controller.running and not controller.live_pending
 
 
+def test_changing_the_sides_or_the_model_runs_the_live_update_again(scene, segmenter):
+    parameters, clock, controller, events, release = _gated_live_loop(scene, segmenter)
+    release.set()
+    controller.settings_changed()
+    assert not controller.live_pending  # nothing shown yet: nothing to update
+    controller.set_report("left lower lobe")
+    clock.now = 1.0
+    controller.poll()
+    controller.wait(120)
+    assert [p.report for e, p in events if e is LoopEvent.RESULT] == ["left lower lobe"]
+    parameters.sides = "image"
+    controller.settings_changed()
+    assert controller.live_pending and not controller.running  # after the same pause as an edit
+    clock.now = 2.0
+    controller.poll()
+    controller.wait(120)
+    results = [p for e, p in events if e is LoopEvent.RESULT]
+    assert len(results) == 2 and results[1].report == "left lower lobe"
+    parameters.liveUpdate = False  # live update off: the setting waits for the next Segment
+    controller.settings_changed()
+    assert not controller.live_pending
+
+
 def test_apply_during_a_live_run_drops_it_and_runs_once_it_stops(scene, segmenter):
     """Apply pressed while a live update works (e.g. the model still loading): no error; the live result is
     dropped and the Apply run follows with the box's report."""
