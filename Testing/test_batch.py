@@ -202,7 +202,8 @@ def test_jsonl_manifest_chooses_models_and_keeps_reports_out_of_the_results(tmp_
 
 def test_ctrl_c_stops_after_the_current_image_and_a_rerun_continues(tmp_path):
     images = tmp_path / "in"
-    for path in _qata_images(6):
+    count = 16  # enough that the command cannot finish them all between the first mask and the signal
+    for path in _qata_images(count):
         _link(path, images / path.name)
     out = tmp_path / "out"
     command, env = _command("segment", images, "--output", out, "--workers", 1, "--model", "qata-cxr")
@@ -222,14 +223,14 @@ def test_ctrl_c_stops_after_the_current_image_and_a_rerun_continues(tmp_path):
     assert "Traceback" not in stderr and "run the same command again" in stderr
     rows = _rows(out)
     masks = sorted(p.name for p in out.glob("*.png"))
-    assert 1 <= len(rows) < 6 and sorted(row["output"] for row in rows) == masks  # a row for each mask, no more
+    assert 1 <= len(rows) < count and sorted(row["output"] for row in rows) == masks  # a row for each mask only
     assert all(row["error"] == "" for row in rows) and _leftovers(out) == []
     written = {name: (out / name).stat().st_mtime_ns for name in masks}
 
     again = lgseg("segment", images, "--output", out, "--workers", 1, "--model", "qata-cxr", "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)
-    assert (summary["skipped"], summary["done"], summary["failed"]) == (len(masks), 6 - len(masks), 0)
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (len(masks), count - len(masks), 0)
     assert {name: (out / name).stat().st_mtime_ns for name in masks} == written  # nothing redone
     rows = _rows(out)
     assert [row["image"] for row in rows] == sorted(p.name for p in images.iterdir())
