@@ -208,8 +208,11 @@ def test_ctrl_c_stops_after_the_current_image_and_a_rerun_continues(tmp_path):
     out = tmp_path / "out"
     command, env = _command("segment", images, "--output", out, "--workers", 1, "--model", "qata-cxr")
     # A session of its own, so that Ctrl+C can be sent as a terminal sends it: to every process of the command.
+    # Ctrl+C as in a terminal's foreground job: where the tests themselves run in the background (a CI job started
+    # with '&'), SIGINT is inherited as ignored, and the batch rightly keeps ignoring it.
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob("*.png")) and time.monotonic() < deadline and process.poll() is None:
