@@ -515,14 +515,15 @@ def test_auto_chooses_the_polyp_model_and_the_chest_model_warns_on_a_colonoscopy
 
 
 def test_bad_uploads_give_one_message_and_a_good_one_works(serve, page, tmp_path):
-    """Issue test 4 (and a 4D image, a DICOM folder): one error in the page, nothing kept, the server goes on."""
+    """Issue test 4 (and a 4D image, 64-bit integers, a DICOM folder): one error in the page, nothing kept, the
+    server goes on."""
     not_an_image = tmp_path / "report.png"
     not_an_image.write_text("this is a text file, not a PNG\n")
     four_d = tmp_path / "four.nrrd"
     sitk.WriteImage(sitk.JoinSeries([sitk.Image([4, 5, 3], sitk.sitkInt16)] * 2), str(four_d))
     server = serve()
     open_page(page, server, "Open an image")
-    # Without a token, on loopback: other sites in the browser, and other names rebound to 127.0.0.1, get nothing.
+    # Other sites in the browser, and other names rebound to 127.0.0.1, get nothing (they do not hold the token).
     ws = server.base.replace("http://", "ws://") + "ws"
     assert _websocket(ws, origin="http://elsewhere.example") == 403
     assert _get(server.base, headers={"Host": "elsewhere.example"}) == (403, b"")
@@ -546,6 +547,24 @@ def test_bad_uploads_give_one_message_and_a_good_one_works(serve, page, tmp_path
     # The upload is in the Image list, shown as the image open.
     assert page.inner_text(".v-select:has(#lg-file) .v-select__selection-text") == \
         f"{APPROXIMATION_IMAGE}.png (uploaded)"
+
+    # 64-bit integers, which the slice views cannot show: refused where a value needs 64 bits, else shown as 32-bit
+    # integers with a note that says so.
+    wide, counts = tmp_path / "wide.nrrd", tmp_path / "counts.nrrd"
+    values = np.arange(16 * 16 * 4, dtype=np.uint64).reshape(4, 16, 16)
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(counts))
+    values[0, 0, 0] = 2 ** 40
+    sitk.WriteImage(sitk.GetImageFromArray(values), str(wide))
+    choose_files(page, "#lg-upload-button", str(wide))
+    page.wait_for_selector("#lg-error", timeout=60000)
+    assert "'wide.nrrd' has 64-bit unsigned integer voxels beyond the 32-bit range" in page.inner_text("#lg-error")
+    page.click("#lg-error button")
+    choose_files(page, "#lg-upload-button", str(counts))
+    page.wait_for_function("document.querySelector('#lg-status').innerText.includes('16 x 16 x 4 volume')",
+                           timeout=60000)
+    assert "its 64-bit unsigned integer voxels are shown as 32-bit integers; every value fits, none is changed" \
+        in status(page)
+    assert page.locator("#lg-error").count() == 0
 
     # A DICOM folder (a 512 x 512 x 20 CT series), read as the series in it: three slice views.
     choose_files(page, "#lg-upload-folder-button", str(_need(DICOM)))

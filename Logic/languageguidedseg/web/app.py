@@ -384,17 +384,19 @@ class WebApp(TrameApp):
         with self.state:
             self.state.lg_status = f"Reading {name}..."
         try:
-            image = await asyncio.get_event_loop().run_in_executor(None, self._uploads.read, path)
+            image, note = await asyncio.get_event_loop().run_in_executor(None, self._uploads.read, path)
         except LgsegError as exc:
             with self.state:
                 self._show_error(str(exc))
                 self.state.lg_status = previous  # the image shown before, if any, is still there
             return str(exc)
         with self.state:
-            self._show_image(image, path, name)
+            self._show_image(image, path, name, note)
         return None
 
-    def _show_image(self, image: Any, path: Path, name: str) -> None:
+    def _show_image(self, image: Any, path: Path, name: str, note: str) -> None:
+        """Show ``image`` (read from ``path``, which the user knows as ``name``) in new views, the status line naming
+        its size and ``note``, a conversion made for the viewer."""
         scene = self.slicer.scene
         self.controller.abandon()
         for node in (self.parameters.outputSegmentation, self.parameters.inputVolume):
@@ -426,7 +428,8 @@ class WebApp(TrameApp):
             "lg_error": "", "lg_scope": self.parameters.scope if is_volume else "slice",
             "lg_file": self._files.index(path), "lg_can_undo": False,
             "lg_status": f"{name}: {' x '.join(str(s) for s in reversed(spatial_shape(image)))} "
-                         f"{'volume' if is_volume else 'image'}. Type a report or press Segment.",
+                         f"{'volume' if is_volume else 'image'}{f' ({note})' if note else ''}. "
+                         "Type a report or press Segment.",
         })
         self._show_views()
         self._render_all()

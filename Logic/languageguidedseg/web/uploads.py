@@ -89,10 +89,11 @@ class UploadFolder:
         if previous is not None and previous != self._shown and previous in self._uploads:
             self.discard(self._uploads[previous])
 
-    def read(self, path: Path) -> sitk.Image:
-        """The image at ``path`` for the page: its size checked from its header against ``--max-voxels`` before any
-        voxel is read; an upload read confined to its own folder; voxel types the viewer cannot show refused, or
-        converted where nothing is lost. Errors name the user's file, never the server's folders."""
+    def read(self, path: Path) -> tuple[sitk.Image, str]:
+        """The image at ``path`` for the page and a note for the user on a conversion ("" for none): its size checked
+        from its header against ``--max-voxels`` before any voxel is read; an upload read confined to its own folder;
+        voxel types the viewer cannot show refused, or converted where nothing is lost. Errors name the user's file,
+        never the server's folders."""
         upload = self._upload_of(path)
         try:
             image = read_image(path, max_voxels=self.max_voxels, confined=upload is not None)
@@ -125,9 +126,9 @@ class UploadFolder:
         return None
 
 
-def _viewable(image: sitk.Image, path: Path) -> sitk.Image:
+def _viewable(image: sitk.Image, path: Path) -> tuple[sitk.Image, str]:
     """64-bit integer voxels (the slice views show them as a misaligned patch) as 32-bit integers where every value
-    fits, so that nothing changes; refused otherwise, as are complex voxels."""
+    fits, so that nothing changes, with a note that says so; refused otherwise, as are complex voxels."""
     pixel = image.GetPixelID()
     if pixel in _NOT_SHOWN:
         raise LgsegError(f"'{path}' has {_NOT_SHOWN[pixel]} voxels, which the viewer cannot show; save it as "
@@ -136,10 +137,11 @@ def _viewable(image: sitk.Image, path: Path) -> sitk.Image:
         limits = sitk.MinimumMaximumImageFilter()
         limits.Execute(image)
         if -2 ** 31 <= limits.GetMinimum() and limits.GetMaximum() < 2 ** 31:
-            return sitk.Cast(image, sitk.sitkInt32)
+            return sitk.Cast(image, sitk.sitkInt32), (f"its {_64_BIT[pixel]} voxels are shown as 32-bit integers; "
+                                                      "every value fits, none is changed")
         raise LgsegError(f"'{path}' has {_64_BIT[pixel]} voxels beyond the 32-bit range, which the viewer cannot "
                          "show; rescale it to 32-bit integers or save it as floats")
-    return image
+    return image, ""
 
 
 def safe_name(name: str, index: int) -> str:
