@@ -151,3 +151,29 @@ def test_segmentation_alone_is_dice_plus_bce(step):
     logits = network(images, tokens, token_mask)
     expected = DiceCELoss(sigmoid=True, batch=True)(logits, masks)
     assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_distillation_pulls_only_the_no_report_rows_towards_the_teachers(step):
+    """The teachers' probabilities are a second, soft target of the rows trained without a report; the other rows'
+    logits get no gradient from it, and without such rows there is no term."""
+    from monai.losses import DiceCELoss
+
+    network, images, tokens, token_mask, masks, text, positives = step
+    soft = torch.rand(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    distill = torch.tensor([True, False, True, False])
+    out = network(images, tokens, token_mask, return_features=True)
+    out["logits"].retain_grad()
+    weights = LossWeights(segmentation=0.0, tevia_alignment=0.0, tmca_contrastive=0.0, bank_contrastive=0.0,
+                          distillation=0.5)
+    total, terms = SegmentationLoss(weights)(network, out, masks, text, positives, soft, distill)
+    expected = DiceCELoss(sigmoid=True, batch=True)(out["logits"][distill].float(), soft[distill])
+    assert terms["distillation"] == pytest.approx(expected.item(), rel=1e-5)
+    assert total.item() == pytest.approx(0.5 * expected.item(), rel=1e-5)
+    total.backward()
+    gradient = out["logits"].grad.abs().flatten(1).sum(1)
+    assert (gradient[distill] > 0).all() and (gradient[~distill] == 0).all()
+    # No no-report row in the batch, or no teachers: no term.
+    _, terms = SegmentationLoss(weights)(network, out, masks, text, positives, soft, torch.zeros(4, dtype=torch.bool))
+    assert "distillation" not in terms
+    _, terms = SegmentationLoss(weights)(network, out, masks, text, positives)
+    assert "distillation" not in terms

@@ -201,6 +201,51 @@ def test_fine_tuning_with_report_edits_keeps_the_bank_and_probes_steering(traine
     assert any(not torch.equal(start.state_dict[k], tuned.state_dict[k]) for k in start.state_dict)
 
 
+def test_distillation_trains_the_no_report_steps_on_the_teachers_probabilities(trained, qata, tmp_path):
+    """``teachers:`` makes the averaged no-report probabilities of model packages a soft target: computed once
+    with the engine as ``lgseg`` segments without a report, kept with the run (--resume reads them), logged as a
+    loss term; a teacher that is not a model package stops the run in one line before anything is written."""
+    import numpy as np
+    from torch.nn import functional as F
+
+    from languageguidedseg.data import load_pair
+    from languageguidedseg.inference import Segmenter
+    from training.config import load_config
+    from training.data import load_samples
+
+    output = tmp_path / "model"
+    args = ("--set", f"teachers=[{trained}, {trained}]", "--set", f"init_from={trained}", "--set",
+            "bank.warmup_epochs=0", "--set", "optimisation.report_dropout=0.5")
+    first = _train(output, *args, "--stop-after", "1")
+    assert "soft targets: 16 training images, the average of 2 teachers" in first.stderr
+    cache = output.parent / "model-training" / "soft_targets.pt"
+    targets = torch.load(cache, weights_only=True)["targets"]
+    # The targets are the teacher's no-report probabilities on the training images, on the network's grid.
+    config = load_config(CONFIG, {"data.limit": 16})
+    train, _ = load_samples(config.data, config.seed)
+    teacher = Segmenter.load(trained, device="cpu")
+    for i in (0, 7):
+        image, _ = load_pair(train[i])
+        expected = F.interpolate(torch.from_numpy(teacher.predict_slices(image[None], None).probabilities)[None],
+                                 size=targets.shape[-2:], mode="bilinear", antialias=True)[0]
+        assert np.abs(targets[i].float().numpy() - expected.numpy()).max() < 2e-3
+    resumed = _train(output, *args, "--resume")
+    assert "soft targets:" not in resumed.stderr  # read from the run folder
+    with open(output.parent / "model-training" / "log.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(float(row["train_distillation"]) > 0 for row in rows)
+    package = json.loads((output / "model.json").read_text())["config"]
+    assert package["training"]["config"]["teachers"] == [str(trained), str(trained)]
+
+    bad = tmp_path / "bad" / "model"
+    result = subprocess.run([sys.executable, str(REPO / "Training" / "train.py"), "--config", str(CONFIG), "--output",
+                             str(bad), *TINY, "--set", f"teachers=[{tmp_path}]"], capture_output=True, text=True,
+                            env=_env(), timeout=300)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: distillation teacher '{tmp_path}' is not a model package folder")
+    assert not bad.exists() and not bad.parent.joinpath("model-training", "checkpoint.pt").exists()
+
+
 def test_bank_is_deterministic_for_a_seed():
     from languageguidedseg.prototypes import build_bank
 

@@ -3,6 +3,7 @@ per-epoch sampling across processes (the end-to-end runs are in test_training.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -221,6 +222,25 @@ def test_letterbox_borders_squeeze_image_and_mask_together():
             if mask.sum() < before.sum() - 10:
                 assert unit[:, :, 0].abs().max() < 0.05  # the left column is a black bar
     assert squeezed >= 4
+
+
+def test_teachers_probabilities_move_with_the_mask_and_leave_the_draws_unchanged():
+    """Distillation's soft targets take the mask's geometric changes (affine, letterbox), interpolated; the images
+    and masks are those of the same run without them."""
+    data = _blob_set()
+    data.soft = torch.where(data.masks, 0.9, 0.1).half()  # a teacher that agrees with the mask
+    plain = dataclasses.replace(data, soft=None)
+    config = AugmentationConfig(rotate_degrees=10, scale=0.1, translate=0.05, affine_probability=1.0,
+                                appearance_probability=1.0, border=0.3)
+    with_soft = augmenter(config, PreprocessConfig(size=64), soft=True)
+    without = augmenter(config, PreprocessConfig(size=64))
+    for a, b in zip(epoch_loader(data, 1, 0, 4, 0.3, with_soft, True, _runtime()),
+                    epoch_loader(plain, 1, 0, 4, 0.3, without, True, _runtime())):
+        assert "soft" not in b and torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        for soft, mask in zip(a["soft"], a["mask"]):
+            assert soft.shape == mask.shape and soft.min() >= 0.0 and soft.max() <= 0.9 + 1e-3
+            inside = soft > 0.5
+            assert (inside & (mask > 0)).sum() / (inside | (mask > 0)).sum() > 0.85  # moved together
 
 
 def test_appearance_off_keeps_the_geometry_augmentation_draws():

@@ -102,10 +102,11 @@ class RandHighlightsd(RandomizableTransform, MapTransform):
 
 class RandBorderd(RandomizableTransform, MapTransform):
     """With probability ``prob``, black bars of a share of the width drawn from [0, ``share``] added left and right,
-    and the frame resampled back to its size: a letterboxed frame as the network sees it (``mask`` keeps up)."""
+    and the frame resampled back to its size: a letterboxed frame as the network sees it (``mask``, and ``soft`` with
+    ``soft``, keep up)."""
 
-    def __init__(self, share: float, prob: float):
-        MapTransform.__init__(self, ("image", "mask"))
+    def __init__(self, share: float, prob: float, soft: bool = False):
+        MapTransform.__init__(self, ("image", "mask", "soft") if soft else ("image", "mask"))
         RandomizableTransform.__init__(self, prob)
         self.share, self.value = share, 0.0
 
@@ -123,9 +124,10 @@ class RandBorderd(RandomizableTransform, MapTransform):
         return d
 
 
-def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig) -> Optional[Any]:
-    """MONAI dictionary transforms for ``{"image", "mask"}`` (``preprocess`` says how images were normalised);
-    None when every augmentation is off."""
+def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig, soft: bool = False) -> Optional[Any]:
+    """MONAI dictionary transforms for ``{"image", "mask"}``, and ``"soft"`` (the teachers' probabilities, moved with
+    the mask but interpolated) with ``soft``; ``preprocess`` says how images were normalised. None when every
+    augmentation is off."""
     if not (config.enabled or config.appearance_enabled):
         return None
     from monai.transforms import (
@@ -142,9 +144,10 @@ def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig) -> Optio
     transforms: list[Any] = []
     if config.enabled:
         transforms += [
-            RandAffined(keys=("image", "mask"), prob=config.affine_probability,
+            RandAffined(keys=("image", "mask", "soft") if soft else ("image", "mask"), prob=config.affine_probability,
                         rotate_range=math.radians(config.rotate_degrees), scale_range=config.scale,
-                        translate_range=config.translate * size, mode=("bilinear", "nearest"),
+                        translate_range=config.translate * size,
+                        mode=("bilinear", "nearest", "bilinear") if soft else ("bilinear", "nearest"),
                         padding_mode="zeros"),
             RandScaleIntensityd(keys="image", factors=config.intensity, prob=config.intensity_probability),
             RandShiftIntensityd(keys="image", offsets=config.intensity, prob=config.intensity_probability),
@@ -179,7 +182,7 @@ def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig) -> Optio
         if config.jpeg_quality:  # last, as a camera's encoder would be
             appearance.append(RandImageOpd("image", jpeg_roundtrip, config.jpeg_quality, 95, p, integer=True))
         if config.border:  # squeezes the mask too; the letterbox bars stay black
-            appearance.append(RandBorderd(config.border, p))
+            appearance.append(RandBorderd(config.border, p, soft))
         transforms += [UnitRanged("image", preprocess.mean, preprocess.std), *appearance,
                        UnitRanged("image", preprocess.mean, preprocess.std, inverse=True)]
     return Compose(transforms)

@@ -172,6 +172,9 @@ class TrainConfig(Config):
     losses: LossWeights = field(default_factory=LossWeights)
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     init_from: Optional[str] = None  # a model package folder whose weights and prototype bank start the run
+    # Distillation: model package folders whose averaged no-report probabilities on the training images are soft
+    # targets for the steps that train without a report (training/distill.py; weight losses.distillation).
+    teachers: list[str] = field(default_factory=list)
     seed: int = 0
     amp: str = "auto"  # bf16 autocast: auto (on CUDA), bf16, or off
     threads: Optional[int] = None  # CPU threads per process; default: cores / processes

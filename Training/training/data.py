@@ -114,6 +114,8 @@ class Preloaded:
     edit_start: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     edit_count: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     edit_report_index: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # Distillation: the teachers' averaged no-report probabilities [N, 1, S, S] float16 (training/distill.py).
+    soft: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -191,13 +193,13 @@ class TrainingSet(Dataset[dict[str, Any]]):
 
         i = int(self.pool[position])
         edit = int(self.draws.edit[i])
-        image = self.data.images[i].float()
-        mask = (self.data.edit_masks[edit] if edit >= 0 else self.data.masks[i]).float()
+        item = {"image": self.data.images[i].float(),
+                "mask": (self.data.edit_masks[edit] if edit >= 0 else self.data.masks[i]).float()}
+        if self.data.soft is not None:
+            item["soft"] = self.data.soft[i].float()
         if self.transform is not None:
             self.transform.set_random_state(seed=int(self.draws.augmentation_seeds[i]))
-            out = self.transform({"image": image, "mask": mask})
-            image = convert_to_tensor(out["image"], track_meta=False)
-            mask = convert_to_tensor(out["mask"], track_meta=False)
+            item = {key: convert_to_tensor(value, track_meta=False) for key, value in self.transform(item).items()}
         report = int(self.data.report_index[i])
         # Samples without a report, and those whose report was dropped this epoch (once there is a bank), are
         # guided by the prototype bank.
@@ -205,8 +207,8 @@ class TrainingSet(Dataset[dict[str, Any]]):
         # An edited sample is guided by the edit's report (never the bank); report_index stays the case's own, with
         # which the bank's contrastive term pairs the whole image.
         guide = int(self.data.edit_report_index[edit]) if edit >= 0 else report
-        return {"image": image, "mask": (mask > 0.5).float(), "report_index": report, "guide_index": guide,
-                "use_bank": use_bank and edit < 0}
+        item["mask"] = (item["mask"] > 0.5).float()
+        return {**item, "report_index": report, "guide_index": guide, "use_bank": use_bank and edit < 0}
 
 
 def epoch_loader(data: Preloaded, epoch: int, seed: int, batch_size: int, report_dropout: float,

@@ -29,6 +29,7 @@ from .augment import augmenter
 from .bank import BankMembers, align_query, fill_bank, join_bank, refresh_bank_keys
 from .config import NOT_SHAPING_RESULTS, REPO_ROOT, TrainConfig, flatten
 from .data import Reports, epoch_loader, load_samples, preload
+from .distill import soft_targets
 from .domain import describe_package
 from .losses import SegmentationLoss, pseudo_label_positives
 from .optim import build_optimizer, replace_parameter, warmup_cosine
@@ -44,9 +45,11 @@ class TrainStep(torch.nn.Module):
         super().__init__()
         self.network, self.criterion = network, criterion
 
-    def forward(self, images, tokens, token_mask, use_bank, masks, text_embedding, positives):
+    def forward(self, images, tokens, token_mask, use_bank, masks, text_embedding, positives, soft=None):
         out = self.network(images, tokens, token_mask, use_bank=use_bank, return_features=True)
-        return self.criterion(self.network, out, masks, text_embedding, positives)
+        # The teachers' probabilities are a target of the no-report (bank-guided) steps only.
+        return self.criterion(self.network, out, masks, text_embedding, positives, soft,
+                              use_bank if soft is not None else None)
 
 
 class Trainer:
@@ -73,6 +76,8 @@ class Trainer:
         if self.train.edit_reports:
             self.reports = self.reports.extended(self.train.edit_reports, self.text_encoder, parser)
             self.train.edit_report_index = torch.tensor([self.reports.index[r] for r in self.train.edit_reports])
+        if c.teachers and c.losses.distillation:
+            self.train.soft = soft_targets(train, c.teachers, c.preprocessing.size, self.run_dir, self.runtime)
         # The steering and laterality probes run on data sets whose reports name the image's sides.
         self.probes = c.data.report_sides() == "image"
         # Validation reads the images as lgseg evaluate does (scored on their own grid), kept in memory.
@@ -144,7 +149,7 @@ class Trainer:
 
         c, runtime = self.config, self.runtime
         bank_ready = epoch >= c.bank.warmup_epochs
-        transform = augmenter(c.augmentation, c.preprocessing)
+        transform = augmenter(c.augmentation, c.preprocessing, soft=self.train.soft is not None)
         workers = runtime.loader_workers(c.data.workers, augmenting=transform is not None)
         loader = epoch_loader(self.train, epoch, c.seed, c.optimisation.batch_size, c.optimisation.report_dropout,
                               transform, bank_ready, runtime, workers, c.data.report_edits)
@@ -174,9 +179,10 @@ class Trainer:
         positives = pseudo_label_positives(self.reports.labels[report_index.clamp_min(0)], has_report,
                                            report_index[:, None] == report_index[None, :])
         text_embedding = self.reports.pooled[report_index.clamp_min(0)]
+        soft = batch["soft"].to(device) if "soft" in batch else None
         with self.runtime.autocast():
             loss, terms = self.model(images, tokens.to(device), token_mask.to(device), batch["use_bank"].to(device),
-                                     masks, text_embedding.to(device), positives.to(device))
+                                     masks, text_embedding.to(device), positives.to(device), soft)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.optimisation.gradient_clip)

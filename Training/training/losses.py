@@ -1,5 +1,6 @@
 """Training losses: Dice + BCE on logits, TeViA text-to-vision alignment, TMCA multi-level target-informed
-contrastive alignment, and ProLearn's image-text InfoNCE for the prototype bank's embedding."""
+contrastive alignment, ProLearn's image-text InfoNCE for the prototype bank's embedding, and the distillation of an
+ensemble's no-report probabilities."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class LossWeights(Config):
     tevia_alignment: float = 0.1
     tmca_contrastive: float = 0.1
     bank_contrastive: float = 0.1
+    distillation: float = 1.0  # soft targets of the teachers on the no-report steps (only with ``teachers:``)
     tmca_temperature: float = 0.07
     bank_temperature: float = 0.1
 
@@ -57,10 +59,12 @@ class SegmentationLoss(nn.Module):
         self.dice_ce = DiceCELoss(sigmoid=True, batch=True)
 
     def forward(self, network: LanguageGuidedSegNet, out: dict[str, Any], masks: torch.Tensor,
-                text_embedding: Optional[torch.Tensor] = None,
-                text_positives: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+                text_embedding: Optional[torch.Tensor] = None, text_positives: Optional[torch.Tensor] = None,
+                soft: Optional[torch.Tensor] = None,
+                distill: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
         """``masks [B, 1, H, W]``; ``text_embedding [B, D]`` pooled report embeddings of samples with a report
-        (rows of samples without one are ignored through ``text_positives``'s diagonal)."""
+        (rows of samples without one are ignored through ``text_positives``'s diagonal); ``soft [B, 1, H, W]`` the
+        teachers' probabilities, a second target of the rows that ``distill [B]`` marks (the no-report steps)."""
         w = self.weights
         terms: dict[str, torch.Tensor] = {"segmentation": self.dice_ce(out["logits"].float(), masks)}
         has_target = masks.flatten(1).amax(1) > 0
@@ -88,6 +92,9 @@ class SegmentationLoss(nn.Module):
                 image_embedding = network.image_embedding(out["image_features"])
                 terms["bank_contrastive"] = info_nce(image_embedding[keep], text_embedding[keep],
                                                      text_positives[keep][:, keep], w.bank_temperature)
+        if w.distillation and soft is not None and distill is not None and bool(distill.any()):
+            # The same Dice + BCE against the ensemble's probabilities: both take soft targets.
+            terms["distillation"] = self.dice_ce(out["logits"][distill].float(), soft[distill].float())
         total = sum(getattr(w, name) * value for name, value in terms.items())
         return total, {name: float(value.detach()) for name, value in terms.items()}
 
