@@ -139,7 +139,7 @@ def zone_steering_probe(predict: Predict, samples: Sequence[Sample], threshold: 
         for side in ("left", "right"):
             pairs: list[tuple[int, float]] = []
             for i, (sample, mask) in enumerate(zip(chunk, masks)):
-                middle = _mid_height(mask, side) if side in whole_sides(sample.report) else None
+                middle = mid_height(mask, side) if side in whole_sides(sample.report) else None
                 if middle is not None:
                     pairs.append((i, middle))
             if not pairs:
@@ -148,7 +148,7 @@ def zone_steering_probe(predict: Predict, samples: Sequence[Sample], threshold: 
             shares = []
             for zone in ("upper", "lower"):
                 probabilities = predict(images[indices], [ZONE_REPORT.format(zone=zone, side=side)] * len(indices))
-                shares.append([_share_above(p > threshold, middle) for p, (_, middle) in zip(probabilities, pairs)])
+                shares.append([share_above(p > threshold, middle) for p, (_, middle) in zip(probabilities, pairs)])
             differences += [upper - lower for upper, lower in zip(*shares)]
         done += len(chunk)
         if progress is not None:
@@ -202,7 +202,7 @@ def _side_share(mask: np.ndarray) -> float:
     return 0.5 if np.isnan(share) else share
 
 
-def _mid_height(mask: np.ndarray, side: str) -> Optional[float]:
+def mid_height(mask: np.ndarray, side: str) -> Optional[float]:
     """The middle row of the true lesion's vertical extent in the image half of ``side`` (None: no lesion there)."""
     half = mask.shape[1] / 2
     columns = np.arange(mask.shape[1]) + 0.5
@@ -211,7 +211,7 @@ def _mid_height(mask: np.ndarray, side: str) -> Optional[float]:
     return None if not len(rows) else (rows[0] + rows[-1] + 1) / 2
 
 
-def _share_above(mask: np.ndarray, middle: float) -> float:
+def share_above(mask: np.ndarray, middle: float) -> float:
     """The share of a mask's pixels above row ``middle`` (0.5 for an empty mask)."""
     total = mask.sum()
     if not total:
