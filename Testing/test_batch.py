@@ -145,6 +145,14 @@ def test_a_rerun_with_other_settings_is_refused_and_single_image_options_too(fol
         assert done.returncode == 2 and done.stderr.startswith("error: ") and words in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert (out / "results.csv").read_bytes() == before
+    pixels = {p: p.read_bytes() for p in images.rglob("*.png")}
+    onto = lgseg("segment", images, "--output", images, "--model", "qata-cxr", cwd=tmp_path)
+    assert onto.returncode == 2 and "is the input folder" in onto.stderr
+    assert {p: p.read_bytes() for p in images.rglob("*.png")} == pixels and not (images / "results.csv").exists()
+    typo = lgseg("segment", images, "--output", tmp_path / "c", "--model", "qata-cxr", "--cluster", "loacl",
+                 "--quiet", cwd=tmp_path)
+    assert typo.returncode == 2 and len(typo.stderr.strip().splitlines()) == 1
+    assert typo.stderr.startswith("error: 'loacl' is not a Dask scheduler address")
     single = lgseg("segment", next(images.glob("*.png")), "--output", tmp_path / "m.png", "--workers", 2, cwd=tmp_path)
     assert single.returncode == 2 and "--workers is for a folder or manifest input" in single.stderr
     assert not (tmp_path / "m.png").exists()
@@ -162,15 +170,19 @@ def test_csv_manifest_reports_outputs_and_save_reports(tmp_path):
         writer.writerow([second, "", ""])  # elsewhere: mirrored from the folder of such images
         writer.writerow(["data/missing.png", "", ""])
         writer.writerow([ct, "", "ct.png"])  # a volume cannot be a PNG
+        writer.writerow(["out/b.png", "", "b.png"])  # the mask would overwrite its image
+    _link(second, tmp_path / "out" / "b.png")
     done = lgseg("segment", manifest, "--output", tmp_path / "out", "--model", "qata-cxr", "--workers", 1,
                  "--sides", "image", "--format", "nrrd", "--save-reports", "--json", cwd=tmp_path)
     assert done.returncode == 3, done.stderr
     summary = json.loads(done.stdout)
-    assert (summary["inputs"], summary["done"], summary["failed"], summary["skipped"]) == (4, 2, 2, 0)
+    assert (summary["inputs"], summary["done"], summary["failed"], summary["skipped"]) == (5, 2, 3, 0)
     results = _rows(tmp_path / "out")
     assert list(results[0]) == COLUMNS[:4] + ["report"] + COLUMNS[4:]
-    given, elsewhere, missing, volume = results
-    assert [row["image"] for row in results] == ["data/a.png", str(second), "data/missing.png", str(ct)]
+    given, elsewhere, missing, volume, onto = results
+    assert [row["image"] for row in results] == ["data/a.png", str(second), "data/missing.png", str(ct),
+                                                 "out/b.png"]
+    assert "would overwrite the image" in onto["error"] and (tmp_path / "out" / "b.png").is_symlink()
     assert given["output"] == "masks/a.seg.nrrd" and given["report_source"] == "given"
     assert given["report"] == QATA_REPORT  # --save-reports: the report used, given or approximated
     assert read_mask(tmp_path / "out" / "masks" / "a.seg.nrrd").shape == (1, 224, 224)
@@ -200,41 +212,53 @@ def test_jsonl_manifest_chooses_models_and_keeps_reports_out_of_the_results(tmp_
     assert QATA_REPORT not in text and "infection" not in text and "located" not in text  # no report at all
 
 
-def test_ctrl_c_stops_after_the_current_image_and_a_rerun_continues(tmp_path):
+def test_ctrl_c_stops_after_the_current_image_twice_at_once_and_a_rerun_continues(tmp_path):
     images = tmp_path / "in"
     count = 16  # enough that the command cannot finish them all between the first mask and the signal
     for path in _qata_images(count):
         _link(path, images / path.name)
     out = tmp_path / "out"
-    command, env = _command("segment", images, "--output", out, "--workers", 1, "--model", "qata-cxr")
-    # A session of its own, so that Ctrl+C can be sent as a terminal sends it: to every process of the command.
-    # Ctrl+C as in a terminal's foreground job: where the tests themselves run in the background (a CI job started
-    # with '&'), SIGINT is inherited as ignored, and the batch rightly keeps ignoring it.
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("*.png")) and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr and "run the same command again" in stderr
-    rows = _rows(out)
-    masks = sorted(p.name for p in out.glob("*.png"))
-    assert 1 <= len(rows) < count and sorted(row["output"] for row in rows) == masks  # a row for each mask only
-    assert all(row["error"] == "" for row in rows) and _leftovers(out) == []
-    written = {name: (out / name).stat().st_mtime_ns for name in masks}
+
+    def interrupted(times: int) -> tuple[int, str]:
+        """Run the batch, press Ctrl+C ``times`` times once it has written a new mask; its exit code and stderr."""
+        command, env = _command("segment", images, "--output", out, "--workers", 1, "--model", "qata-cxr")
+        before = len(list(out.glob("*.png")))
+        # A session of its own, so that Ctrl+C can be sent as a terminal sends it: to every process of the command.
+        # Ctrl+C as in a terminal's foreground job: where the tests themselves run in the background (a CI job
+        # started with '&'), SIGINT is inherited as ignored, and the batch rightly keeps ignoring it.
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 120
+            while len(list(out.glob("*.png"))) <= before and time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.02)
+            for _ in range(times):
+                os.killpg(process.pid, signal.SIGINT)
+                time.sleep(0.05)
+            _, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        return process.returncode, stderr
+
+    # Once: the images being segmented are finished, each mask has its row. Twice: it stops at once (an image
+    # finishing at that moment may have its mask but no row yet: the rerun segments it again).
+    for times, words, unrecorded in ((1, "run the same command again", 0), (2, "interrupted", 1)):
+        code, stderr = interrupted(times)
+        assert code == 130 and "Traceback" not in stderr and words in stderr, stderr
+        rows = _rows(out)
+        masks = sorted(p.name for p in out.glob("*.png"))
+        recorded = sorted(row["output"] for row in rows)
+        assert 1 <= len(rows) < count and set(recorded) <= set(masks) and len(masks) - len(rows) <= unrecorded
+        assert all(row["error"] == "" for row in rows) and _leftovers(out) == []
+    written = {name: (out / name).stat().st_mtime_ns for name in recorded}
 
     again = lgseg("segment", images, "--output", out, "--workers", 1, "--model", "qata-cxr", "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)
-    assert (summary["skipped"], summary["done"], summary["failed"]) == (len(masks), count - len(masks), 0)
-    assert {name: (out / name).stat().st_mtime_ns for name in masks} == written  # nothing redone
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (len(recorded), count - len(recorded), 0)
+    assert {name: (out / name).stat().st_mtime_ns for name in recorded} == written  # nothing redone
     rows = _rows(out)
     assert [row["image"] for row in rows] == sorted(p.name for p in images.iterdir())
     assert all(row["error"] == "" and (out / row["output"]).is_file() for row in rows)

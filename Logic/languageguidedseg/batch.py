@@ -329,6 +329,9 @@ def segment_item(item: BatchItem, settings: BatchSettings, models: ModelCache) -
         suffix = item.suffix or (".png" if image.GetDimension() == 2 else ".nii.gz")
         output = Path(settings.output_dir) / (item.stem + suffix)
         check_mask_path(output, spatial_shape(image))
+        if output.resolve() == Path(item.path).resolve():
+            raise LgsegError(f"its mask '{item.stem + suffix}' would overwrite the image; choose an output folder "
+                             "outside the input's folder, or another --format")
         array, rgb = image_array(image), is_rgb(image)
         if model == AUTO_MODEL:
             from .inference import choose_model
@@ -360,8 +363,9 @@ def segment_item(item: BatchItem, settings: BatchSettings, models: ModelCache) -
 
 
 def absolute_model(model: str) -> str:
-    """A model given as a folder, as an absolute path (the workers may start elsewhere); a name as it is."""
-    if os.sep in model or model.startswith(".") or Path(model).is_dir():
+    """A model given as a folder, as an absolute path (the workers may start elsewhere); a name, and ``auto`` (even
+    beside a folder of that name, as for a single image), as it is."""
+    if model != AUTO_MODEL and (os.sep in model or model.startswith(".") or Path(model).is_dir()):
         return str(Path(model).resolve())
     return model
 
@@ -388,6 +392,7 @@ def failure_row(item: BatchItem, error: str) -> Row:
 
 
 def columns(settings: BatchSettings) -> tuple[str, ...]:
+    """The columns of results.csv: :data:`COLUMNS`, and the report after report_source with ``save_reports``."""
     if not settings.save_reports:
         return COLUMNS
     at = COLUMNS.index("report_source") + 1
@@ -453,6 +458,7 @@ def read_results(settings: BatchSettings) -> dict[tuple[str, str], Row]:
 
 
 def item_key(item: BatchItem) -> tuple[str, str]:
+    """What identifies an input's row in results.csv: the image as named, and its mask's path without suffix."""
     return item.image, item.stem
 
 
@@ -548,10 +554,21 @@ class LocalPool:
     def capacity(self) -> int:
         return self._count
 
+    def _replace(self, slot: int) -> None:
+        """A new worker in the place of the one in ``slot``, which has stopped."""
+        process, connection = self._workers[slot]
+        connection.close()
+        process.join(5)
+        self._workers[slot] = self._start()
+
     def submit(self, index: int, item: BatchItem) -> None:
         slot = next(s for s in range(len(self._workers)) if s not in self._busy)
+        try:
+            self._workers[slot][1].send((index, item))
+        except OSError:  # the worker stopped while it waited (e.g. killed for memory): another takes its input
+            self._replace(slot)
+            self._workers[slot][1].send((index, item))
         self._busy[slot] = (index, item)
-        self._workers[slot][1].send((index, item))
 
     def finished(self, timeout: float) -> list[tuple[int, Row]]:
         from multiprocessing.connection import wait
@@ -568,28 +585,40 @@ class LocalPool:
                 process.join(5)
                 row = failure_row(item, f"the worker process segmenting it stopped (exit code {process.exitcode}; "
                                         "out of memory?); check the input, or use fewer workers")
-                self._workers[slot] = self._start()
+                self._replace(slot)
             del self._busy[slot]
             rows.append((index, row))
         return rows
 
     def close(self) -> None:
-        for _, connection in self._workers:
-            with contextlib.suppress(OSError, ValueError):
-                connection.send(None)
-        for process, connection in self._workers:
-            process.join(10)
-            if process.is_alive():
+        """Idle workers are told to stop; busy ones (a batch stopped at once) are stopped now: their inputs are lost,
+        their masks complete or absent (a stopped worker removes the temporary file of the mask it was writing)."""
+        for slot, (process, connection) in enumerate(self._workers):
+            if slot in self._busy:
                 process.terminate()
+            else:
+                with contextlib.suppress(OSError, ValueError):
+                    connection.send(None)
+        deadline = time.monotonic() + 10
+        for process, connection in self._workers:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
                 process.join()
             connection.close()
-        self._workers = []
+        self._workers, self._busy = [], {}
+
+
+def _exit_on_terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def serve_items(connection: Connection, settings: BatchSettings, threads: int) -> None:
     """A worker process of :class:`LocalPool`: segment the inputs it is sent until it is sent None. This process is
-    the batch's own, so it sets its thread count (:func:`worker_threads`) and ignores Ctrl+C."""
+    the batch's own, so it sets its thread count (:func:`worker_threads`), ignores Ctrl+C, and ends on SIGTERM
+    (:meth:`LocalPool.close`) by SystemExit, which removes the temporary file of a mask being written."""
     ignore_interrupts()
+    signal.signal(signal.SIGTERM, _exit_on_terminate)
     import torch
 
     from .runner import ModelCache

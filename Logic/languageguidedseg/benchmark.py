@@ -8,6 +8,9 @@ Start-up: ``cli_first_mask_s`` is the wall time of a whole ``lgseg segment`` pro
 X-ray-sized image with a report (Python start, imports, model load, text encoder, segmentation, writing the PNG),
 median of several runs; ``torch_import_s`` is a process that only imports torch, measured the same way: the
 reference that tells how busy or fast this machine is.
+
+Batch segmentation (``lgseg benchmark --batch``, :func:`run_batch_benchmark`): images per second of one
+``lgseg segment MANIFEST --output FOLDER`` command against one ``lgseg segment`` process per image.
 """
 
 from __future__ import annotations
@@ -289,8 +292,11 @@ def run_batch_benchmark(data_dir: str, images: int = 200, per_process_images: in
             raise RuntimeError(f"the batch did not segment all {images} images")
         start = time.perf_counter()
         for index, sample in enumerate(samples[:per_process_images]):
-            subprocess.run([*command, str(sample.image_path), "--report", sample.report or "",
-                            "--output", str(tmp / f"single-{index}.png")], check=True, capture_output=True)
+            single = subprocess.run([*command, str(sample.image_path), "--report", sample.report or "",
+                                     "--output", str(tmp / f"single-{index}.png")], capture_output=True, text=True)
+            if single.returncode != 0:  # not check=True: its message would quote the report on the command line
+                raise RuntimeError(f"lgseg segment failed on '{sample.image_path.name}' (exit code "
+                                   f"{single.returncode}): {single.stderr[-500:]}")
         per_process_s = time.perf_counter() - start
     batch_rate = images / batch_s
     per_process_rate = min(per_process_images, len(samples)) / per_process_s

@@ -169,6 +169,9 @@ def _segment_batch(args: argparse.Namespace) -> int:
                              "'report'), and a folder or manifest input segments whole images")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise LgsegError(f"threshold must lie between 0 and 1, not {args.threshold}", option="threshold")
+    if Path(args.image).is_dir() and Path(args.output).resolve() == Path(args.image).resolve():
+        raise LgsegError(f"the output folder '{args.output}' is the input folder: the masks would overwrite the "
+                         "images; choose another output folder", option="output")
     workers = args.workers or batch.default_workers()
     if args.model != AUTO_MODEL:
         from .package import find_model
@@ -349,7 +352,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _probes(segmenter: Segmenter, samples: Sequence[Sample], args: argparse.Namespace) -> dict:
-    """The steering and laterality probes and the report check (data sets whose reports name the image's sides)."""
+    """The steering, zone steering and laterality probes and the report check (data sets whose reports name the
+    image's sides)."""
     from .probes import laterality_probe, report_check_probe, steering_probe, zone_steering_probe
     from .sides import RADIOLOGICAL_DISPLAY, translate_report
 
@@ -470,15 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
                           help="what left and right mean in the data set's reports (default: its dataset.json)")
     evaluate.add_argument("--corrupt", metavar="SPEC",
                           help="corrupt each 8-bit image first, at fixed severities applied in order, e.g. "
-                               "jpeg:30,blur:2 (names: hue, saturation, colour, gamma, blur, jpeg; see "
-                               "languageguidedseg/corruptions.py); skips the probes")
+                               "jpeg:30,blur:2 (names: hue, saturation, colour, gamma, blur, jpeg, border, resize, "
+                               "aspect, overlay, specular, fov; see languageguidedseg/corruptions.py); skips the "
+                               "probes")
     evaluate.add_argument("--no-probes", dest="probes", action="store_false",
-                          help="skip the steering and laterality probes (run where the data set's reports name the "
-                               "image's sides)")
+                          help="skip the steering, zone steering and laterality probes and the report check (run where "
+                               "the data set's reports name the image's sides)")
     evaluate.set_defaults(func=_evaluate)
 
     bench = sub.add_parser("benchmark",
-                           help="per-slice latency and start-up time against a GuideDecoder-sized reference")
+                           help="per-slice latency and start-up time against a GuideDecoder-sized reference; "
+                                "--batch: batch segmentation's throughput")
     add_device_option(bench, default="cpu")
     add_json_option(bench)
     bench.add_argument("--volume-slices", type=at_least(1), default=100)

@@ -86,6 +86,9 @@ class DaskEngine:
             else:
                 try:
                     self._client = Client(address, timeout=CONNECT_TIMEOUT_S, set_as_default=False)
+                except ValueError as exc:  # e.g. no port, or an unknown scheme
+                    raise LgsegError(f"'{address}' is not a Dask scheduler address ({exc}); give 'local' or an "
+                                     "address such as tcp://host:8786", option="cluster") from exc
                 except (OSError, TimeoutError) as exc:
                     raise LgsegError(f"cannot connect to the Dask scheduler at '{address}' ({exc.__class__.__name__}); "
                                      "check the address (e.g. tcp://host:8786) and that the scheduler is running",
