@@ -86,8 +86,12 @@ class WebServer:
             stdout=subprocess.PIPE, stderr=self._log_file, text=True, env=env)
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.url = self._wait_for(r"open (http://127\.0\.0\.1:\d+/\S*)")
-        self.uploads = Path(self._wait_for(r"kept in (\S+) until the server stops"))
+        try:
+            self.url = self._wait_for(r"open (http://127\.0\.0\.1:\d+/\S*)")
+            self.uploads = Path(self._wait_for(r"kept in (\S+) until the server stops"))
+        except BaseException:
+            self.stop()  # a server that did not start as expected is not left running (the fixture never sees it)
+            raise
 
     def _read(self) -> None:
         for line in self.process.stdout:
@@ -680,7 +684,7 @@ def test_access_rules():
     assert safe_name("..", 4) == "file-4" and safe_name(".hidden", 5) == "file-5"
 
 
-def test_viewer_letters_presets_and_sizes():
+def test_viewer_letters_ct_and_sizes():
     from languageguidedseg.web.viewer import looks_like_ct, orientation_letters, segment_size
 
     # Slicer's default axial, coronal and sagittal SliceToRAS: (left, right, top, bottom) edges.

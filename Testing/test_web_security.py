@@ -281,6 +281,14 @@ def test_fuzz_hostile_uploads_each_get_one_message_and_leave_nothing(server, sec
     ("list.nhdr", lambda secret: nrrd_header(f"LIST 2\n{secret}", "8 8 1")),
     ("numbered.nhdr", lambda secret: nrrd_header(f"{secret.parent}/secret%d.raw 1 1 1 2", "8 8 1")),
     ("attached.nrrd", lambda secret: nrrd_header(str(secret)).replace(b"data file", b"datafile") + b"\n"),
+    # A harmless field first, and the one the reader follows hidden behind a line end the reader does not see
+    # (MetaIO ends lines at "\n" only) or under a spelling it does not match (MetaIO's names are case-sensitive).
+    ("vt.mhd", lambda secret: meta_header(str(secret)).replace(
+        b"ElementDataFile", b"Comment = x\x0bElementDataFile = LOCAL\nElementDataFile")),
+    ("cr.mhd", lambda secret: meta_header(str(secret)).replace(
+        b"ElementDataFile", b"Comment = x\rElementDataFile = LOCAL\nElementDataFile")),
+    ("case.mhd", lambda secret: meta_header(str(secret)).replace(
+        b"ElementDataFile", b"elementdatafile = LOCAL\nElementDataFile")),
 ])
 def test_a_header_naming_data_outside_its_upload_is_refused(server, secret, name, header):
     """Each header form ITK follows to another file (MetaImage and NRRD: one name, LIST, numbered pattern): one
@@ -302,8 +310,14 @@ def test_headers_with_their_data_files_open_as_one_folder(server, secret, tmp_pa
     analyze = tmp_path / "pair.hdr"
     sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 8, 8), np.int16)), str(analyze))
     opened(server, ("pair/pair.hdr", analyze.read_bytes()), ("pair/pair.img", analyze.with_suffix(".img").read_bytes()))
+    # An attached NRRD larger than the part of a header searched (1 MB): its header ends before the voxels.
+    opened(server, ("large.nrrd", encoded(np.ones((8, 256, 256), np.int16), ".nrrd", tmp_path)))
     assert "'pair.hdr'" in refused(server, ("pair.hdr", analyze.read_bytes()))
     assert "'scan.mhd' names the data file 'scan.raw'" in refused(server, ("scan.mhd", meta_header("scan.raw")))
+    # A data file beside it first, and the one outside behind a line end only Python sees (NRRD: "\r" and "\n").
+    hidden = nrrd_header(str(secret)).replace(b"data file", b"# x\x85data file: scan.raw\ndata file")
+    assert "'hidden.nhdr' names a data file outside the upload" in \
+        refused(server, ("h/hidden.nhdr", hidden), ("h/scan.raw", voxels))
     for name, data in (("scan.spr", f"numDim: 2\ndim: 8 8\ndataType: BYTE\nstimFileName: {secret}\n"
                                     .encode()),
                        ("scan.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 600), ("scan.vtk", b"# vtk DataFile Version 3.0\n")):
@@ -421,6 +435,10 @@ def test_trusted_proxy_no_token_and_the_server_folder_after_sigkill_and_sighup(t
         while len(kept(first)) > 1:  # the broken-off upload is deleted when the server notices
             assert time.monotonic() < deadline, f"an interrupted upload was kept: {kept(first)}"
             time.sleep(0.1)
+        # Each file counts as at least a file-system block: many empty files are refused as one large file is.
+        status, answer = upload(first, *((f"empty/{index}.dcm", b"") for index in range(300)))
+        assert status == 413 and "larger than this server's limit of 1 MB" in answer["error"]
+        assert len(kept(first)) == 1
         assert oct(killed_folder.stat().st_mode & 0o777) == "0o700"
     finally:
         os.kill(first.process.pid, signal.SIGKILL)  # no chance to clean up

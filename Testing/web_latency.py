@@ -70,9 +70,10 @@ document.addEventListener('load', (event) => {
 
 def start_server(image: Path, log: Path) -> tuple[subprocess.Popen, str]:
     """``lgseg serve`` on a free port; its process and the address it printed."""
-    process = subprocess.Popen([sys.executable, "-m", "languageguidedseg.cli", "serve", str(image), "--model",
-                                "qata-cxr", "--port", "0"], stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
-                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    with open(log, "w") as errors:  # the server writes into its own copy of the file descriptor
+        process = subprocess.Popen([sys.executable, "-m", "languageguidedseg.cli", "serve", str(image), "--model",
+                                    "qata-cxr", "--port", "0"], stdout=subprocess.PIPE, stderr=errors, text=True,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     deadline = time.monotonic() + TIMEOUT_S
@@ -84,6 +85,7 @@ def start_server(image: Path, log: Path) -> tuple[subprocess.Popen, str]:
         if match:
             return process, match.group(1)
     process.kill()
+    process.wait()
     raise SystemExit(f"error: the server did not start; its log is {log}")
 
 

@@ -367,29 +367,35 @@ def _nifti_magic(head: bytes) -> Optional[bytes]:
 
 def _data_files(source: Path, image_io: str) -> list[str]:
     """The data files a MetaImage or NRRD header names, in all three forms: one name, ``LIST`` (one name a line
-    after it) and a numbered pattern (``slice%03d.raw first last step``); ``LOCAL`` (MetaImage): none."""
+    after it) and a numbered pattern (``slice%03d.raw first last step``); ``LOCAL`` (MetaImage): none.
+
+    Every line that may be such a field counts, not only the first, with the lines split as each reader splits them
+    (MetaIO at "\\n" only, NRRD at "\\r" too) and as Python does: the readers also match field names differently
+    (MetaIO: case and all), and a header must not show this check one field and the reader another.
+    """
     with open(source, "rb") as file:
-        text = file.read(_HEADER_BYTES + 1)
-    lines = text.decode("latin-1").splitlines()
-    if image_io == "NrrdImageIO" and "" in lines:
-        lines = lines[:lines.index("")]  # the header ends at the first empty line; the voxels follow
-    for index, line in enumerate(lines):
-        match = _DATA_FILE_LINE[image_io].match(line)
-        if match is None:
-            continue
-        value = match.group(1)
-        word = value.split()[0] if value.split() else ""
-        if image_io == "MetaImageIO" and word == "LOCAL":
-            return []
-        if word == "LIST":
-            return [name for rest in lines[index + 1:] for name in rest.split()]
-        if "%" in value:
-            return _numbered_names(source, value)
-        return [value]
-    if image_io == "MetaImageIO" or len(text) > _HEADER_BYTES:
+        text = file.read(_HEADER_BYTES + 1).decode("latin-1")
+    # The header ends within what was read: MetaIO's last field, or NRRD's empty line.
+    ends = (bool(re.search(r"(?m)^[ \t]*ElementDataFile[ \t]*[=:]", text)) if image_io == "MetaImageIO" else
+            "" in re.split(r"\r\n|\r|\n", text)[:-1])
+    if not ends and (image_io == "MetaImageIO" or len(text) > _HEADER_BYTES):
         raise LgsegError(f"cannot read '{source}' as an image (no data file within its first "
                          f"{_HEADER_BYTES >> 20} MB); use {_CONFINED_READABLE}")
-    return []
+    names: list[str] = []
+    for lines in (text.splitlines(), text.split("\n"), re.split(r"\r\n|\r|\n", text)):
+        for index, line in enumerate(lines):
+            match = _DATA_FILE_LINE[image_io].match(line)
+            value = match.group(1) if match is not None else ""
+            word = value.split()[0] if value.split() else ""
+            if match is None or image_io == "MetaImageIO" and word == "LOCAL":
+                continue
+            if word == "LIST":
+                names += [name for rest in lines[index + 1:] for name in rest.split()]
+            elif "%" in value:
+                names += _numbered_names(source, value)
+            else:
+                names.append(value)
+    return names
 
 
 def _numbered_names(source: Path, value: str) -> list[str]:
@@ -428,9 +434,12 @@ def _read_dicom_series(folder: Path, max_voxels: Optional[int] = None) -> sitk.I
             raise LgsegError(f"folder '{folder}' contains no DICOM series; choose {_READABLE}")
         files = reader.GetGDCMSeriesFileNames(str(folder), series_ids[0])
         if max_voxels is not None:
+            # Every file as large as the first; a multi-frame file holds several slices (its frames) of them.
             first = _header(Path(files[0]), "GDCMImageIO")
-            _check_voxels(folder, replace(first, size=(*first.size[:2], len(files))), max_voxels)
+            frames = int(np.prod(first.size[2:], dtype=np.int64))
+            _check_voxels(folder, replace(first, size=(*first.size[:2], len(files) * frames)), max_voxels)
         _check_slice_spacing(folder, files)
+        reader.SetImageIO("GDCMImageIO")  # the files GDCM found, read as DICOM whatever their names say
         reader.SetFileNames(files)
         return reader.Execute()
     except RuntimeError as exc:
@@ -444,6 +453,7 @@ def _check_slice_spacing(folder: Path, files: Sequence[str]) -> None:
         return
     positions = []
     header = sitk.ImageFileReader()
+    header.SetImageIO("GDCMImageIO")
     for name in files:
         header.SetFileName(name)
         header.ReadImageInformation()

@@ -5,8 +5,8 @@ The page only wires widgets to the controller, as the Slicer module's widget doe
 happens on the server (off-screen); the page receives images of the views.
 
 Everything runs on the server's event loop thread, which plays the part of Slicer's GUI thread: trame's state
-callbacks, the upload handler, and the task that polls the controller. Only image reading (and the controller's
-worker) run elsewhere, and they touch no MRML node.
+callbacks, the upload handler, and the task that polls the controller. Only image reading, the model preload and
+the controller's worker run elsewhere, and they touch no MRML node.
 """
 
 # trame and trame-slicer ship no type information.

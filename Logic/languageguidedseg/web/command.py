@@ -51,7 +51,8 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    """Check the arguments, start the server, block until it stops (Ctrl+C or SIGTERM), remove the upload folder."""
+    """Check the arguments, start the server, block until it stops (Ctrl+C, SIGTERM, SIGHUP or another signal that
+    ends it), remove the server's folder."""
     if not 0 <= args.port <= 65535:
         raise LgsegError(f"--port {args.port} is not a port number; give 0 to 65535 (0 picks a free port)")
     _check_address(args.host, args.port)

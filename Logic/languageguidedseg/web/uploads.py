@@ -25,6 +25,9 @@ from ..imageio import read_image
 from .access import format_size
 
 _CHUNK = 1 << 16  # small enough that the limits are checked as the bytes arrive
+# What one file costs on disk at least (a file-system block), counted against the limits: a folder upload of
+# millions of empty files would otherwise pass them.
+_FILE_BYTES = 4096
 _NAME_BYTES = 200  # file systems allow 255 bytes; room is left for the prefix that separates equal names
 _SHOWN_CHARS = 80
 # A folder upload holding exactly one of these is that image (a header with its data files); otherwise the folder
@@ -108,16 +111,13 @@ class UploadFolder:
         """``message`` with each upload's server path replaced by the name the user chose."""
         replacements = []
         for upload in list(self._uploads.values()):  # a copy: read() runs in a worker thread
-            replacements += [(str(stored), name) for stored, name in upload.names.items()]
+            replacements += [(str(stored), name) for stored, name in list(upload.names.items())]
             replacements.append((str(upload.folder), upload.name))
         replacements.append((str(self.path), "the upload"))
         replacements.append((str(self.path.parent), "the server's folder"))
         for server_path, name in sorted(replacements, key=lambda pair: -len(pair[0])):
             message = message.replace(server_path, name)
         return message
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
 
     def _upload_of(self, path: Path) -> Optional[Upload]:
         for folder, upload in list(self._uploads.items()):  # a copy: read() runs in a worker thread
@@ -186,6 +186,9 @@ async def receive_multipart(request: Any, uploads: UploadFolder, upload: Upload)
         if target.exists():  # two files of one folder upload with the same name in different sub-folders
             target = upload.folder / f"{len(written)}-{name}"
         upload.names[target] = shown_name(chosen.rsplit("/", 1)[-1] or name)
+        upload.size += _FILE_BYTES
+        if upload.size > uploads.max_bytes:
+            raise UploadTooLargeError(_too_large(uploads.max_bytes))
         try:
             with open(target, "wb") as out:
                 while True:
@@ -249,7 +252,11 @@ def upload_handler(uploads: UploadFolder, open_path: Callable[[Path, str], Await
             message = f"the upload failed ({exc.__class__.__name__}); try again"
             on_error(message)
             return web.json_response({"error": message}, status=400)
-        error = await open_path(*image_to_open(upload, files))
+        try:
+            error = await open_path(*image_to_open(upload, files))
+        except BaseException:  # an unexpected failure showing it (answered 500): not kept on disk either
+            uploads.discard(upload)
+            raise
         if error is not None:
             uploads.discard(upload)
             return web.json_response({"error": error}, status=400)
