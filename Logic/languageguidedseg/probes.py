@@ -7,9 +7,9 @@
 - **Zone steering** (:func:`zone_steering_probe`): does naming a zone move the mask within a side? On the cases
   whose true report names a side's whole extent ("all left lung"), each image is segmented with "unilateral
   pulmonary infection, one infected area, upper <side> lung." and with the same report naming "lower"; the figure
-  is the mean over (image, side) pairs of the upper report's mask share above the true lesion's mid-height on that
-  side minus the lower report's (1 = the mask moves completely to the named zone, 0 = the zone is ignored). An
-  empty mask counts as a share of 0.5.
+  is the mean over images of the upper report's mask share above the true lesion's mid-height on that side minus
+  the lower report's (1 = the mask moves completely to the named zone, 0 = the zone is ignored), an image whose
+  report names both sides whole counting the mean of its two sides. An empty mask counts as a share of 0.5.
 - **Laterality** (:func:`laterality_probe`): does the approximated report (no report given) name the sides that
   the true report names? Balanced accuracy over bilateral / left / right (chance 1/3); an approximated report that
   names no side counts as wrong.
@@ -59,7 +59,7 @@ class SteeringResult:
 
 @dataclass
 class ZoneSteeringResult:
-    """Mean upper-report minus lower-report share above the lesion's mid-height over ``n`` (image, side) pairs."""
+    """Mean upper-report minus lower-report share above the lesion's mid-height over ``n`` images."""
 
     zone_steering: float
     n: int
@@ -132,7 +132,7 @@ def zone_steering_probe(predict: Predict, samples: Sequence[Sample], threshold: 
     """The zone-steering figure on the cases among ``samples`` whose report names a side's whole extent (see the
     module docstring); a side whose image half holds no true lesion is left out."""
     cases = [s for s in samples if whole_sides(s.report)]
-    differences: list[float] = []
+    differences: dict[str, list[float]] = {}  # per image: one difference per side named whole
     done = 0
     for chunk, images in _image_batches(cases, batch_size):
         masks = [load_pair(sample)[1] > 0 for sample in chunk]
@@ -149,11 +149,13 @@ def zone_steering_probe(predict: Predict, samples: Sequence[Sample], threshold: 
             for zone in ("upper", "lower"):
                 probabilities = predict(images[indices], [ZONE_REPORT.format(zone=zone, side=side)] * len(indices))
                 shares.append([share_above(p > threshold, middle) for p, (_, middle) in zip(probabilities, pairs)])
-            differences += [upper - lower for upper, lower in zip(*shares)]
+            for (i, _), upper, lower in zip(pairs, *shares):
+                differences.setdefault(chunk[i].id, []).append(upper - lower)
         done += len(chunk)
         if progress is not None:
             progress(done, len(cases))
-    return ZoneSteeringResult(float(np.mean(differences)) if differences else float("nan"), len(differences))
+    per_image = [float(np.mean(sides)) for sides in differences.values()]
+    return ZoneSteeringResult(float(np.mean(per_image)) if per_image else float("nan"), len(per_image))
 
 
 def laterality_probe(approximate: Approximate, samples: Sequence[Sample], batch_size: int = 16,
