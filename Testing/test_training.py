@@ -201,7 +201,20 @@ def test_fine_tuning_with_report_edits_keeps_the_bank_and_probes_steering(traine
     assert any(not torch.equal(start.state_dict[k], tuned.state_dict[k]) for k in start.state_dict)
 
 
-def test_distillation_trains_the_no_report_steps_on_the_teachers_probabilities(trained, qata, tmp_path):
+DISTILLATION = ("--set", "bank.warmup_epochs=0", "--set", "optimisation.report_dropout=0.5")
+
+
+@pytest.fixture(scope="module")
+def distilled(trained, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """A fine-tune of ``trained`` whose no-report steps learn from two teachers (``trained`` twice), stopped after one
+    epoch and resumed: the package, and the output of both calls."""
+    output = tmp_path_factory.mktemp("distilled") / "model"
+    args = ("--set", f"teachers=[{trained}, {trained}]", "--set", f"init_from={trained}", *DISTILLATION)
+    first = _train(output, *args, "--stop-after", "1")
+    return output, first, _train(output, *args, "--resume")
+
+
+def test_distillation_trains_the_no_report_steps_on_the_teachers_probabilities(trained, distilled, tmp_path):
     """``teachers:`` makes the averaged no-report probabilities of model packages a soft target: computed once
     with the engine as ``lgseg`` segments without a report, kept with the run (--resume reads them), logged as a
     loss term; a teacher that is not a model package stops the run in one line before anything is written."""
@@ -213,13 +226,9 @@ def test_distillation_trains_the_no_report_steps_on_the_teachers_probabilities(t
     from training.config import load_config
     from training.data import load_samples
 
-    output = tmp_path / "model"
-    args = ("--set", f"teachers=[{trained}, {trained}]", "--set", f"init_from={trained}", "--set",
-            "bank.warmup_epochs=0", "--set", "optimisation.report_dropout=0.5")
-    first = _train(output, *args, "--stop-after", "1")
+    output, first, resumed = distilled
     assert "soft targets: 16 training images, the average of 2 teachers" in first.stderr
-    cache = output.parent / "model-training" / "soft_targets.pt"
-    targets = torch.load(cache, weights_only=True)["targets"]
+    targets = torch.load(output.parent / "model-training" / "soft_targets.pt", weights_only=True)["targets"]
     # The targets are the teacher's no-report probabilities on the training images, on the network's grid.
     config = load_config(CONFIG, {"data.limit": 16})
     train, _ = load_samples(config.data, config.seed)
@@ -229,7 +238,6 @@ def test_distillation_trains_the_no_report_steps_on_the_teachers_probabilities(t
         expected = F.interpolate(torch.from_numpy(teacher.predict_slices(image[None], None).probabilities)[None],
                                  size=targets.shape[-2:], mode="bilinear", antialias=True)[0]
         assert np.abs(targets[i].float().numpy() - expected.numpy()).max() < 2e-3
-    resumed = _train(output, *args, "--resume")
     assert "soft targets:" not in resumed.stderr  # read from the run folder
     with open(output.parent / "model-training" / "log.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -244,6 +252,35 @@ def test_distillation_trains_the_no_report_steps_on_the_teachers_probabilities(t
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith(f"error: distillation teacher '{tmp_path}' is not a model package folder")
     assert not bad.exists() and not bad.parent.joinpath("model-training", "checkpoint.pt").exists()
+
+
+def test_interpolate_writes_the_weights_between_the_start_and_its_fine_tune(trained, distilled, tmp_path):
+    """--interpolate (WiSE-FT): the package's weights are the start's and the fine-tune's mixed by the weight (the
+    bank's image keys recomputed with the mixed encoder), validated and described; a package with another network or
+    bank than init_from is refused in one line."""
+    from languageguidedseg.package import load_package
+
+    tuned = distilled[0]
+    output = tmp_path / "mixed"
+    result = _train(output, "--set", f"init_from={trained}", "--interpolate", str(tuned), "--interpolate-weight",
+                    "0.25", *DISTILLATION)
+    assert "interpolated: val_report_dice" in result.stderr
+    start, fine, mixed = load_package(trained), load_package(tuned), load_package(output)
+    for key, value in mixed.state_dict.items():
+        if value.is_floating_point() and key != "bank.image_keys":
+            expected = 0.75 * start.state_dict[key] + 0.25 * fine.state_dict[key]
+            assert torch.allclose(value, expected, atol=2e-3, rtol=2e-3), key  # float16 packages
+    assert mixed.config.prototype_reports == start.config.prototype_reports
+    assert 0.0 <= mixed.config.metrics["val_prototype_dice"] <= 1.0 and mixed.domain() is not None
+    assert "--interpolate" in mixed.config.training["command"]
+
+    other = subprocess.run([sys.executable, str(REPO / "Training" / "train.py"), "--config", str(CONFIG), "--output",
+                            str(tmp_path / "other"), *TINY, "--set", f"init_from={trained}", "--interpolate",
+                            str(REPO / "Logic" / "languageguidedseg" / "models" / "kvasir-polyp")],
+                           capture_output=True, text=True, env=_env(), timeout=300)
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1
+    assert "has another network or prototype bank than init_from" in other.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def test_bank_is_deterministic_for_a_seed():

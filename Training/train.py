@@ -5,6 +5,8 @@
     torchrun --nproc_per_node=2 Training/train.py --config ...     (distributed data-parallel; gloo on CPU)
     python Training/train.py --config CONFIG --describe-domain MODEL_DIR   (no training: add the description of
         its images to an existing package, see training/domain.py)
+    python Training/train.py --config FINE_TUNE_CONFIG --interpolate MODEL_DIR [--interpolate-weight W] --output OUT
+        (no training: the weights between the config's init_from and its fine-tune MODEL_DIR, WiSE-FT)
 
 Images with a report train with report tokens, images without one (and a random share of those with one) with
 prototype tokens from the bank, so one model serves both modes. The first ``bank.warmup_epochs`` epochs warm up
@@ -63,6 +65,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="do not train: describe the images of the existing model package MODEL_DIR from the "
                              "config's data set (train split; threshold calibrated on the val split) and rewrite "
                              "the package with the same weights (what a training run does when it finishes)")
+    parser.add_argument("--interpolate", metavar="MODEL_DIR",
+                        help="do not train: write to --output the package whose weights lie between the config's "
+                             "init_from and MODEL_DIR, a fine-tune of it (WiSE-FT), validated and described as a run's")
+    parser.add_argument("--interpolate-weight", type=float, default=0.5, metavar="W",
+                        help="the fine-tune's share of the interpolated weights (default 0.5)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                         help="override any config key, e.g. --set losses.tevia_alignment=0 (the value is read as "
                              "YAML; repeatable; for ablations)")
@@ -102,7 +109,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         launcher = f"torchrun --nproc_per_node={runtime.world} " if runtime.distributed else "python "
         command = launcher + " ".join(shlex.quote(a) for a in sys.argv)
         trainer = Trainer(config, output.resolve(), command, runtime)
-        trainer.fit(args.resume, args.stop_after)
+        if args.interpolate:
+            trainer.interpolate(Path(args.interpolate), args.interpolate_weight)
+        else:
+            trainer.fit(args.resume, args.stop_after)
         runtime.log(f"model package: {output}")
         return 0
     except LgsegError as exc:

@@ -23,6 +23,12 @@ from .losses import LossWeights
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def package_path(folder: str) -> Path:
+    """A model package folder named in a config (``init_from``, ``teachers``); relative to the repository root."""
+    path = Path(folder).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
 @dataclass
 class PackageConfig(ModelCard):
     """What the model package says about itself: the engine's model card, plus the training data's citation (kept

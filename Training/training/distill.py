@@ -24,16 +24,10 @@ from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import Segmenter
 from languageguidedseg.package import WEIGHTS_FILE, load_package
 
-from .config import REPO_ROOT
+from .config import package_path
 from .runtime import Runtime
 
 CACHE_FILE = "soft_targets.pt"
-
-
-def teacher_path(folder: str) -> Path:
-    """A teacher's package folder; a relative path is relative to the repository root (as ``init_from``)."""
-    path = Path(folder).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def _digest(paths: list[Path], samples: list[Sample], size: int) -> str:
@@ -54,7 +48,7 @@ def soft_targets(samples: list[Sample], teachers: list[str], size: int, run_dir:
     network's input grid; from ``run_dir``'s cache when it was computed for the same teachers and images."""
     from tqdm import tqdm
 
-    paths = [teacher_path(folder) for folder in teachers]
+    paths = [package_path(folder) for folder in teachers]
     for folder, path in zip(teachers, paths):
         if not (path / WEIGHTS_FILE).is_file():
             raise LgsegError(f"distillation teacher '{folder}' is not a model package folder; give the folder of a "

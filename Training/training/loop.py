@@ -27,7 +27,7 @@ from languageguidedseg.text import TextEncoder
 from . import export
 from .augment import augmenter
 from .bank import BankMembers, align_query, fill_bank, join_bank, refresh_bank_keys
-from .config import NOT_SHAPING_RESULTS, REPO_ROOT, TrainConfig, flatten
+from .config import NOT_SHAPING_RESULTS, TrainConfig, flatten, package_path
 from .data import Reports, epoch_loader, load_samples, preload
 from .distill import soft_targets
 from .domain import describe_package
@@ -105,8 +105,7 @@ class Trainer:
 
     def init_from(self, folder: str) -> None:
         """Start from a model package's weights and prototype bank (``init_from``: fine-tuning)."""
-        path = Path(folder).expanduser()
-        package = load_package(path if path.is_absolute() else REPO_ROOT / path)
+        package = load_package(package_path(folder))
         if package.config.text_encoder != self.config.text_encoder:
             raise LgsegError(f"init_from model '{folder}' uses the text encoder '{package.config.text_encoder}', "
                              f"this config '{self.config.text_encoder}'; use the same text_encoder")
@@ -321,6 +320,39 @@ class Trainer:
             # The finished model's description of its images, for the applicability check (training.domain).
             describe_package(self.output, c.data, c.package.domain_images, runtime.device.type)
         return history[-1] if history else {}
+
+    def interpolate(self, tuned: Path, weight: float) -> dict[str, Any]:
+        """WiSE-FT (Wortsman et al., CVPR 2022): write the package whose weights are ``(1 - weight)`` times those
+        of the config's ``init_from`` plus ``weight`` times those of ``tuned``, a fine-tune of it; validated, described
+        and recorded as a run's package. A fine-tune's new skill (``weight`` of it) keeps more of what the start
+        did well than the fine-tune alone. Returns the validation metrics."""
+        c = self.config
+        if not c.init_from:
+            raise LgsegError("--interpolate needs the config's init_from: the package that the fine-tune started from")
+        if not 0.0 < weight < 1.0:
+            raise LgsegError(f"--interpolate-weight must lie between 0 and 1 (the fine-tune's share), not {weight}")
+        self.check_fresh_output()
+        package, start_package = load_package(tuned), load_package(package_path(c.init_from))
+        if (package.config.network != start_package.config.network
+                or package.config.prototype_reports != start_package.config.prototype_reports):
+            raise LgsegError(f"'{tuned}' has another network or prototype bank than init_from '{c.init_from}'; give "
+                             "the package that a fine-tune from init_from wrote")
+        self.load_data()
+        self.init_from(c.init_from)
+        start = self.network.state_dict()
+        self.network.load_state_dict({key: torch.lerp(start[key].float(), value.to(start[key].device).float(),
+                                                      weight).to(start[key].dtype)
+                                      if value.is_floating_point() else value
+                                      for key, value in package.state_dict.items()})
+        refresh_bank_keys(self.network, self.train, self.bank, self.runtime)  # with the interpolated encoder
+        metrics, _ = self.validate()
+        epoch = int(package.config.training.get("epoch", c.optimisation.epochs)) - 1
+        export.save_model(self.output, self.network, c, train=self.train, val_images=len(self.val),
+                          prototype_reports=self.bank.reports, metrics=metrics, epoch=epoch, command=self.command,
+                          runtime=self.runtime)
+        describe_package(self.output, c.data, c.package.domain_images, self.runtime.device.type)
+        self.runtime.log("interpolated: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "mean" not in k))
+        return metrics
 
     def _report_epoch(self, epoch: int, row: dict[str, Any], metrics: dict[str, float],
                       kept: dict[str, list[np.ndarray]], history: list[dict[str, Any]], best: float) -> float:
