@@ -102,11 +102,11 @@ class RandHighlightsd(RandomizableTransform, MapTransform):
 
 class RandBorderd(RandomizableTransform, MapTransform):
     """With probability ``prob``, black bars of a share of the width drawn from [0, ``share``] added left and right,
-    and the frame resampled back to its size: a letterboxed frame as the network sees it (``mask``, and ``soft`` with
-    ``soft``, keep up)."""
+    and the frame resampled back to its size: a letterboxed frame as the network sees it (the other ``keys``, the mask
+    and the teachers' probabilities, keep up)."""
 
-    def __init__(self, share: float, prob: float, soft: bool = False):
-        MapTransform.__init__(self, ("image", "mask", "soft") if soft else ("image", "mask"))
+    def __init__(self, keys: tuple[str, ...], share: float, prob: float):
+        MapTransform.__init__(self, keys)
         RandomizableTransform.__init__(self, prob)
         self.share, self.value = share, 0.0
 
@@ -141,13 +141,14 @@ def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig, soft: bo
     )
 
     size = preprocess.size
+    # What geometry moves together (the mask by its nearest value, the rest interpolated).
+    keys = ("image", "mask", "soft") if soft else ("image", "mask")
     transforms: list[Any] = []
     if config.enabled:
         transforms += [
-            RandAffined(keys=("image", "mask", "soft") if soft else ("image", "mask"), prob=config.affine_probability,
+            RandAffined(keys=keys, prob=config.affine_probability,
                         rotate_range=math.radians(config.rotate_degrees), scale_range=config.scale,
-                        translate_range=config.translate * size,
-                        mode=("bilinear", "nearest", "bilinear") if soft else ("bilinear", "nearest"),
+                        translate_range=config.translate * size, mode=("bilinear", "nearest", "bilinear")[:len(keys)],
                         padding_mode="zeros"),
             RandScaleIntensityd(keys="image", factors=config.intensity, prob=config.intensity_probability),
             RandShiftIntensityd(keys="image", offsets=config.intensity, prob=config.intensity_probability),
@@ -182,7 +183,7 @@ def augmenter(config: AugmentationConfig, preprocess: PreprocessConfig, soft: bo
         if config.jpeg_quality:  # last, as a camera's encoder would be
             appearance.append(RandImageOpd("image", jpeg_roundtrip, config.jpeg_quality, 95, p, integer=True))
         if config.border:  # squeezes the mask too; the letterbox bars stay black
-            appearance.append(RandBorderd(config.border, p, soft))
+            appearance.append(RandBorderd(keys, config.border, p))
         transforms += [UnitRanged("image", preprocess.mean, preprocess.std), *appearance,
                        UnitRanged("image", preprocess.mean, preprocess.std, inverse=True)]
     return Compose(transforms)

@@ -23,10 +23,11 @@ from .losses import LossWeights
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def package_path(folder: str) -> Path:
-    """A model package folder named in a config (``init_from``, ``teachers``); relative to the repository root."""
-    path = Path(folder).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+def repository_path(path: str) -> Path:
+    """A folder named in a config (``data.path``, ``init_from``, ``teachers``); a relative one is relative to the
+    repository root."""
+    folder = Path(path).expanduser()
+    return folder if folder.is_absolute() else REPO_ROOT / folder
 
 
 @dataclass
@@ -63,8 +64,7 @@ class DataConfig(Config):
     workers: Optional[int] = None
 
     def root(self) -> Path:
-        path = Path(self.path).expanduser()
-        return (path if path.is_absolute() else REPO_ROOT / path).resolve()
+        return repository_path(self.path).resolve()
 
     def report_sides(self) -> str:
         """What left and right mean in the data set's reports (its ``dataset.json``); the model declares the same."""

@@ -22,21 +22,19 @@ from languageguidedseg.data import Sample, load_pair
 from languageguidedseg.errors import LgsegError
 from languageguidedseg.fileio import atomic_path
 from languageguidedseg.inference import Segmenter
-from languageguidedseg.package import WEIGHTS_FILE, load_package
+from languageguidedseg.package import WEIGHTS_FILE, ModelPackage, load_package
 
-from .config import package_path
+from .config import repository_path
 from .runtime import Runtime
 
 CACHE_FILE = "soft_targets.pt"
 
 
-def _digest(paths: list[Path], samples: list[Sample], size: int) -> str:
+def _digest(teachers: list[ModelPackage], samples: list[Sample], size: int) -> str:
     """What the targets depend on: each teacher's weights, the training images (in order) and the input size."""
     hasher = hashlib.sha256(str(size).encode())
-    for path in paths:
-        with open(path / WEIGHTS_FILE, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                hasher.update(block)
+    for teacher in teachers:
+        hasher.update(teacher.weights_sha256.encode())  # checked against the weights by load_package
     for sample in samples:
         hasher.update(str(sample.image_path).encode())
     return hasher.hexdigest()
@@ -48,12 +46,13 @@ def soft_targets(samples: list[Sample], teachers: list[str], size: int, run_dir:
     network's input grid; from ``run_dir``'s cache when it was computed for the same teachers and images."""
     from tqdm import tqdm
 
-    paths = [package_path(folder) for folder in teachers]
+    paths = [repository_path(folder) for folder in teachers]
     for folder, path in zip(teachers, paths):
         if not (path / WEIGHTS_FILE).is_file():
             raise LgsegError(f"distillation teacher '{folder}' is not a model package folder; give the folder of a "
                              "trained model (model.json and model.safetensors)")
-    digest = _digest(paths, samples, size)
+    packages = [load_package(path) for path in paths]
+    digest = _digest(packages, samples, size)
     cache = run_dir / CACHE_FILE
     if cache.is_file():
         stored = torch.load(cache, map_location="cpu", weights_only=True)
@@ -62,9 +61,9 @@ def soft_targets(samples: list[Sample], teachers: list[str], size: int, run_dir:
     if runtime.main:
         started = time.perf_counter()
         total = torch.zeros(len(samples), 1, size, size)
-        for path in paths:
-            segmenter = Segmenter.load(load_package(path), device=runtime.device.type)
-            for i, sample in enumerate(tqdm(samples, desc=f"soft targets: {path.name}", file=sys.stderr,
+        for package in packages:
+            segmenter = Segmenter.load(package, device=runtime.device.type)
+            for i, sample in enumerate(tqdm(samples, desc=f"soft targets: {package.path.name}", file=sys.stderr,
                                             disable=not runtime.show_progress, leave=False)):
                 image, _ = load_pair(sample)
                 probabilities = segmenter.predict_slices(image[None], None).probabilities

@@ -27,7 +27,7 @@ from languageguidedseg.text import TextEncoder
 from . import export
 from .augment import augmenter
 from .bank import BankMembers, align_query, fill_bank, join_bank, refresh_bank_keys
-from .config import NOT_SHAPING_RESULTS, TrainConfig, flatten, package_path
+from .config import NOT_SHAPING_RESULTS, TrainConfig, flatten, repository_path
 from .data import Reports, epoch_loader, load_samples, preload
 from .distill import soft_targets
 from .domain import describe_package
@@ -105,7 +105,7 @@ class Trainer:
 
     def init_from(self, folder: str) -> None:
         """Start from a model package's weights and prototype bank (``init_from``: fine-tuning)."""
-        package = load_package(package_path(folder))
+        package = load_package(repository_path(folder))
         if package.config.text_encoder != self.config.text_encoder:
             raise LgsegError(f"init_from model '{folder}' uses the text encoder '{package.config.text_encoder}', "
                              f"this config '{self.config.text_encoder}'; use the same text_encoder")
@@ -332,7 +332,7 @@ class Trainer:
         if not 0.0 < weight < 1.0:
             raise LgsegError(f"--interpolate-weight must lie between 0 and 1 (the fine-tune's share), not {weight}")
         self.check_fresh_output()
-        package, start_package = load_package(tuned), load_package(package_path(c.init_from))
+        package, start_package = load_package(tuned), load_package(repository_path(c.init_from))
         if (package.config.network != start_package.config.network
                 or package.config.prototype_reports != start_package.config.prototype_reports):
             raise LgsegError(f"'{tuned}' has another network or prototype bank than init_from '{c.init_from}'; give "
