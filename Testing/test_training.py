@@ -282,6 +282,13 @@ def test_interpolate_writes_the_weights_between_the_start_and_its_fine_tune(trai
     assert "has another network or prototype bank than init_from" in other.stderr
     assert not (tmp_path / "other").exists()
 
+    alone = subprocess.run([sys.executable, str(REPO / "Training" / "train.py"), "--config", str(CONFIG), "--output",
+                            str(tmp_path / "alone"), *TINY, "--interpolate-weight", "0.25"],
+                           capture_output=True, text=True, env=_env(), timeout=300)
+    assert alone.returncode == 2 and alone.stderr.strip() == (
+        "error: --interpolate-weight needs --interpolate MODEL_DIR (the fine-tune to mix with init_from)")
+    assert not (tmp_path / "alone").exists()
+
 
 def test_bank_is_deterministic_for_a_seed():
     from languageguidedseg.prototypes import build_bank

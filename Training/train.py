@@ -68,8 +68,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--interpolate", metavar="MODEL_DIR",
                         help="do not train: write to --output the package whose weights lie between the config's "
                              "init_from and MODEL_DIR, a fine-tune of it (WiSE-FT), validated and described as a run's")
-    parser.add_argument("--interpolate-weight", type=float, default=0.5, metavar="W",
-                        help="the fine-tune's share of the interpolated weights (default 0.5)")
+    parser.add_argument("--interpolate-weight", type=float, metavar="W",
+                        help="with --interpolate: the fine-tune's share of the interpolated weights (default 0.5)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                         help="override any config key, e.g. --set losses.tevia_alignment=0 (the value is read as "
                              "YAML; repeatable; for ablations)")
@@ -95,6 +95,8 @@ def parse_settings(settings: list[str]) -> dict[str, object]:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
+        if args.interpolate_weight is not None and not args.interpolate:
+            raise LgsegError("--interpolate-weight needs --interpolate MODEL_DIR (the fine-tune to mix with init_from)")
         overrides = parse_settings(args.settings)
         overrides.update({key: getattr(args, option) for option, key in OVERRIDES.items()
                           if getattr(args, option) is not None})
@@ -110,7 +112,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         command = launcher + " ".join(shlex.quote(a) for a in sys.argv)
         trainer = Trainer(config, output.resolve(), command, runtime)
         if args.interpolate:
-            trainer.interpolate(Path(args.interpolate), args.interpolate_weight)
+            weight = 0.5 if args.interpolate_weight is None else args.interpolate_weight
+            trainer.interpolate(Path(args.interpolate), weight)
         else:
             trainer.fit(args.resume, args.stop_after)
         runtime.log(f"model package: {output}")

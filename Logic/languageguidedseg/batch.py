@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from .errors import LgsegError
 from .fileio import PathLike, atomic_path, check_writable, full_suffix
-from .options import AUTO_MODEL
+from .options import AUTO_MODEL, available_cores
 
 if TYPE_CHECKING:  # annotations only: the single-image command imports this module to tell a batch from an image
     from multiprocessing.connection import Connection
@@ -503,20 +503,15 @@ def ignore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _cores() -> int:
-    """The cores this process may use (as inference.available_cores, which imports torch)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def default_workers() -> int:
     """One worker per core, at most 8 (each holds its models: a few hundred MB)."""
-    return max(1, min(_cores(), 8))
+    return max(1, min(available_cores(), 8))
 
 
 def worker_threads(workers: int) -> int:
     """The PyTorch threads of each of ``workers`` workers on this machine: the cores shared out among them, at most
     ``OMP_NUM_THREADS`` where it is set (on a machine busy with other work, fewer threads than cores are faster)."""
-    threads = max(1, _cores() // workers)
+    threads = max(1, available_cores() // workers)
     cap = os.environ.get("OMP_NUM_THREADS", "").strip()
     return min(threads, int(cap)) if cap.isdigit() and int(cap) >= 1 else threads
 

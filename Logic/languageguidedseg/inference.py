@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -152,13 +151,6 @@ def slices_of(array: np.ndarray, rgb: bool, axis: int) -> np.ndarray:
     if axis not in (0, 1, 2):
         raise LgsegError(f"the slicing axis must be 0, 1 or 2 (IJK order), not {axis}", option="axis")
     return np.moveaxis(array, 2 - axis, 0)
-
-
-def available_cores() -> int:
-    """CPU cores this process may use (respects affinity masks and container limits where visible)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 class Segmenter:

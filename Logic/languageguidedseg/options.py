@@ -1,5 +1,6 @@
 """Command-line options that several commands share (``lgseg``'s subcommands, ``lgseg serve``, ``Training/train.py``),
-each declared once, and the one ``error:`` line in which a command line reports an engine error.
+each declared once, the cores their thread and worker defaults share out, and the one ``error:`` line in which a
+command line reports an engine error.
 
 Engine messages describe a setting in words, never by a flag (Slicer and the web page have none); the command line
 names its flag for the setting an error concerns (:attr:`~languageguidedseg.errors.LgsegError.option`).
@@ -8,9 +9,17 @@ names its flag for the setting an error concerns (:attr:`~languageguidedseg.erro
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable
 
 from .errors import LgsegError
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (respects affinity masks), the base of the thread and worker defaults."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

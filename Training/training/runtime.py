@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from languageguidedseg.inference import available_cores
+from languageguidedseg.options import available_cores
 
 
 @dataclass
