@@ -32,11 +32,21 @@ from typing import Optional
 import torch
 
 from languageguidedseg.errors import LgsegError
+from languageguidedseg.extras import OPTIONAL_PACKAGES
 from languageguidedseg.options import at_least, error_line
-from training.config import REPO_ROOT, load_config
-from training.domain import describe_package
-from training.loop import Trainer
-from training.runtime import Runtime
+
+try:
+    from training.config import REPO_ROOT, load_config
+    from training.domain import describe_package
+    from training.loop import Trainer
+    from training.runtime import Runtime
+except ImportError as missing:  # installed without the [training] extra: one line, no traceback
+    module = (missing.name or "").split(".")[0]
+    if module not in OPTIONAL_PACKAGES:
+        raise
+    print(f"error: training needs the optional package '{OPTIONAL_PACKAGES[module][0]}'; install the training extra "
+          "with pip install -e '.[training]'", file=sys.stderr)
+    sys.exit(2)
 
 # Command-line options that override a config key.
 OVERRIDES = {"data": "data.path", "text_ratio": "data.text_ratio", "limit": "data.limit",
