@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from languageguidedseg.errors import LgsegError
-from languageguidedseg.extras import OPTIONAL_PACKAGES
+from languageguidedseg.extras import missing_optional
 from languageguidedseg.options import at_least, error_line
 
 try:
@@ -40,11 +40,11 @@ try:
     from training.domain import describe_package
     from training.loop import Trainer
     from training.runtime import Runtime
-except ImportError as missing:  # installed without the [training] extra: one line, no traceback
-    module = (missing.name or "").split(".")[0]
-    if module not in OPTIONAL_PACKAGES:
+except ImportError as error:  # installed without the [training] extra: one line, no traceback
+    missing = missing_optional(error)
+    if missing is None:
         raise
-    print(f"error: training needs the optional package '{OPTIONAL_PACKAGES[module][0]}'; install the training extra "
+    print(f"error: training needs the optional package '{missing[0]}'; install the training extra "
           "with pip install -e '.[training]'", file=sys.stderr)
     sys.exit(2)
 

@@ -27,11 +27,17 @@ OPTIONAL_PACKAGES = {
 }
 
 
+def missing_optional(error: ImportError) -> Optional[tuple[str, str]]:
+    """The (distribution, extra) of the optional package whose absence raised ``error``; None for any other."""
+    name = (getattr(error, "name", None) or "").split(".")[0]
+    return OPTIONAL_PACKAGES.get(name)
+
+
 def missing_package_message(error: ImportError) -> Optional[str]:
     """One line for a missing optional package: which extra installs it; None for any other import error."""
-    name = (getattr(error, "name", None) or "").split(".")[0]
-    if name not in OPTIONAL_PACKAGES:
+    missing = missing_optional(error)
+    if missing is None:
         return None
-    distribution, extra = OPTIONAL_PACKAGES[name]
+    distribution, extra = missing
     return (f"this needs the optional package '{distribution}'; install it with "
             f"pip install 'languageguidedseg[{extra}]'")
